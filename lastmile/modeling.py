@@ -22,7 +22,7 @@ import json
 import logging
 import os
 import threading
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -190,3 +190,259 @@ def load_base(source: str = EMBEDDED_BASE, dtype: torch.dtype = torch.float32):
     for p in model.parameters():
         p.requires_grad_(False)
     return model, tok
+
+
+# ----------------------------------------------------------------------------- batches
+#
+# One layout for every stage: each row is prompt tokens followed by output tokens, padded on
+# the right. Output tokens end with EOS when the output ended (true outputs, negatives that fit
+# the budget, samples that stopped); a sample cut at the token budget has no EOS.
+#
+# Alignment (used by reward, MLE and PPO alike), for output token a_t at position p = P + t:
+#   * the state that *predicts* a_t (policy logits, value V(s_t)) is the hidden state at p - 1;
+#   * the reward for a_t (r_{t+1} in Eq. 2) is read at p, i.e. conditional on the input and the
+#     output so far *including* a_t (paper §3.2).
+
+
+@dataclass
+class SequenceBatch:
+    input_ids: torch.Tensor  # [B, T] prompt + output, right-padded
+    attention_mask: torch.Tensor  # [B, T]
+    output_mask: torch.Tensor  # [B, T] bool, True on output tokens (EOS included)
+    prompt_lengths: torch.Tensor  # [B]
+    output_lengths: torch.Tensor  # [B]
+
+    def action_mask(self) -> torch.Tensor:
+        """[B, T-1]: True where hidden[:, i] predicts an output token input_ids[:, i + 1]."""
+        return self.output_mask[:, 1:]
+
+    def to(self, device) -> "SequenceBatch":
+        return SequenceBatch(*(t.to(device) for t in (self.input_ids, self.attention_mask,
+                                                      self.output_mask, self.prompt_lengths,
+                                                      self.output_lengths)))
+
+
+def encode_prompts(tokenizer, prompts: list[str]) -> list[list[int]]:
+    """Prompts are already chat-formatted (lastmile.data), so no special tokens are added."""
+    return tokenizer(prompts, add_special_tokens=False)["input_ids"]
+
+
+def encode_outputs(tokenizer, outputs: list[str], max_tokens: int,
+                   add_eos: bool = True) -> list[list[int]]:
+    """Output token ids, cut to `max_tokens`; EOS appended when the output fits the budget."""
+    eos = tokenizer.eos_token_id
+    encoded = tokenizer(outputs, add_special_tokens=False)["input_ids"]
+    result = []
+    for ids in encoded:
+        ids = ids[:max_tokens]
+        if add_eos and len(ids) < max_tokens:
+            ids = ids + [eos]
+        result.append(ids)
+    return result
+
+
+def collate(prompt_ids: list[list[int]], output_ids: list[list[int]], pad_id: int) -> SequenceBatch:
+    """Concatenate prompt and output per row and right-pad to the longest row."""
+    if len(prompt_ids) != len(output_ids):
+        raise ValueError("collate needs as many outputs as prompts")
+    lengths = [len(p) + len(o) for p, o in zip(prompt_ids, output_ids)]
+    width = max(lengths)
+    n = len(prompt_ids)
+    input_ids = torch.full((n, width), pad_id, dtype=torch.long)
+    attention = torch.zeros((n, width), dtype=torch.long)
+    output_mask = torch.zeros((n, width), dtype=torch.bool)
+    for i, (p, o) in enumerate(zip(prompt_ids, output_ids)):
+        row = p + o
+        input_ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+        attention[i, : len(row)] = 1
+        output_mask[i, len(p): len(row)] = True
+    return SequenceBatch(input_ids, attention, output_mask,
+                         torch.tensor([len(p) for p in prompt_ids]),
+                         torch.tensor([len(o) for o in output_ids]))
+
+
+# ----------------------------------------------------------------------------- adapters
+
+HEAD_FILE = "head.safetensors"
+SPEC_FILE = "lastmile_adapter.json"
+
+
+class ScalarHead(nn.Module):
+    """Projects the model's state to a scalar instead of token logits (reward, value; §3.1)."""
+
+    def __init__(self, hidden_size: int):
+        super().__init__()
+        self.proj = nn.Linear(hidden_size, 1)
+        nn.init.normal_(self.proj.weight, std=0.02)
+        nn.init.zeros_(self.proj.bias)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:  # [..., H] -> [...]
+        return self.proj(hidden).squeeze(-1)
+
+
+class AdapterModel(nn.Module):
+    """One frozen base with named LoRA adapters (peft) and optional scalar heads.
+
+    `use(name)` switches the active adapter (``None``: the adapter-free base). Unlike peft's
+    own `set_adapter`, switching never changes which parameters are trainable, so the policy
+    and value adapters can be optimised together while only one is active in a forward.
+    """
+
+    def __init__(self, base: nn.Module):
+        super().__init__()
+        self.base = base  # the causal LM; peft injects LoRA layers into it in place
+        self.peft = None
+        self.heads = nn.ModuleDict()
+        self.specs: dict[str, LoraSpec] = {}
+        self.trainable: set[str] = set()
+        self._active: str | None = None
+
+    # -- construction -------------------------------------------------------------
+    @property
+    def hidden_size(self) -> int:
+        return self.base.config.hidden_size
+
+    @property
+    def decoder(self) -> nn.Module:
+        return self.base.get_decoder()
+
+    @property
+    def lm_head(self) -> nn.Module:
+        return self.base.get_output_embeddings()
+
+    def add_adapter(self, name: str, spec: LoraSpec, head: bool = False, seed: int = 0,
+                    trainable: bool = True) -> None:
+        from peft import LoraConfig, get_peft_model
+
+        if name in self.specs:
+            raise ValueError(f"adapter {name!r} already exists")
+        cfg = LoraConfig(r=spec.r, lora_alpha=spec.alpha, lora_dropout=spec.dropout,
+                         target_modules=spec.target_modules, bias="none")
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            if self.peft is None:
+                self.peft = get_peft_model(self.base, cfg, adapter_name=name)
+            else:
+                self.peft.add_adapter(name, cfg)
+            if head:
+                self.heads[name] = ScalarHead(self.hidden_size)
+        self.specs[name] = spec
+        self._set_trainable(name, trainable)
+        self.use_adapter(self._active)
+
+    def adapter_parameters(self, name: str) -> list[nn.Parameter]:
+        """The LoRA weights of adapter `name` and its head, if any."""
+        marker = f".{name}."
+        params = [p for n, p in self.base.named_parameters() if "lora_" in n and marker in n]
+        if name in self.heads:
+            params += list(self.heads[name].parameters())
+        return params
+
+    def _set_trainable(self, name: str, trainable: bool) -> None:
+        for p in self.adapter_parameters(name):
+            p.requires_grad_(trainable)
+        (self.trainable.add if trainable else self.trainable.discard)(name)
+
+    # -- switching ----------------------------------------------------------------
+    def use_adapter(self, name: str | None) -> None:
+        if self.peft is None:
+            if name is not None:
+                raise KeyError(f"no adapter {name!r}; none were added")
+            return
+        if name is None:
+            self.peft.base_model.disable_adapter_layers()
+        else:
+            if name not in self.specs:
+                raise KeyError(f"no adapter {name!r}; have {sorted(self.specs)}")
+            self.peft.base_model.enable_adapter_layers()
+            self.peft.base_model.set_adapter(name)
+        # peft's switches also flip requires_grad; restore exactly what we train.
+        for adapter in self.specs:
+            trainable = adapter in self.trainable
+            for p in self.adapter_parameters(adapter):
+                p.requires_grad_(trainable)
+        self._active = name
+
+    @contextlib.contextmanager
+    def use(self, name: str | None) -> Iterator[None]:
+        previous = self._active
+        self.use_adapter(name)
+        try:
+            yield
+        finally:
+            self.use_adapter(previous)
+
+    # -- forward pieces -----------------------------------------------------------
+    def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                      adapter: str | None) -> torch.Tensor:
+        """Final (normed) hidden states [B, T, H] with `adapter` active.
+
+        Position ids follow the attention mask, so left padding (generation batches) and right
+        padding (training batches) give every real token the same positions as unpadded.
+        """
+        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # [B, T]
+        with self.use(adapter):
+            out = self.decoder(input_ids=input_ids, attention_mask=attention_mask,
+                               position_ids=position_ids, use_cache=False)
+        return out.last_hidden_state
+
+    def scalar(self, hidden: torch.Tensor, head: str) -> torch.Tensor:
+        """Head `head` applied to hidden states: [B, T, H] -> [B, T]."""
+        return self.heads[head](hidden)
+
+    def token_logprobs(self, hidden: torch.Tensor, targets: torch.Tensor,
+                       temperature: float = 1.0) -> torch.Tensor:
+        """log pi(target | state) for selected states only.
+
+        hidden [N, H] are the states that predict targets [N]; the full-vocabulary logits
+        exist only for these N positions, never for the whole sequence.
+        """
+        logits = self.lm_head(hidden).float()  # [N, V]
+        if temperature != 1.0:
+            logits = logits / temperature
+        return torch.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+
+    # -- persistence --------------------------------------------------------------
+    def save_adapter(self, name: str, out_dir: str | os.PathLike) -> Path:
+        """Write adapter `name` (peft format) and its head as a small directory."""
+        from safetensors.torch import save_file
+
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        tmp = out.parent / f".{out.name}.tmp{os.getpid()}"
+        self.peft.save_pretrained(tmp, selected_adapters=[name])
+        saved = tmp / name if (tmp / name).is_dir() else tmp
+        for f in saved.iterdir():
+            if f.is_file():
+                os.replace(f, out / f.name)
+        if name in self.heads:
+            state = {k: v.detach().contiguous() for k, v in self.heads[name].state_dict().items()}
+            save_file(state, str(out / HEAD_FILE))
+        (out / SPEC_FILE).write_text(json.dumps({"name": name, "lora": asdict(self.specs[name]),
+                                                 "head": name in self.heads}, indent=2))
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+        return out
+
+    def load_adapter(self, name: str, path: str | os.PathLike, trainable: bool = False) -> None:
+        """Load an adapter written by `save_adapter` under the name `name`."""
+        from peft import PeftModel
+        from safetensors.torch import load_file
+
+        path = Path(path)
+        if not (path / "adapter_config.json").exists():
+            raise FileNotFoundError(f"{path} holds no adapter (adapter_config.json missing)")
+        meta = json.loads((path / SPEC_FILE).read_text()) if (path / SPEC_FILE).exists() else {}
+        if self.peft is None:
+            self.peft = PeftModel.from_pretrained(self.base, str(path), adapter_name=name,
+                                                  is_trainable=trainable)
+        else:
+            self.peft.load_adapter(str(path), adapter_name=name, is_trainable=trainable)
+        lora = meta.get("lora")
+        self.specs[name] = LoraSpec(**lora) if lora else LoraSpec(r=0, alpha=0)
+        if (path / HEAD_FILE).exists():
+            self.heads[name] = ScalarHead(self.hidden_size)
+            self.heads[name].load_state_dict(load_file(str(path / HEAD_FILE)))
+        self._set_trainable(name, trainable)
+        self.use_adapter(self._active)
