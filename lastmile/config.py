@@ -195,3 +195,98 @@ def from_dict(cls, values: dict[str, Any]):
             value = tuple(value)
         kwargs[key] = value
     return cls(**kwargs)
+
+
+# --------------------------------------------------------------------------- pipeline view
+#
+# The Kubeflow pipeline exposes a flat set of parameters (identifiers, no None: KFP parameters
+# are plain scalars). Each maps to one config field; 0 means "no cap" for the optional caps.
+
+PIPELINE_PARAMETERS: dict[str, str] = {
+    "base_model": "base_model",
+    "input_column": "data.input_column",
+    "output_column": "data.output_column",
+    "instruction": "data.instruction",
+    "max_input_tokens": "data.max_input_tokens",
+    "max_train": "data.max_train",
+    "max_test": "data.max_test",
+    "seed": "seed",  # fans out to every stage's seed
+    "reward_learning_rate": "reward.optim.learning_rate",
+    "reward_batch_size": "reward.batch_size",
+    "reward_lora_r": "reward.lora.r",
+    "reward_max_steps": "reward.max_steps",
+    "mle_learning_rate": "mle.optim.learning_rate",
+    "mle_batch_size": "mle.batch_size",
+    "mle_max_steps": "mle.max_steps",
+    "ppo_learning_rate": "ppo.optim.learning_rate",
+    "ppo_batch_size": "ppo.batch_size",
+    "ppo_max_updates": "ppo.max_updates",
+    "ppo_temperature": "ppo.temperature",
+    "ppo_length_penalty": "ppo.length_penalty",
+    "ppo_reference_fraction": "ppo.reference_fraction",
+    "max_new_tokens": "generate.max_new_tokens",
+    "bleurt_checkpoint": "score.bleurt_checkpoint",
+}
+_CAPS = {"data.max_train", "data.max_test", "reward.max_steps", "mle.max_steps",
+         "ppo.max_updates"}
+_SEEDED = ("data", "negatives", "reward", "mle", "ppo")
+
+
+def _get(obj: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _set(obj: Any, dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    for part in parents:
+        obj = getattr(obj, part)
+    current = getattr(obj, leaf)
+    if current is not None and value is not None:
+        value = type(current)(value)  # KFP hands ints for floats and the like
+    setattr(obj, leaf, value)
+
+
+def pipeline_arguments(profile: Profile) -> dict[str, Any]:
+    """The flat pipeline parameters that reproduce `profile` (None caps become 0, None text '')."""
+    args: dict[str, Any] = {}
+    for name, dotted in PIPELINE_PARAMETERS.items():
+        value = profile.data.seed if dotted == "seed" else _get(profile, dotted)
+        if value is None:
+            value = 0 if dotted in _CAPS else ""
+        args[name] = value
+    return args
+
+
+def resolve(profile_name: str, **arguments: Any) -> Profile:
+    """Build the run's Profile: the named profile, then the flat pipeline parameters on top."""
+    profile = get_profile(profile_name)
+    for name, value in arguments.items():
+        if name not in PIPELINE_PARAMETERS:
+            raise ValueError(f"unknown pipeline parameter {name!r}")
+        dotted = PIPELINE_PARAMETERS[name]
+        if dotted in _CAPS and value in (0, None):
+            value = None
+        elif dotted == "score.bleurt_checkpoint" and not value:
+            value = None
+        if dotted == "seed":
+            for stage in _SEEDED:
+                setattr(getattr(profile, stage), "seed", int(value))
+            continue
+        if dotted in _CAPS and value is not None and int(value) < 0:
+            raise ValueError(f"pipeline parameter {name} must be >= 0 (0 = no cap), got {value}")
+        _set(profile, dotted, value)
+    return profile
+
+
+def profile_from_json(text: str) -> Profile:
+    import json
+
+    return from_dict(Profile, json.loads(text))
+
+
+def profile_to_json(profile: Profile) -> str:
+    import json
+
+    return json.dumps(profile.to_dict(), sort_keys=True)
