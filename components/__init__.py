@@ -1,0 +1,30 @@
+"""KFP v2 components for each lastmile stage, built for one container image.
+
+`build(image)` wraps the plain functions of `components.stages` with `dsl.component`. The
+compiled commands install nothing at run time (`install_kfp_package=False`, no
+`packages_to_install`): the image carries lastmile, kfp and every dependency, so the pipeline
+runs on air-gapped clusters.
+"""
+
+from __future__ import annotations
+
+import os
+from types import SimpleNamespace
+
+from kfp import dsl
+
+from . import stages
+
+#: The image every component runs in; override at compile time (`--image`) or with LASTMILE_IMAGE.
+DEFAULT_IMAGE = os.environ.get("LASTMILE_IMAGE", "ghcr.io/lastmile-ml/lastmile:0.1.0")
+
+STAGES = ("resolve_config", "filter_data", "synthesize_negatives", "train_reward", "train_mle",
+          "train_ppo", "generate", "postprocess", "score", "report")
+
+
+def build(image: str = DEFAULT_IMAGE) -> SimpleNamespace:
+    """One KFP component per stage, all running in `image`."""
+    return SimpleNamespace(**{
+        name: dsl.component(getattr(stages, name), base_image=image, install_kfp_package=False)
+        for name in STAGES
+    })

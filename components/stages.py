@@ -1,0 +1,214 @@
+"""The pipeline's stages as plain functions, one per KFP component.
+
+Each function is thin: parse inputs, call one `lastmile` entry point, write artifacts and KFP
+metrics. KFP copies each function's source into the compiled pipeline, so every import lives
+inside the body and nothing here refers to module globals. `components/__init__.py` turns them
+into components for a given container image.
+
+Artifacts are directories: a Dataset/Model output's path is created as a folder holding the
+stage's files and its `summary.json` (lastmile/runinfo.py).
+"""
+
+from typing import Optional
+
+from kfp.dsl import HTML, Artifact, Dataset, Input, Markdown, Metrics, Model, Output
+
+
+def resolve_config(
+    profile: str,
+    base_model: str,
+    input_column: str,
+    output_column: str,
+    instruction: str,
+    max_input_tokens: int,
+    max_train: int,
+    max_test: int,
+    seed: int,
+    reward_learning_rate: float,
+    reward_batch_size: int,
+    reward_lora_r: int,
+    reward_max_steps: int,
+    mle_learning_rate: float,
+    mle_batch_size: int,
+    mle_max_steps: int,
+    ppo_learning_rate: float,
+    ppo_batch_size: int,
+    ppo_max_updates: int,
+    ppo_temperature: float,
+    ppo_length_penalty: float,
+    ppo_reference_fraction: float,
+    max_new_tokens: int,
+    bleurt_checkpoint: str,
+) -> str:
+    """Profile + pipeline parameters -> the run's whole configuration, as JSON."""
+    arguments = dict(locals())  # first statement: exactly the parameters above
+    from lastmile import config
+
+    name = arguments.pop("profile")
+    return config.profile_to_json(config.resolve(name, **arguments))
+
+
+def filter_data(config: str, data_source: str, data: Output[Dataset]):
+    """Read task data, drop bad rows and inputs over the token budget, split train/test."""
+    from pathlib import Path
+
+    from lastmile import data as task_data
+    from lastmile import runinfo
+    from lastmile.config import profile_from_json
+    from lastmile.modeling import load_tokenizer
+
+    profile = profile_from_json(config)
+    source = data_source or str(task_data.DEFAULT_DATA)
+    with runinfo.stage("filter_data", data.path, seed=profile.data.seed) as summary:
+        tokenizer = load_tokenizer(profile.base_model)
+        summary.update(task_data.prepare(source, Path(data.path), profile.data, tokenizer))
+    data.metadata.update({"train": summary["rows_out"]["train"], "test": summary["rows_out"]["test"]})
+
+
+def synthesize_negatives(config: str, data: Input[Dataset], negatives: Output[Dataset]):
+    """The paper's five negative classes beside the true examples (reward-model data)."""
+    from pathlib import Path
+
+    from lastmile import negatives as neg
+    from lastmile import runinfo
+    from lastmile.config import profile_from_json
+    from lastmile.modeling import load_tokenizer
+
+    profile = profile_from_json(config)
+    out = Path(negatives.path)
+    with runinfo.stage("negatives", out, seed=profile.negatives.seed) as summary:
+        tokenizer = load_tokenizer(profile.base_model)
+        summary.update(neg.build_reward_dataset(Path(data.path) / "train.jsonl", out / "rm.jsonl",
+                                                profile.negatives, tokenizer))
+
+
+def train_reward(config: str, data: Input[Dataset], negatives: Input[Dataset],
+                 reward_model: Output[Model], metrics: Output[Metrics]):
+    """Reward model: LoRA r=16 + scalar head, token targets 1/0, squared loss (paper §3.2)."""
+    from pathlib import Path
+
+    from lastmile import reward, runinfo
+    from lastmile.config import profile_from_json
+    from lastmile.io import read_jsonl
+
+    profile = profile_from_json(config)
+    out = Path(reward_model.path)
+    held_out = list(read_jsonl(Path(data.path) / "test.jsonl"))
+    with runinfo.stage("train_reward", out, seed=profile.reward.seed,
+                       base_model=profile.base_model) as summary:
+        summary.update(reward.train_reward_model(Path(negatives.path) / "rm.jsonl", out,
+                                                 profile.reward, profile.base_model, held_out))
+    for category, accuracy in summary.get("eval", {}).get("accuracy", {}).items():
+        metrics.log_metric(f"rm_accuracy_{category}", float(accuracy))
+
+
+def train_mle(config: str, data: Input[Dataset], mle_model: Output[Model]):
+    """Maximum-likelihood baseline: LoRA r=32 on the true outputs, one epoch (paper §3.4)."""
+    from pathlib import Path
+
+    from lastmile import mle, runinfo
+    from lastmile.config import profile_from_json
+
+    profile = profile_from_json(config)
+    out = Path(mle_model.path)
+    with runinfo.stage("train_mle", out, seed=profile.mle.seed,
+                       base_model=profile.base_model) as summary:
+        summary.update(mle.train_mle(Path(data.path) / "train.jsonl", out, profile.mle,
+                                     profile.base_model))
+
+
+def train_ppo(config: str, data: Input[Dataset], reward_model: Input[Model],
+              ppo_model: Output[Model], mle_model: Optional[Input[Model]] = None):
+    """Policy and value adapters trained by PPO against the frozen reward model (paper §3.3)."""
+    from pathlib import Path
+
+    from lastmile import ppo, runinfo
+    from lastmile.config import profile_from_json
+
+    profile = profile_from_json(config)
+    out = Path(ppo_model.path)
+    start_from = None
+    if profile.ppo.init_policy_from_mle and mle_model is not None:
+        start_from = Path(mle_model.path) / "adapter"
+    with runinfo.stage("train_ppo", out, seed=profile.ppo.seed,
+                       base_model=profile.base_model) as summary:
+        summary.update(ppo.train_ppo(Path(data.path) / "train.jsonl",
+                                     Path(reward_model.path) / "adapter", out, profile.ppo,
+                                     profile.base_model, mle_adapter_dir=start_from))
+
+
+def generate(config: str, data: Input[Dataset], variant: str, predictions: Output[Dataset],
+             adapter: Optional[Input[Model]] = None):
+    """Greedy generation (<= 100 new tokens) on the test split with one model variant."""
+    from pathlib import Path
+
+    from lastmile import generate as gen
+    from lastmile import runinfo
+    from lastmile.config import profile_from_json
+
+    profile = profile_from_json(config)
+    out = Path(predictions.path)
+    adapter_dir = str(Path(adapter.path) / "adapter") if adapter is not None else None
+    with runinfo.stage(f"generate_{variant}", out, base_model=profile.base_model) as summary:
+        summary.update(gen.generate_predictions(Path(data.path) / "test.jsonl",
+                                                out / "predictions.jsonl", variant,
+                                                profile.base_model, adapter_dir, profile.generate))
+
+
+def postprocess(predictions: Input[Dataset], cleaned: Output[Dataset]):
+    """The paper's light clean-up: drop a "Sure, ..." first line, cut at the first newline."""
+    from pathlib import Path
+
+    from lastmile import postprocess as post
+    from lastmile import runinfo
+
+    out = Path(cleaned.path)
+    with runinfo.stage("postprocess", out) as summary:
+        summary.update(post.postprocess_predictions(Path(predictions.path) / "predictions.jsonl",
+                                                    out / "predictions.jsonl"))
+
+
+def score(config: str, base: Input[Dataset], mle: Input[Dataset], rl: Input[Dataset],
+          base_cleaned: Input[Dataset], mle_cleaned: Input[Dataset],
+          scores: Output[Dataset], metrics: Output[Metrics]):
+    """ROUGE, length-adjusted ROUGE, BLEURT, semantic similarity, excess length (Tables 1-2)."""
+    from pathlib import Path
+
+    from lastmile import metrics as scoring
+    from lastmile import runinfo
+    from lastmile.config import profile_from_json
+
+    profile = profile_from_json(config)
+    out = Path(scores.path)
+    inputs = [Path(a.path) / "predictions.jsonl" for a in (base, mle, rl, base_cleaned, mle_cleaned)]
+    with runinfo.stage("score", out) as summary:
+        result = scoring.score_files(inputs, out / "scores.json", profile.score)
+        summary["variants"] = sorted(result["models"])
+    for variant, values in result["models"].items():
+        for key in ("excess_length", "la_rougeL_f1", "rougeL_f1", "bleurt", "semantic_similarity"):
+            if values.get(key) is not None:
+                metrics.log_metric(f"{variant}_{key}", float(values[key]))
+
+
+def report(config: str, data: Input[Dataset], negatives: Input[Dataset],
+           reward_model: Input[Model], mle_model: Input[Model], ppo_model: Input[Model],
+           base: Input[Dataset], mle: Input[Dataset], rl: Input[Dataset],
+           base_cleaned: Input[Dataset], mle_cleaned: Input[Dataset], scores: Input[Dataset],
+           report_dir: Output[Artifact], markdown: Output[Markdown], html: Output[HTML]):
+    """Tables, plots and examples as Markdown and self-contained HTML (the UI shows both)."""
+    import shutil
+    from pathlib import Path
+
+    from lastmile import report as rep
+    from lastmile.config import profile_from_json
+
+    stage_dirs = {
+        "filter_data": data.path, "negatives": negatives.path, "train_reward": reward_model.path,
+        "train_mle": mle_model.path, "train_ppo": ppo_model.path, "generate_base": base.path,
+        "generate_mle": mle.path, "generate_rl": rl.path, "postprocess_base": base_cleaned.path,
+        "postprocess_mle": mle_cleaned.path, "score": scores.path,
+    }
+    out = Path(report_dir.path)
+    paths = rep.build_report_from_stages(stage_dirs, out, profile_from_json(config))
+    shutil.copyfile(paths["markdown"], markdown.path)
+    shutil.copyfile(paths["html"], html.path)

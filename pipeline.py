@@ -1,0 +1,310 @@
+#!/usr/bin/env python
+"""lastmile's Kubeflow pipeline: the DAG and its one entry point.
+
+    python pipeline.py compile [-o pipeline.yaml] [--image IMG] ...   IR YAML for the Kubeflow UI
+    python pipeline.py run [--profile demo] [--data URI] ...           the same DAG, locally (kfp.local)
+    python pipeline.py submit --host URL [--param KEY=VALUE ...]       a run on a cluster
+    python pipeline.py schedule --host URL --cron EXPR [...]           a recurring run (retraining)
+
+DAG (DESIGN.md): filter -> negatives -> reward -> PPO; filter -> MLE beside them; base / MLE /
+RL generate -> post-process (base, MLE) -> score -> report. No method logic lives here.
+"""
+
+# No `from __future__ import annotations`: KFP reads the pipeline's annotations as types.
+import argparse
+import datetime as _dt
+import json
+import shutil
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from kfp import dsl
+
+import components
+from lastmile import config
+
+_PAPER = config.pipeline_arguments(config.get_profile("paper"))
+
+
+@dataclass
+class ClusterSettings:
+    """Where tasks run on a cluster; compile-time choices, never in effect for local runs."""
+
+    accelerator_type: str = "nvidia.com/gpu"
+    gpu_cpu_request: str = "4"
+    gpu_memory_request: str = "24Gi"
+    gpu_memory_limit: str = "48Gi"
+    cpu_request: str = "1"
+    memory_request: str = "4Gi"
+    node_selector: dict[str, str] = field(default_factory=dict)
+    tolerations: list[dict[str, str]] = field(default_factory=list)
+    s3_secret: str | None = None  # a Secret whose keys become environment variables
+    cache_pvc: str | None = None  # a PersistentVolumeClaim mounted at /cache (model cache)
+    training_retries: int = 2
+
+
+def build_pipeline(image: str = components.DEFAULT_IMAGE,
+                   cluster: ClusterSettings | None = None):
+    """The pipeline function, its components running in `image`."""
+    c = components.build(image)
+
+    def gpu(task, retries: int = 0):
+        if cluster is not None:
+            task.set_accelerator_type(cluster.accelerator_type).set_accelerator_limit(1)
+            task.set_cpu_request(cluster.gpu_cpu_request)
+            task.set_memory_request(cluster.gpu_memory_request)
+            task.set_memory_limit(cluster.gpu_memory_limit)
+            if retries:
+                task.set_retry(num_retries=retries, backoff_duration="60s")
+        return _platform(task, cached=True)
+
+    def cpu(task, cached: bool = True):
+        if cluster is not None:
+            task.set_cpu_request(cluster.cpu_request).set_memory_request(cluster.memory_request)
+        return _platform(task, cached=cached)
+
+    def _platform(task, cached: bool):
+        task.set_caching_options(cached)
+        if cluster is None:
+            return task
+        from kfp import kubernetes
+
+        if cluster.s3_secret:
+            kubernetes.use_secret_as_env(task, secret_name=cluster.s3_secret, secret_key_to_env={
+                key: key for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+                                     "LASTMILE_S3_ENDPOINT")})
+        if cluster.cache_pvc:
+            kubernetes.mount_pvc(task, pvc_name=cluster.cache_pvc, mount_path="/cache")
+        for key, value in cluster.node_selector.items():
+            kubernetes.add_node_selector(task, label_key=key, label_value=value)
+        for tol in cluster.tolerations:
+            kubernetes.add_toleration(task, key=tol.get("key"), operator=tol.get("operator", "Equal"),
+                                      value=tol.get("value"), effect=tol.get("effect"))
+        return task
+
+    retries = cluster.training_retries if cluster is not None else 0
+
+    @dsl.pipeline(name="lastmile",
+                  description="RL fine-tuning without human feedback beside an MLE baseline, "
+                              "scored with ROUGE, length-adjusted ROUGE and BLEURT.")
+    def lastmile_pipeline(
+        data_source: str = "",
+        profile: str = "paper",
+        base_model: str = _PAPER["base_model"],
+        input_column: str = _PAPER["input_column"],
+        output_column: str = _PAPER["output_column"],
+        instruction: str = _PAPER["instruction"],
+        max_input_tokens: int = _PAPER["max_input_tokens"],
+        max_train: int = _PAPER["max_train"],
+        max_test: int = _PAPER["max_test"],
+        seed: int = _PAPER["seed"],
+        reward_learning_rate: float = _PAPER["reward_learning_rate"],
+        reward_batch_size: int = _PAPER["reward_batch_size"],
+        reward_lora_r: int = _PAPER["reward_lora_r"],
+        reward_max_steps: int = _PAPER["reward_max_steps"],
+        mle_learning_rate: float = _PAPER["mle_learning_rate"],
+        mle_batch_size: int = _PAPER["mle_batch_size"],
+        mle_max_steps: int = _PAPER["mle_max_steps"],
+        ppo_learning_rate: float = _PAPER["ppo_learning_rate"],
+        ppo_batch_size: int = _PAPER["ppo_batch_size"],
+        ppo_max_updates: int = _PAPER["ppo_max_updates"],
+        ppo_temperature: float = _PAPER["ppo_temperature"],
+        ppo_length_penalty: float = _PAPER["ppo_length_penalty"],
+        ppo_reference_fraction: float = _PAPER["ppo_reference_fraction"],
+        max_new_tokens: int = _PAPER["max_new_tokens"],
+        bleurt_checkpoint: str = _PAPER["bleurt_checkpoint"],
+    ) -> dsl.Artifact:
+        cfg = cpu(c.resolve_config(
+            profile=profile, base_model=base_model, input_column=input_column,
+            output_column=output_column, instruction=instruction,
+            max_input_tokens=max_input_tokens, max_train=max_train, max_test=max_test, seed=seed,
+            reward_learning_rate=reward_learning_rate, reward_batch_size=reward_batch_size,
+            reward_lora_r=reward_lora_r, reward_max_steps=reward_max_steps,
+            mle_learning_rate=mle_learning_rate, mle_batch_size=mle_batch_size,
+            mle_max_steps=mle_max_steps, ppo_learning_rate=ppo_learning_rate,
+            ppo_batch_size=ppo_batch_size, ppo_max_updates=ppo_max_updates,
+            ppo_temperature=ppo_temperature, ppo_length_penalty=ppo_length_penalty,
+            ppo_reference_fraction=ppo_reference_fraction, max_new_tokens=max_new_tokens,
+            bleurt_checkpoint=bleurt_checkpoint)).output
+        # Task data live outside the pipeline (a file, a prefix that grows): never cached.
+        data = cpu(c.filter_data(config=cfg, data_source=data_source), cached=False)
+        data.set_display_name("filter data")
+        negatives = cpu(c.synthesize_negatives(config=cfg, data=data.outputs["data"]))
+        negatives.set_display_name("synthesize negatives")
+        reward = gpu(c.train_reward(config=cfg, data=data.outputs["data"],
+                                    negatives=negatives.outputs["negatives"]), retries)
+        reward.set_display_name("train reward model")
+        mle = gpu(c.train_mle(config=cfg, data=data.outputs["data"]), retries)
+        mle.set_display_name("train MLE baseline")
+        ppo = gpu(c.train_ppo(config=cfg, data=data.outputs["data"],
+                              reward_model=reward.outputs["reward_model"],
+                              mle_model=mle.outputs["mle_model"]), retries)
+        ppo.set_display_name("train PPO policy")
+
+        predictions = {}
+        for variant, adapter in (("base", None), ("mle", mle.outputs["mle_model"]),
+                                 ("rl", ppo.outputs["ppo_model"])):
+            kwargs = {"adapter": adapter} if adapter is not None else {}
+            task = gpu(c.generate(config=cfg, data=data.outputs["data"], variant=variant, **kwargs))
+            task.set_display_name(f"generate {variant}")
+            predictions[variant] = task.outputs["predictions"]
+        for variant in ("base", "mle"):
+            task = cpu(c.postprocess(predictions=predictions[variant]))
+            task.set_display_name(f"post-process {variant}")
+            predictions[f"{variant}_cleaned"] = task.outputs["cleaned"]
+
+        scores = cpu(c.score(config=cfg, **predictions))
+        scores.set_display_name("score")
+        report = cpu(c.report(config=cfg, data=data.outputs["data"],
+                              negatives=negatives.outputs["negatives"],
+                              reward_model=reward.outputs["reward_model"],
+                              mle_model=mle.outputs["mle_model"],
+                              ppo_model=ppo.outputs["ppo_model"],
+                              scores=scores.outputs["scores"], **predictions))
+        report.set_display_name("report")
+        return report.outputs["report_dir"]
+
+    return lastmile_pipeline
+
+
+# --------------------------------------------------------------------------- entry points
+
+def compile_pipeline(out: Path, image: str, cluster: ClusterSettings) -> Path:
+    from kfp import compiler
+
+    compiler.Compiler().compile(build_pipeline(image, cluster), str(out))
+    return out
+
+
+def run_locally(profile_name: str, out_dir: Path | None, data: str = "",
+                overrides: dict | None = None) -> Path:
+    """Run the whole DAG in this environment through kfp.local; copy the report to out_dir."""
+    from kfp import local
+
+    profile = config.get_profile(profile_name)
+    arguments = config.pipeline_arguments(profile)
+    arguments.update(overrides or {})
+    config.resolve(profile_name, **arguments)  # fail fast on a bad parameter, before any stage
+    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    out_dir = out_dir or Path("runs") / stamp
+    out_dir.mkdir(parents=True, exist_ok=True)
+    local.init(runner=local.SubprocessRunner(use_venv=False),
+               pipeline_root=str((out_dir / "kfp").resolve()), raise_on_error=True)
+    result = build_pipeline()(data_source=data, profile=profile_name, **arguments)
+    report_dir = Path(result.output.path)
+    for item in report_dir.iterdir():
+        target = out_dir / item.name
+        if item.is_dir():
+            shutil.copytree(item, target, dirs_exist_ok=True)
+        else:
+            shutil.copy2(item, target)
+    return out_dir
+
+
+def _client(host: str):
+    import kfp
+
+    return kfp.Client(host=host)
+
+
+def _params(pairs: list[str]) -> dict:
+    params = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise SystemExit(f"--param expects KEY=VALUE, got {pair!r}")
+        try:
+            params[key] = json.loads(value)
+        except json.JSONDecodeError:
+            params[key] = value
+    return params
+
+
+def _cluster_from_args(args) -> ClusterSettings:
+    settings = ClusterSettings(s3_secret=args.s3_secret or None, cache_pvc=args.cache_pvc or None,
+                               accelerator_type=args.accelerator_type)
+    for item in args.node_selector or []:
+        key, _, value = item.partition("=")
+        settings.node_selector[key] = value
+    for item in args.toleration or []:  # key=value:Effect or key:Effect
+        keyval, _, effect = item.partition(":")
+        key, sep, value = keyval.partition("=")
+        settings.tolerations.append({"key": key, "operator": "Equal" if sep else "Exists",
+                                     "value": value or None, "effect": effect or None})
+    return settings
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="pipeline.py", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def cluster_flags(p):
+        p.add_argument("--image", default=components.DEFAULT_IMAGE, help="container image of every step")
+        p.add_argument("--accelerator-type", default="nvidia.com/gpu")
+        p.add_argument("--node-selector", action="append", metavar="KEY=VALUE")
+        p.add_argument("--toleration", action="append", metavar="KEY[=VALUE]:EFFECT")
+        p.add_argument("--s3-secret", default="lastmile-s3-credentials",
+                       help="Secret providing object-store credentials as env vars ('' for none)")
+        p.add_argument("--cache-pvc", default="lastmile-model-cache",
+                       help="PVC mounted at /cache for the model cache ('' for none)")
+
+    p = sub.add_parser("compile", help="write the pipeline IR YAML")
+    p.add_argument("-o", "--output", type=Path, default=Path("pipeline.yaml"))
+    cluster_flags(p)
+
+    p = sub.add_parser("run", help="run the pipeline locally through kfp.local")
+    p.add_argument("--profile", choices=sorted(config.PROFILES), default="demo")
+    p.add_argument("--data", default="", help="file, directory, hub id or s3:// URI (default: bundled)")
+    p.add_argument("--input-column")
+    p.add_argument("--output-column")
+    p.add_argument("--base-model")
+    p.add_argument("--out", type=Path, help="report directory (default runs/<timestamp>)")
+    p.add_argument("--param", action="append", metavar="KEY=VALUE",
+                   help=f"any pipeline parameter: {', '.join(config.PIPELINE_PARAMETERS)}")
+
+    for name, help_text in (("submit", "start a run on a Kubeflow Pipelines host"),
+                            ("schedule", "create a recurring run (retraining on new data)")):
+        p = sub.add_parser(name, help=help_text)
+        p.add_argument("--host", required=True)
+        p.add_argument("--experiment", default="lastmile")
+        p.add_argument("--param", action="append", metavar="KEY=VALUE")
+        cluster_flags(p)
+        if name == "schedule":
+            p.add_argument("--cron", required=True, help="e.g. '0 0 3 * * *' (KFP: 6 fields, seconds first)")
+            p.add_argument("--name", default="lastmile-retrain")
+
+    args = parser.parse_args(argv)
+    if args.command == "compile":
+        path = compile_pipeline(args.output, args.image, _cluster_from_args(args))
+        print(f"wrote {path}")
+    elif args.command == "run":
+        overrides = _params(args.param)
+        for key in ("input_column", "output_column", "base_model"):
+            if getattr(args, key):
+                overrides[key] = getattr(args, key)
+        out = run_locally(args.profile, args.out, data=args.data, overrides=overrides)
+        print(f"report: {out / 'report.html'}\n        {out / 'report.md'}")
+    else:
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            package = compile_pipeline(Path(tmp) / "pipeline.yaml", args.image, _cluster_from_args(args))
+            client = _client(args.host)
+            experiment = client.create_experiment(args.experiment)
+            if args.command == "submit":
+                run = client.create_run_from_pipeline_package(
+                    str(package), arguments=_params(args.param), experiment_name=args.experiment)
+                print(f"run {run.run_id} started")
+            else:
+                job = client.create_recurring_run(
+                    experiment_id=experiment.experiment_id, job_name=args.name,
+                    cron_expression=args.cron, pipeline_package_path=str(package),
+                    params=_params(args.param), max_concurrency=1, no_catchup=True)
+                print(f"recurring run {job.recurring_run_id} created ({args.cron})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
