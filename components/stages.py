@@ -182,7 +182,7 @@ def score(config: str, base: Input[Dataset], mle: Input[Dataset], rl: Input[Data
     out = Path(scores.path)
     inputs = [Path(a.path) / "predictions.jsonl" for a in (base, mle, rl, base_cleaned, mle_cleaned)]
     with runinfo.stage("score", out) as summary:
-        result = scoring.score_files(inputs, out / "scores.json", profile.score)
+        result = scoring.score_file(inputs, out / "scores.json", profile.score)
         summary["variants"] = sorted(result["models"])
     for variant, values in result["models"].items():
         for key in ("excess_length", "la_rougeL_f1", "rougeL_f1", "bleurt", "semantic_similarity"):

@@ -1,0 +1,332 @@
+"""lastmile.metrics and lastmile.bleurt_compat: hand-computed ROUGE / la-ROUGE, the tables,
+the MiniLM similarity, and BLEURT through a tiny random checkpoint saved and loaded for real."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+
+import pytest
+import torch
+
+from lastmile import metrics
+from lastmile.bleurt_compat import (
+    BleurtLoadError,
+    bleurt_score_batch,
+    find_pruneable_heads_and_indices,
+    import_bleurt,
+    load_bleurt,
+)
+from lastmile.config import ScoreConfig
+from lastmile.metrics import (
+    ScoreInputError,
+    excess_length,
+    la_adjust,
+    lexical_scores,
+    markdown_tables,
+    rouge_scores,
+    score_file,
+    score_predictions,
+)
+
+REF4 = "the cat sat down"  # 4 words
+PRED8 = "the cat sat on the mat all day"  # 8 words
+LEXICAL_ONLY = ScoreConfig(semantic_similarity=False)
+
+MODEL_KEYS = {"n", "excess_length", "bleurt", "semantic_similarity"} | {
+    f"{la}{k}_{p}" for la in ("", "la_") for k in ("rouge1", "rouge2", "rougeL")
+    for p in ("precision", "recall", "f1")}
+
+
+# ----------------------------------------------------------------------------- la-ROUGE
+
+def test_la_adjust_longer_prediction_scales_recall_only():
+    # np = 8 > ng = 4: recall x 4/8, precision unchanged; F1 from the adjusted pair.
+    p, r, f = la_adjust(3 / 8, 3 / 4, 8, 4)
+    assert (p, r) == pytest.approx((3 / 8, 3 / 8))
+    assert f == pytest.approx(3 / 8)
+
+
+def test_la_adjust_shorter_prediction_scales_precision_only():
+    # np = 2 < ng = 4: precision x 2/4, recall unchanged.
+    p, r, f = la_adjust(1.0, 0.5, 2, 4)
+    assert (p, r, f) == pytest.approx((0.5, 0.5, 0.5))
+    p, r, f = la_adjust(0.9, 0.3, 3, 10)
+    assert (p, r) == pytest.approx((0.27, 0.3))
+    assert f == pytest.approx(2 * 0.27 * 0.3 / 0.57)
+
+
+def test_la_adjust_equal_lengths_unchanged():
+    p, r, f = la_adjust(0.4, 0.6, 5, 5)
+    assert (p, r) == (0.4, 0.6)
+    assert f == pytest.approx(0.48)  # 2 * 0.24 / 1.0
+
+
+@pytest.mark.parametrize("np_, ng", [(0, 4), (4, 0), (0, 0)])
+def test_la_adjust_empty_side_is_zero(np_, ng):
+    assert la_adjust(0.5, 0.5, np_, ng) == (0.0, 0.0, 0.0)
+
+
+# ----------------------------------------------------------------------------- ROUGE
+
+def _prf(scores: dict, kind: str) -> tuple[float, float, float]:
+    return scores[f"{kind}_precision"], scores[f"{kind}_recall"], scores[f"{kind}_f1"]
+
+
+def test_rouge_hand_computed():
+    s = rouge_scores(PRED8, REF4)
+    # unigrams: the, cat, sat shared (the appears twice in the prediction, once in the reference)
+    assert _prf(s, "rouge1") == pytest.approx((3 / 8, 3 / 4, 0.5))
+    # bigrams: "the cat", "cat sat" of the prediction's 7 and the reference's 3
+    assert (s["rouge2_precision"], s["rouge2_recall"]) == pytest.approx((2 / 7, 2 / 3))
+    assert s["rouge2_f1"] == pytest.approx(2 * (2 / 7) * (2 / 3) / (2 / 7 + 2 / 3))
+    # LCS "the cat sat"
+    assert (s["rougeL_precision"], s["rougeL_recall"]) == pytest.approx((3 / 8, 3 / 4))
+
+
+def test_rouge_uses_stemmer():
+    assert rouge_scores("dogs running", "dog runs")["rouge1_f1"] == pytest.approx(1.0)
+
+
+def test_lexical_scores_combine_rouge_and_la():
+    s = lexical_scores(PRED8, REF4)
+    assert s["excess_length"] == 4
+    assert _prf(s, "la_rouge1") == pytest.approx((3 / 8, 3 / 8, 3 / 8))
+    assert s["la_rouge2_recall"] == pytest.approx(2 / 3 * 4 / 8)
+    assert s["la_rouge2_precision"] == pytest.approx(2 / 7)
+
+
+def test_empty_prediction_scores_zero():
+    s = lexical_scores("", REF4)
+    assert s["excess_length"] == -4
+    assert all(s[k] == 0.0 for k in s if k != "excess_length")
+
+
+def test_excess_length_counts_whitespace_entities():
+    assert excess_length("a b c", "a") == 2
+    assert excess_length("Sure,\nhere  is\tit.", "one two three four five") == -1
+    assert excess_length("", "") == 0
+
+
+# ----------------------------------------------------------------------------- corpus
+
+def test_score_predictions_means_per_variant():
+    rows = [
+        {"prediction": PRED8, "reference": REF4, "variant": "base"},
+        {"prediction": "the cat", "reference": REF4, "variant": "base"},
+        {"prediction": REF4, "reference": REF4},  # no variant -> "default"
+    ]
+    out = score_predictions(rows, LEXICAL_ONLY)
+    assert list(out["models"]) == ["base", "default"]
+    base = out["models"]["base"]
+    assert set(base) == MODEL_KEYS
+    assert base["n"] == 2
+    assert base["excess_length"] == pytest.approx((4 + -2) / 2)
+    assert base["rouge1_precision"] == pytest.approx((3 / 8 + 1.0) / 2)
+    assert base["la_rouge1_recall"] == pytest.approx((3 / 8 + 0.5) / 2)
+    assert base["la_rouge1_f1"] == pytest.approx((3 / 8 + 0.5) / 2)
+    assert out["models"]["default"]["rougeL_f1"] == pytest.approx(1.0)
+    assert base["bleurt"] is None and base["semantic_similarity"] is None
+    assert out["bleurt_checkpoint"] is None
+    assert any("BLEURT not computed" in note for note in out["notes"])
+
+
+@pytest.mark.parametrize("row, message", [
+    ({"reference": "r"}, "row 2: missing field 'prediction'"),
+    ({"prediction": "p", "reference": 3}, "row 2: field 'reference' must be a string"),
+    ({"prediction": "p", "reference": "r", "variant": 7}, "row 2: field 'variant'"),
+    (["p", "r"], "row 2: expected a JSON object"),
+])
+def test_score_predictions_rejects_bad_rows(row, message):
+    rows = [{"prediction": "a", "reference": "b"}, row]
+    with pytest.raises(ScoreInputError, match=message):
+        score_predictions(rows, LEXICAL_ONLY)
+
+
+def test_score_predictions_rejects_empty_input():
+    with pytest.raises(ScoreInputError, match="no predictions"):
+        score_predictions([], LEXICAL_ONLY)
+
+
+def test_score_file_writes_json_and_names_bad_line(tmp_path):
+    good = {"id": 1, "input": "x", "reference": REF4, "prediction": PRED8, "variant": "rl"}
+    src = tmp_path / "predictions.jsonl"
+    src.write_text(json.dumps(good) + "\n\n" + json.dumps(good) + "\n")
+    out = score_file(src, tmp_path / "out" / "scores.json", LEXICAL_ONLY)
+    assert json.loads((tmp_path / "out" / "scores.json").read_text()) == out
+    assert out["models"]["rl"]["n"] == 2
+
+    src.write_text(json.dumps(good) + "\n\n" + json.dumps({**good, "prediction": None}) + "\n")
+    with pytest.raises(ScoreInputError, match=f"{src}:3: field 'prediction' must be a string"):
+        score_file(src, tmp_path / "bad.json", LEXICAL_ONLY)
+    assert not (tmp_path / "bad.json").exists()
+    src.write_text("{not json\n")
+    with pytest.raises(ScoreInputError, match=f"{src}:1: not valid JSON"):
+        score_file(src, tmp_path / "bad.json", LEXICAL_ONLY)
+
+
+# ----------------------------------------------------------------------------- tables
+
+def _fake_model_scores(value: float, **extra) -> dict:
+    scores = {k: value for k in MODEL_KEYS}
+    scores.update(n=3, bleurt=None, **extra)
+    return scores
+
+
+def test_markdown_tables_layout():
+    scores = {
+        "models": {  # deliberately out of order, with one variant the paper does not have
+            "custom": _fake_model_scores(0.5),
+            "rl": _fake_model_scores(0.25, excess_length=-1.06),
+            "base": _fake_model_scores(0.125, excess_length=39.24),
+            "mle_cleaned": _fake_model_scores(1 / 3),
+        },
+        "bleurt_checkpoint": None,
+        "notes": ["BLEURT not computed (no checkpoint given)"],
+    }
+    md = markdown_tables(scores)
+    lines = md.splitlines()
+    headers = [line for line in lines if line.startswith("|  |")]
+    # the paper's order, only the variants present, others after them
+    assert headers == ["|  | Base | RL | Max LL cleaned | custom |"] * 2
+    assert "| extra length | 39.2 | -1.1 | 0.3 | 0.5 |" in lines
+    assert "| examples | 3 | 3 | 3 | 3 |" in lines
+    assert "| bleurt | n/a | n/a | n/a | n/a |" in lines
+    assert "| la-rouge1-F1 | 0.12 | 0.25 | 0.33 | 0.50 |" in lines
+    table2 = lines[lines.index("Table 2: Evaluation metrics"):]
+    labels = [line.split(" | ")[0][2:] for line in table2
+              if line.startswith("| ") and not line.startswith("|  |")]
+    kinds, parts = ("rouge1", "rouge2", "rougeL"), ("F1", "precision", "recall")
+    assert labels == (
+        ["bleurt"]
+        + [f"la-{k}-{p}" for k in kinds for p in parts]
+        + [f"{k}-{p}" for k in kinds for p in parts]
+        + ["semantic_similarity"])
+    assert "- BLEURT not computed (no checkpoint given)" in lines
+
+
+# ----------------------------------------------------------------------------- semantic
+
+@pytest.fixture(scope="module")
+def embedder():
+    return metrics.get_embedder()
+
+
+def test_semantic_similarity_identical_related_unrelated(embedder):
+    ref = "The government announced new taxes on fuel today."
+    sims = embedder.similarity(
+        [ref, "Officials unveiled a fuel tax increase.", "My cat likes to sleep in the sun."],
+        [ref, ref, ref])
+    assert sims[0] == pytest.approx(1.0, abs=1e-5)
+    assert sims[2] < sims[1] < sims[0]
+    assert metrics.get_embedder() is embedder  # loaded once per process
+
+
+def test_semantic_means_survive_batching(embedder):
+    # 70 rows, two interleaved variants: one full batch of 64 and a remainder of 6.
+    words = "alpha beta gamma delta epsilon zeta eta theta iota kappa".split()
+    rows = [{"prediction": f"{words[i % 10]} {words[(i * 3) % 10]}", "reference": words[i % 7],
+             "variant": "a" if i % 3 else "b"} for i in range(70)]
+    out = score_predictions(rows, ScoreConfig(semantic_similarity=True))
+    for variant in ("a", "b"):
+        mine = [r for r in rows if r["variant"] == variant]
+        direct = embedder.similarity([r["prediction"] for r in mine],
+                                     [r["reference"] for r in mine])
+        mean = sum(direct) / len(direct)
+        assert out["models"][variant]["semantic_similarity"] == pytest.approx(mean, abs=1e-5)
+
+
+# ----------------------------------------------------------------------------- BLEURT
+
+PAIRS = (["the cat sat on the mat", "stocks fell sharply on monday", "hello"],
+         ["a cat was sitting on a mat", "markets dropped", "goodbye " * 80])
+
+
+@pytest.fixture(scope="module")
+def tiny_bleurt(tmp_path_factory):
+    """A randomly initialised 2-layer BLEURT saved like a lucadiliello checkpoint
+    (config + weights + vocab.txt; the vocabulary is all-MiniLM-L6-v2's BERT WordPiece)."""
+    bleurt = import_bleurt()
+    vocab = metrics.minilm_dir() / "vocab.txt"
+    config = bleurt.BleurtConfig(
+        vocab_size=len(vocab.read_text(encoding="utf-8").splitlines()), hidden_size=32,
+        num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+        max_position_embeddings=64)
+    torch.manual_seed(0)
+    model = bleurt.BleurtForSequenceClassification(config).eval()
+    path = tmp_path_factory.mktemp("bleurt-tiny")
+    model.save_pretrained(path)
+    shutil.copy(vocab, path / "vocab.txt")
+    return path, model
+
+
+def test_bleurt_tiny_checkpoint_round_trip(tiny_bleurt):
+    path, original = tiny_bleurt
+    model, tokenizer = load_bleurt(str(path))
+    assert len(tokenizer) == original.config.vocab_size  # the real vocabulary, not 5 specials
+    assert tokenizer.tokenize("The cat")[:2] == ["the", "cat"]
+    refs, cands = PAIRS
+    scores = bleurt_score_batch(model, tokenizer, refs, cands)
+    assert len(scores) == 3 and all(math.isfinite(s) for s in scores)
+    assert len(set(scores)) == 3  # the input reaches the output
+    assert bleurt_score_batch(model, tokenizer, refs, cands) == scores  # deterministic (eval)
+    enc = tokenizer(refs, cands, padding="longest", truncation=True, max_length=64,
+                    return_tensors="pt")
+    assert enc["input_ids"].shape[1] == 64  # the long pair was truncated to the position table
+    with torch.no_grad():
+        expected = original(**enc).logits[:, 0].tolist()
+    assert scores == pytest.approx(expected, abs=1e-6)  # weights survived save/load
+
+
+def test_bleurt_padding_is_masked(tiny_bleurt):
+    # The patched get_extended_attention_mask must hide padding: a short pair scores the same
+    # alone as in a batch padded to a long one.
+    model, tokenizer = load_bleurt(str(tiny_bleurt[0]))
+    alone = bleurt_score_batch(model, tokenizer, ["hello"], ["goodbye"])
+    batched = bleurt_score_batch(model, tokenizer, ["hello", PAIRS[0][0]], ["goodbye", PAIRS[1][0]])
+    assert batched[0] == pytest.approx(alone[0], abs=1e-6)
+
+
+def test_score_predictions_with_bleurt(tiny_bleurt):
+    path = str(tiny_bleurt[0])
+    refs, cands = PAIRS
+    rows = [{"prediction": c, "reference": r, "variant": "rl"} for r, c in zip(refs, cands)]
+    out = score_predictions(rows, ScoreConfig(bleurt_checkpoint=path, semantic_similarity=False))
+    model, tokenizer = load_bleurt(path)
+    direct = bleurt_score_batch(model, tokenizer, refs, cands)
+    assert out["models"]["rl"]["bleurt"] == pytest.approx(sum(direct) / 3, abs=1e-6)
+    assert out["bleurt_checkpoint"] == path
+    assert not any("not computed" in note and "BLEURT" in note for note in out["notes"])
+
+
+def test_bleurt_head_pruning_helper():
+    # Heads 0..2 of size 2; pruning head 1 keeps rows 0,1 and 4,5.
+    heads, index = find_pruneable_heads_and_indices([1], 3, 2, set())
+    assert heads == {1} and index.tolist() == [0, 1, 4, 5]
+    # Head 0 already gone: original head 2 is now at position 1 of the 2 left.
+    heads, index = find_pruneable_heads_and_indices([0, 2], 2, 2, {0})
+    assert heads == {2} and index.tolist() == [0, 1]
+
+
+def test_bleurt_prune_heads_runs(tiny_bleurt):
+    model, tokenizer = load_bleurt(str(tiny_bleurt[0]))
+    attention = model.bleurt.encoder.layer[0].attention
+    attention.prune_heads([1, 3])
+    assert attention.self.num_attention_heads == 2 and attention.self.query.out_features == 16
+    assert all(math.isfinite(s) for s in bleurt_score_batch(model, tokenizer, *PAIRS))
+
+
+def test_bleurt_bad_checkpoints_raise_naming_them(tmp_path):
+    with pytest.raises(BleurtLoadError, match="/no/such/bleurt"):
+        load_bleurt("/no/such/bleurt")
+    with pytest.raises(BleurtLoadError, match="someone/no-such-bleurt"):
+        load_bleurt("someone/no-such-bleurt")  # hub id; the suite runs with HF_HUB_OFFLINE=1
+    with pytest.raises(BleurtLoadError, match="no tokenizer vocabulary"):
+        load_bleurt(str(tmp_path))
+    (tmp_path / "vocab.txt").write_text("[PAD]\n[UNK]\n[CLS]\n[SEP]\n[MASK]\nthe\n")
+    with pytest.raises(BleurtLoadError, match=f"{tmp_path}.*failed to load"):
+        load_bleurt(str(tmp_path))  # vocabulary but no config/weights
+    with pytest.raises(BleurtLoadError, match="/no/such/bleurt"):
+        score_predictions([{"prediction": "a", "reference": "b"}],
+                          ScoreConfig(bleurt_checkpoint="/no/such/bleurt"))
