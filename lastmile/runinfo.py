@@ -47,6 +47,10 @@ def stage(name: str, out_dir: str | Path, seed: int | None = None,
     yield summary
     summary.update(fields)
     summary.setdefault("seed", seed)
+    if summary.get("base_model") and "base_model_hash" not in summary:
+        from .modeling import base_fingerprint
+
+        summary["base_model_hash"] = base_fingerprint(summary["base_model"])
     summary["seconds"] = round(time.perf_counter() - started, 3)
     summary["versions"] = versions()
     write_json(Path(out_dir) / SUMMARY_FILE, summary)
