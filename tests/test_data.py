@@ -1,0 +1,410 @@
+"""lastmile.data: sources, splits, bad rows, the token filter, subsampling and the summary."""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import hashlib
+import json
+from collections import Counter
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from lastmile import data
+from lastmile.config import DataConfig, get_profile
+from lastmile.data import DataError
+from lastmile.io import read_json, read_jsonl
+from s3server import s3_server  # noqa: F401 - the fixture (a real SeaweedFS S3 server)
+
+WORDS = ("alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi "
+         "rho sigma tau upsilon phi chi psi omega").split()
+
+
+def pairs(n: int, start: int = 0) -> list[dict]:
+    """n distinct (input, output) rows with ids."""
+    return [{"id": f"r{i}", "input": f"document {i}: " + " ".join(WORDS[: 5 + i % 15]),
+             "output": f"summary {i}"} for i in range(start, start + n)]
+
+
+def write_jsonl(path: Path, rows: list, gz: bool = False) -> Path:
+    text = "".join(json.dumps(r) + "\n" for r in rows)
+    if gz:
+        path.write_bytes(gzip.compress(text.encode()))
+    else:
+        path.write_text(text)
+    return path
+
+
+def prepare(source, tmp_path: Path, tokenizer, **cfg) -> tuple[dict, dict[str, list[dict]]]:
+    out = tmp_path / "out"
+    summary = data.prepare(source, out, DataConfig(**cfg), tokenizer)
+    return summary, {s: list(read_jsonl(out / f"{s}.jsonl")) for s in data.SPLITS}
+
+
+def hash_split(rows: list[dict], fraction: float = 0.1) -> dict[str, set[str]]:
+    return {s: {r["input"] for r in rows if data.split_of(r["input"], fraction) == s}
+            for s in data.SPLITS}
+
+
+# ----------------------------------------------------------------------------- source kinds
+
+def test_hash_split_is_sha256_of_the_normalised_input():
+    text = "  Some   document\nwith spacing "
+    u = int(hashlib.sha256(b"Some document with spacing").hexdigest()[:16], 16) / 2**64
+    for fraction in (0.05, 0.1, 0.5, 0.9):
+        assert data.split_of(text, fraction) == ("test" if u < fraction else "train")
+    assert data.split_of(text, 0.3) == data.split_of("Some document with spacing", 0.3)
+
+
+@pytest.mark.parametrize("gz", [False, True])
+def test_jsonl_file_hash_split(tmp_path, tokenizer, gz):
+    rows = pairs(60)
+    src = write_jsonl(tmp_path / ("d.jsonl.gz" if gz else "d.jsonl"), rows, gz=gz)
+    summary, out = prepare(src, tmp_path, tokenizer, test_fraction=0.3)
+    expected = hash_split(rows, 0.3)
+    assert {r["input"] for r in out["test"]} == expected["test"] and expected["test"]
+    assert {r["input"] for r in out["train"]} == expected["train"]
+    assert summary["split_method"] == "hash" and summary["source_kind"] == "file"
+    by_id = {r["id"]: r for r in rows}
+    for r in out["train"] + out["test"]:
+        assert set(r) == {"id", "input", "output", "prompt"}
+        assert (r["input"], r["output"]) == (by_id[r["id"]]["input"], by_id[r["id"]]["output"])
+
+
+def test_csv_file_with_multiline_cells(tmp_path, tokenizer):
+    rows = pairs(30)
+    rows[3]["input"] = "first line\nsecond line, with a comma and \"quotes\""
+    path = tmp_path / "d.csv"
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["id", "input", "output"])
+        w.writeheader()
+        w.writerows(rows)
+    _, out = prepare(path, tmp_path, tokenizer, test_fraction=0.3)
+    got = {r["id"]: r["input"] for r in out["train"] + out["test"]}
+    assert len(got) == 30 and got["r3"] == rows[3]["input"]
+
+
+def test_parquet_and_json_array_files(tmp_path, tokenizer):
+    rows = pairs(40)
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "d.parquet")
+    (tmp_path / "d.json").write_text(json.dumps(rows))
+    s1, o1 = prepare(tmp_path / "d.parquet", tmp_path / "a", tokenizer, test_fraction=0.3)
+    s2, o2 = prepare(tmp_path / "d.json", tmp_path / "b", tokenizer, test_fraction=0.3)
+    assert s1["rows_in"] == s2["rows_in"] == 40
+    assert o1 == o2 and len(o1["train"]) + len(o1["test"]) == 40
+
+
+def test_directory_with_named_splits(tmp_path, tokenizer):
+    d = tmp_path / "d"
+    d.mkdir()
+    write_jsonl(d / "train-0.jsonl", pairs(10))
+    write_jsonl(d / "train-1.jsonl", pairs(10, start=10))
+    write_jsonl(d / "test.jsonl", pairs(6, start=100))
+    write_jsonl(d / "validation.jsonl", pairs(4, start=200))
+    (d / "README.md").write_text("not data")
+    summary, out = prepare(d, tmp_path, tokenizer)
+    assert summary["split_method"] == "named"
+    assert {r["id"] for r in out["train"]} == {f"r{i}" for i in range(20)}
+    assert {r["id"] for r in out["test"]} == {f"r{i}" for i in range(100, 106)}
+    assert summary["files"] == [f"{d}/{n}" for n in ("test.jsonl", "train-0.jsonl",
+                                                     "train-1.jsonl")]
+    assert summary["ignored_files"] == [f"{d}/validation.jsonl"]
+    assert summary["rows_in"] == 26
+
+    (d / "test.jsonl").unlink()  # no test file: validation is the test split
+    summary, out = prepare(d, tmp_path, tokenizer)
+    assert {r["id"] for r in out["test"]} == {f"r{i}" for i in range(200, 204)}
+
+
+def test_directory_without_split_names_keeps_sides_when_rows_arrive(tmp_path, tokenizer):
+    d = tmp_path / "d"
+    d.mkdir()
+    write_jsonl(d / "part-a.jsonl", pairs(50))
+    _, first = prepare(d, tmp_path / "1", tokenizer, test_fraction=0.2)
+    write_jsonl(d / "part-b.jsonl", pairs(50, start=50))  # a scheduled retraining's new data
+    summary, second = prepare(d, tmp_path / "2", tokenizer, test_fraction=0.2)
+    assert summary["split_method"] == "hash" and summary["rows_in"] == 100
+    for split in data.SPLITS:
+        before = {r["id"] for r in first[split]}
+        after = {r["id"] for r in second[split]}
+        assert before and before < after
+    assert sum(len(v) for v in second.values()) == 100
+
+
+def test_inconsistent_split_names_are_errors(tmp_path, tokenizer):
+    d = tmp_path / "d"
+    d.mkdir()
+    write_jsonl(d / "train.jsonl", pairs(5))
+    write_jsonl(d / "test.jsonl", pairs(5, start=5))
+    write_jsonl(d / "extra.jsonl", pairs(5, start=10))
+    with pytest.raises(DataError, match="some files name a split.*extra.jsonl"):
+        data.load_rows(d, DataConfig())
+    (d / "train.jsonl").unlink()
+    (d / "extra.jsonl").unlink()
+    with pytest.raises(DataError, match="no train\\* file"):
+        data.load_rows(d, DataConfig())
+
+
+def test_hub_dataset_splits(tmp_path, monkeypatch):
+    """The hub reader over a local dataset folder (the same `datasets` calls, no network)."""
+    import datasets
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf-cache")
+    d = tmp_path / "hubds"
+    d.mkdir()
+    write_jsonl(d / "train.jsonl", [{"document": f"doc {i}", "summary": f"s {i}"}
+                                    for i in range(8)])
+    write_jsonl(d / "validation.jsonl", [{"document": "held out", "summary": "h"}])
+    parts = data.read_hub(str(d))
+    assert [(p.split, len(p.records)) for p in parts] == [("train", 8), ("validation", 1)]
+    cfg = DataConfig(input_column="document", output_column="summary")
+    dropped = Counter()
+    assert [r["input"] for r in data.valid_rows(parts[1], cfg, dropped)] == ["held out"]
+    assert data._named_parts(parts)[0] == {"train": [parts[0]], "test": [parts[1]]}
+    assert data._hub_splits_to_read(["train", "validation", "test"]) == ["train", "test"]
+    with pytest.raises(DataError, match="no 'train' split"):
+        data._hub_splits_to_read(["test"])
+
+
+def test_s3_prefix_and_key(s3_server, monkeypatch, tmp_path, tokenizer):
+    """s3:// sources against a real S3 server (SeaweedFS): a prefix reads like a directory."""
+    from lastmile import storage
+
+    for name in [n for pair in storage.CREDENTIAL_VARS for n in pair] + [
+            storage.CREDENTIALS_DIR_VAR, *storage.SESSION_TOKEN_VARS, *storage.ENDPOINT_VARS,
+            storage.SECURE_VAR]:
+        monkeypatch.delenv(name, raising=False)
+    for name, value in s3_server.env().items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("LASTMILE_CACHE", str(tmp_path / "cache"))
+    s3_server.client().make_bucket("lastmile-data-test")
+    lines = lambda rows: "".join(json.dumps(r) + "\n" for r in rows).encode()  # noqa: E731
+    s3_server.put("lastmile-data-test", "task/train.jsonl", lines(pairs(12)))
+    s3_server.put("lastmile-data-test", "task/test.jsonl", lines(pairs(3, start=50)))
+    summary, out = prepare("s3://lastmile-data-test/task/", tmp_path / "p", tokenizer)
+    assert summary["source_kind"] == "s3" and summary["split_method"] == "named"
+    assert len(out["train"]) == 12 and {r["id"] for r in out["test"]} == {"r50", "r51", "r52"}
+    s3_server.put("lastmile-data-test", "one/all.jsonl", lines(pairs(40)))
+    summary, out = prepare("s3://lastmile-data-test/one/all.jsonl", tmp_path / "k", tokenizer,
+                           test_fraction=0.3)
+    assert summary["split_method"] == "hash" and summary["files"] == [
+        "s3://lastmile-data-test/one/all.jsonl"]
+    assert {r["input"] for r in out["test"]} == hash_split(pairs(40), 0.3)["test"]
+
+
+def test_missing_source_and_unloadable_hub_id(tmp_path):
+    with pytest.raises(DataError, match="task data not found: .*nope.jsonl"):
+        data.load_rows(tmp_path / "nope.jsonl", DataConfig())
+    with pytest.raises(DataError, match="Hugging Face dataset 'nobody/no-such-dataset'"):
+        data.load_rows("nobody/no-such-dataset", DataConfig())  # offline in tests
+
+
+def test_empty_file_and_directory_without_data(tmp_path):
+    (tmp_path / "empty.jsonl").write_text("\n\n")
+    with pytest.raises(DataError, match="empty.jsonl: the file has no rows"):
+        data.load_rows(tmp_path / "empty.jsonl", DataConfig())
+    (tmp_path / "header.csv").write_text("input,output\n")
+    with pytest.raises(DataError, match="header.csv: the file has no rows"):
+        data.load_rows(tmp_path / "header.csv", DataConfig())
+    d = tmp_path / "d"
+    d.mkdir()
+    (d / "notes.txt").write_text("x")
+    with pytest.raises(DataError, match="no task data files .* found: notes.txt"):
+        data.load_rows(d, DataConfig())
+
+
+def test_invalid_json_line_names_file_and_line(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"input": "a", "output": "b"}\n{"input": oops}\n')
+    with pytest.raises(DataError, match="bad.jsonl: line 2 is not valid JSON"):
+        data.load_rows(path, DataConfig())
+    (tmp_path / "latin1.csv").write_bytes("input,output\ncaf\xe9,x\n".encode("latin-1"))
+    with pytest.raises(DataError, match="latin1.csv: cannot decode the file"):
+        data.load_rows(tmp_path / "latin1.csv", DataConfig())
+
+
+# ----------------------------------------------------------------------------- columns, rows
+
+def test_column_mapping(tmp_path, tokenizer):
+    rows = [{"dialogue": f"A: hi {i}\nB: hello {i}", "summary": f"greeting {i}"}
+            for i in range(30)]
+    src = write_jsonl(tmp_path / "samsum.jsonl", rows)
+    summary, out = prepare(src, tmp_path, tokenizer, input_column="dialogue",
+                           output_column="summary", test_fraction=0.3)
+    got = {(r["input"], r["output"]) for r in out["train"] + out["test"]}
+    assert got == {(r["dialogue"], r["summary"]) for r in rows}
+    assert summary["columns"] == {"input": "dialogue", "output": "summary"}
+    assert all(r["id"] == data.text_id(r["input"]) for r in out["train"])  # no id column
+
+
+def test_missing_column_error_names_column_file_and_columns(tmp_path):
+    src = write_jsonl(tmp_path / "x.jsonl", [{"document": "d", "summary": "s", "id": 1}])
+    with pytest.raises(DataError) as e:
+        data.load_rows(src, DataConfig(input_column="dialogue", output_column="summary"))
+    msg = str(e.value)
+    assert "'dialogue'" in msg and str(src) in msg and "document, summary, id" in msg
+
+
+def bad_rows() -> list:
+    return [
+        {"input": "good one", "output": "ok"},
+        {"output": "no input"},  # missing_column
+        {"input": None, "output": "x"},  # null
+        {"input": "text", "output": float("nan")},  # null (NaN, as pandas writes missing text)
+        {"input": "text", "output": 7},  # non_string
+        {"input": "   ", "output": "x"},  # empty
+        {"input": "good one", "output": "ok"},  # duplicate
+        {"input": "good one", "output": "another reference"},  # kept: same input, new output
+        {"input": "text", "output": ["a"]},  # non_string
+    ]
+
+
+def test_bad_rows_counted_per_reason(tmp_path):
+    src = write_jsonl(tmp_path / "b.jsonl", bad_rows())
+    rows = data.load_rows(src, DataConfig())
+    assert dict(rows.dropped) == {"missing_column": 1, "null": 2, "non_string": 2, "empty": 1,
+                                  "duplicate": 1}
+    kept = rows.splits["train"] + rows.splits["test"]
+    assert sorted(r["output"] for r in kept) == ["another reference", "ok"]
+    assert len({r["id"] for r in kept}) == 2  # same input twice: the later id gets a suffix
+    assert rows.rows_in == 9
+
+
+def test_bad_rows_in_csv_and_parquet(tmp_path):
+    (tmp_path / "b.csv").write_text("input,output\nfine,ok\nshort\n,empty input\n")
+    rows = data.load_rows(tmp_path / "b.csv", DataConfig())
+    assert dict(rows.dropped) == {"missing_column": 1, "empty": 1}
+    table = pa.table({"input": ["a b", None, "c d"], "output": ["x", "y", None]})
+    pq.write_table(table, tmp_path / "b.parquet")
+    rows = data.load_rows(tmp_path / "b.parquet", DataConfig())
+    assert dict(rows.dropped) == {"null": 2}
+    pq.write_table(pa.table({"input": [1, 2], "output": ["x", "y"]}), tmp_path / "n.parquet")
+    assert dict(data.load_rows(tmp_path / "n.parquet", DataConfig()).dropped) == {
+        "non_string": 2}
+
+
+def test_strict_mode_names_file_and_row(tmp_path):
+    src = write_jsonl(tmp_path / "b.jsonl", bad_rows())
+    with pytest.raises(DataError, match=r"b.jsonl: line 2: column 'input' is missing"):
+        data.load_rows(src, DataConfig(strict=True))
+    (tmp_path / "b.csv").write_text('input,output\n"two\nlines",ok\nfine,\n')
+    with pytest.raises(DataError, match=r"b.csv: line 4: column 'output' is empty"):
+        data.load_rows(tmp_path / "b.csv", DataConfig(strict=True))
+    (tmp_path / "c.csv").write_text('input,output\n,x\n')
+    with pytest.raises(DataError, match=r"c.csv: line 2: column 'input' is empty"):
+        data.load_rows(tmp_path / "c.csv", DataConfig(strict=True))
+    pq.write_table(pa.table({"input": ["a", "b"], "output": ["x", None]}), tmp_path / "b.parquet")
+    with pytest.raises(DataError, match=r"b.parquet: row 2: column 'output' is null"):
+        data.load_rows(tmp_path / "b.parquet", DataConfig(strict=True))
+
+
+def test_duplicate_pair_in_both_named_splits_stays_in_test(tmp_path):
+    d = tmp_path / "d"
+    d.mkdir()
+    write_jsonl(d / "train.jsonl", pairs(5))
+    write_jsonl(d / "test.jsonl", pairs(2, start=3))  # r3, r4 also in train
+    rows = data.load_rows(d, DataConfig())
+    assert [r["id"] for r in rows.splits["train"]] == ["r0", "r1", "r2"]
+    assert [r["id"] for r in rows.splits["test"]] == ["r3", "r4"]
+    assert rows.dropped["duplicate"] == 2
+
+
+def test_config_values_checked():
+    for bad, name in ((dict(test_fraction=0.0), "test_fraction"),
+                      (dict(max_input_tokens=0), "max_input_tokens"),
+                      (dict(max_train=0), "max_train")):
+        with pytest.raises(DataError, match=name):
+            data.load_rows(data.DEFAULT_DATA, DataConfig(**bad))
+
+
+# ----------------------------------------------------------------------------- prompts, filter
+
+def test_prompt_has_instruction_input_and_assistant_header(tokenizer):
+    prompt = data.format_prompt(tokenizer, "Summarize briefly.", "The cat sat on the mat.")
+    assert "Summarize briefly.\n\nThe cat sat on the mat." in prompt
+    assert prompt.index("Summarize") < prompt.index("The cat")
+    assert prompt.startswith("<|im_start|>") and prompt.endswith("<|im_start|>assistant\n")
+
+
+def test_token_filter_drops_exactly_the_long_prompts(tmp_path, tokenizer):
+    instruction = "Summarize."
+    base = data.prompt_lengths(tokenizer, [data.format_prompt(tokenizer, instruction, "hello")])[0]
+    # "hello" followed by k-1 " hello": k tokens, so the prompt has base + k - 1 tokens.
+    lengths = {k: base + k - 1 for k in range(1, 120, 7)}
+    rows = [{"id": f"k{k}", "input": "hello" + " hello" * (k - 1), "output": "hi"}
+            for k in lengths]
+    prompts = [data.format_prompt(tokenizer, instruction, r["input"]) for r in rows]
+    assert data.prompt_lengths(tokenizer, prompts) == list(lengths.values())
+    limit = lengths[50]  # a length that occurs: kept (the budget is inclusive)
+    src = write_jsonl(tmp_path / "t.jsonl", rows)
+    summary, out = prepare(src, tmp_path, tokenizer, instruction=instruction,
+                           max_input_tokens=limit, test_fraction=0.5)
+    kept = {r["id"] for r in out["train"] + out["test"]}
+    assert kept == {f"k{k}" for k, n in lengths.items() if n <= limit}
+    assert summary["dropped"]["too_long"] == sum(n > limit for n in lengths.values()) > 0
+    assert all(r["prompt"] == data.format_prompt(tokenizer, instruction, r["input"])
+               for r in out["train"])
+
+
+def test_subsampling_is_deterministic_and_seeded(tmp_path, tokenizer):
+    src = write_jsonl(tmp_path / "s.jsonl", pairs(200))
+
+    def ids(name, seed, max_train):
+        _, out = prepare(src, tmp_path / name, tokenizer, seed=seed, max_train=max_train,
+                         max_test=5, test_fraction=0.2)
+        assert len(out["test"]) == 5
+        return [r["id"] for r in out["train"]]
+
+    first, again = ids("a", 0, 20), ids("b", 0, 20)
+    assert first == again and len(first) == 20
+    assert ids("c", 1, 20) != first
+    assert ids("d", 0, 10) == first[:10]  # a smaller cap keeps a prefix of the same order
+    summary = read_json(tmp_path / "d" / "out" / "summary.json")
+    train = summary["splits"]["train"]
+    assert train["rows_out"] == 10 and train["capped"] == train["candidates"] - 10
+
+
+# ----------------------------------------------------------------------------- summary, bundle
+
+def test_summary_json(tmp_path, tokenizer):
+    rows = pairs(40) + bad_rows()
+    src = write_jsonl(tmp_path / "m.jsonl", rows)
+    summary, out = prepare(src, tmp_path, tokenizer, test_fraction=0.3)
+    on_disk = read_json(tmp_path / "out" / "summary.json")
+    assert on_disk == summary and summary["stage"] == "filter_data"
+    assert summary["source"] == str(src) and summary["rows_in"] == 49
+    assert summary["rows_out"] == {s: len(out[s]) for s in data.SPLITS}
+    assert summary["dropped"] == {"missing_column": 1, "null": 2, "non_string": 2, "empty": 1,
+                                  "duplicate": 1, "too_long": 0}
+    assert sum(summary["rows_out"].values()) + sum(summary["dropped"].values()) == 49
+    digest = hashlib.sha256(b"".join((tmp_path / "out" / f"{s}.jsonl").read_bytes()
+                                     for s in data.SPLITS)).hexdigest()
+    assert summary["data_sha256"] == digest
+    words = [len(r["input"].split()) for s in data.SPLITS for r in out[s]]
+    assert summary["input_words"]["mean"] == round(sum(words) / len(words), 2)
+    assert set(summary["output_words"]) == {"mean", "median", "p95"}
+
+
+def test_empty_split_after_filtering_is_an_error(tmp_path, tokenizer):
+    src = write_jsonl(tmp_path / "few.jsonl", pairs(3))
+    with pytest.raises(DataError, match="no test rows left.*raise test_fraction"):
+        data.prepare(src, tmp_path / "o", DataConfig(test_fraction=0.01), tokenizer)
+
+
+def test_bundled_dataset_with_defaults(tmp_path, tokenizer):
+    assert data.DEFAULT_DATA.is_dir()
+    rows = data.load_rows(data.DEFAULT_DATA, DataConfig())
+    assert rows.split_method == "named" and rows.rows_in == 3500
+    assert (len(rows.splits["train"]), len(rows.splits["test"])) == (3000, 500)
+    assert not rows.dropped
+    # The build script split the full set with the same hash: the bundle agrees with it.
+    for split in data.SPLITS:
+        assert all(data.split_of(r["input"], 0.1) == split for r in rows.splits[split])
+    assert all(r["id"] and r["input"] and r["output"] for r in rows.splits["test"])
+    demo = get_profile("demo").data  # what `make run` uses
+    summary = data.prepare(data.DEFAULT_DATA, tmp_path, demo, tokenizer)
+    assert summary["rows_out"] == {"train": demo.max_train, "test": demo.max_test}
+    assert 40 < summary["input_words"]["mean"] < 80 and 4 < summary["output_words"]["mean"] < 9
