@@ -1,0 +1,282 @@
+"""The reward model (paper §3.2): base + LoRA adapter "reward" (r=16, α=16) + scalar head.
+
+Training data is rm.jsonl from `lastmile.negatives`: every true example (label 1, weight 1)
+beside the five negative classes (label 0, weight 1/5). Every output token of a row - its EOS
+included, when the output ended - targets the row's label, and the loss is squared error.
+
+Which position predicts which token's reward (modeling.py, "Alignment"): the reward for output
+token a_t, at position p = P + t in prompt + output, is the head applied to the hidden state at
+p itself, i.e. conditional on the input and the output so far *including* a_t. PPO reads the
+same position for r_{t+1} in Eq. 2.
+
+Normalisation: the loss of a batch is the weighted mean over all its output tokens,
+
+    L = sum_i w_i sum_{t in out_i} (r̂_it - y_i)^2  /  sum_i w_i n_i ,
+
+so each token carries its row's weight and a step's loss is comparable across batches. Note
+that long negatives (copy of the input, repetitive endings up to the 100-token budget) weigh
+more in tokens than a short true output; the per-token reward PPO consumes is what the
+squared loss calibrates, which is why the normalisation is per token.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from .config import NegativesConfig, RewardConfig
+from .io import read_jsonl, write_json
+from .modeling import AdapterModel, collate, encode_outputs, encode_prompts, load_base
+from .train_utils import (TokenExample, default_device, seed_everything, train_loop)
+
+log = logging.getLogger(__name__)
+
+ADAPTER = "reward"
+TRUE = "true"
+REQUIRED = ("prompt", "output", "label", "weight", "category")
+
+
+# ----------------------------------------------------------------------------- data
+
+def validate_reward_rows(rows: Sequence[dict], source: str = "reward rows") -> None:
+    """Raise naming the row when a reward-dataset row is malformed."""
+    if not rows:
+        raise ValueError(f"{source}: no rows")
+    for i, row in enumerate(rows, start=1):
+        missing = [k for k in REQUIRED if k not in row]
+        if missing:
+            raise ValueError(f"{source}: row {i} (id={row.get('id')!r}) lacks {missing}")
+        if not isinstance(row["prompt"], str) or not row["prompt"]:
+            raise ValueError(f"{source}: row {i} (id={row.get('id')!r}) has an empty prompt")
+        if not isinstance(row["output"], str):
+            raise ValueError(f"{source}: row {i} (id={row.get('id')!r}) output is not text")
+        if row["label"] not in (0, 1, 0.0, 1.0):
+            raise ValueError(f"{source}: row {i} (id={row.get('id')!r}) label must be 1 or 0, "
+                             f"got {row['label']!r}")
+        if not isinstance(row["weight"], (int, float)) or row["weight"] <= 0:
+            raise ValueError(f"{source}: row {i} (id={row.get('id')!r}) weight must be > 0, "
+                             f"got {row['weight']!r}")
+
+
+def read_reward_rows(path: str | os.PathLike) -> list[dict]:
+    rows = list(read_jsonl(path))
+    validate_reward_rows(rows, str(path))
+    return rows
+
+
+def encode_rows(tokenizer, rows: Sequence[dict], max_output_tokens: int) -> list[TokenExample]:
+    """Token ids per row; prompts are shared by a true row and its negatives, so encode once."""
+    unique = list(dict.fromkeys(r["prompt"] for r in rows))
+    prompt_ids = dict(zip(unique, encode_prompts(tokenizer, unique)))
+    outputs = encode_outputs(tokenizer, [r["output"] for r in rows], max_output_tokens)
+    examples = []
+    for row, out in zip(rows, outputs):
+        if not out:  # max_output_tokens == 0 only; an empty output still has its EOS
+            raise ValueError(f"row id={row.get('id')!r}: no output tokens within the budget")
+        examples.append(TokenExample(prompt_ids[row["prompt"]], out, float(row["label"]),
+                                     float(row["weight"])))
+    return examples
+
+
+# ----------------------------------------------------------------------------- loss
+
+def reward_loss_sum(model: AdapterModel, examples: Sequence[TokenExample], pad_id: int,
+                    adapter: str = ADAPTER) -> torch.Tensor:
+    """sum_i w_i sum_t (r̂_it - y_i)^2 over the output tokens of `examples` (a scalar)."""
+    device = model.heads[adapter].proj.weight.device
+    batch = collate([e.prompt_ids for e in examples], [e.output_ids for e in examples],
+                    pad_id).to(device)
+    labels = torch.tensor([e.label for e in examples], device=device)  # [B]
+    weights = torch.tensor([e.weight for e in examples], device=device)  # [B]
+    hidden = model.hidden_states(batch.input_ids, batch.attention_mask, adapter)  # [B, T, H]
+    # The reward for token a_t is read at a_t's own position (see the module docstring), so
+    # the states to score are exactly those under output_mask; the head sees only them.
+    rows = batch.output_mask.nonzero()[:, 0]  # [N] row of each output token
+    predicted = model.scalar(hidden[batch.output_mask], adapter)  # [N]
+    return (weights[rows] * (predicted - labels[rows]) ** 2).sum()
+
+
+def reward_loss_weight(example: TokenExample) -> float:
+    """The row's share of the denominator: w_i * n_i (its weighted token count)."""
+    return example.weight * len(example.output_ids)
+
+
+def reward_loss(model: AdapterModel, examples: Sequence[TokenExample], pad_id: int,
+                adapter: str = ADAPTER) -> torch.Tensor:
+    """The weighted per-token mean squared error of one batch (what a step minimises)."""
+    total = sum(reward_loss_weight(e) for e in examples)
+    return reward_loss_sum(model, examples, pad_id, adapter) / total
+
+
+# ----------------------------------------------------------------------------- training
+
+def add_reward_adapter(model: AdapterModel, cfg: RewardConfig) -> None:
+    model.add_adapter(ADAPTER, cfg.lora, head=True, seed=cfg.seed, trainable=True)
+
+
+def train_reward(model: AdapterModel, tokenizer, rows: Sequence[dict], cfg: RewardConfig,
+                 log_path: str | os.PathLike | None = None) -> dict:
+    """Train adapter "reward" (added here when missing) on rm rows; returns the run summary."""
+    validate_reward_rows(rows)
+    if ADAPTER not in model.specs:
+        add_reward_adapter(model, cfg)
+    seed_everything(cfg.seed)
+    examples = encode_rows(tokenizer, rows, cfg.max_output_tokens)
+    pad_id = tokenizer.pad_token_id
+    summary = train_loop(
+        model.adapter_parameters(ADAPTER), examples,
+        numerator=lambda micro: reward_loss_sum(model, micro, pad_id),
+        denominator=reward_loss_weight, optim=cfg.optim, batch_size=cfg.batch_size,
+        micro_batch_size=cfg.micro_batch_size, epochs=cfg.epochs, max_steps=cfg.max_steps,
+        seed=cfg.seed, log_path=log_path, desc="reward model")
+    return summary
+
+
+# ----------------------------------------------------------------------------- scoring
+
+@torch.no_grad()
+def score_outputs(model: AdapterModel, tokenizer, prompts: Sequence[str], outputs: Sequence[str],
+                  max_output_tokens: int, adapter: str = ADAPTER,
+                  batch_size: int = 16) -> list[torch.Tensor]:
+    """Per-token predicted rewards [n_i] for each (prompt, output), in input order (CPU).
+
+    Outputs are encoded as in training (EOS appended when the output fits the budget), so the
+    last reward of an ended output is the one read at its EOS.
+    """
+    if len(prompts) != len(outputs):
+        raise ValueError(f"score_outputs: {len(prompts)} prompts but {len(outputs)} outputs")
+    if not prompts:
+        return []
+    device = model.heads[adapter].proj.weight.device
+    prompt_ids = encode_prompts(tokenizer, list(prompts))
+    output_ids = encode_outputs(tokenizer, list(outputs), max_output_tokens)
+    order = sorted(range(len(prompts)), key=lambda i: len(prompt_ids[i]) + len(output_ids[i]))
+    result: list[torch.Tensor | None] = [None] * len(prompts)
+    for start in range(0, len(order), batch_size):
+        idx = order[start: start + batch_size]
+        batch = collate([prompt_ids[i] for i in idx], [output_ids[i] for i in idx],
+                        tokenizer.pad_token_id).to(device)
+        hidden = model.hidden_states(batch.input_ids, batch.attention_mask, adapter)  # [B,T,H]
+        rewards = model.scalar(hidden, adapter).float().cpu()  # [B, T]
+        mask = batch.output_mask.cpu()
+        for row, i in enumerate(idx):
+            result[i] = rewards[row][mask[row]]  # [n_i], reward of a_t at a_t's position
+    return result  # type: ignore[return-value]
+
+
+def sequence_reward(token_rewards: torch.Tensor) -> float:
+    """One number per output: the mean of its per-token rewards.
+
+    A mean (not a sum) so outputs of different lengths compare on the scale of the token
+    targets (1 true, 0 negative); this is what the held-out evaluation ranks.
+    """
+    if token_rewards.numel() == 0:
+        raise ValueError("sequence_reward of an output with no tokens")
+    return float(token_rewards.float().mean())
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+def summarize_scores(rows: Sequence[dict], scores: Sequence[float]) -> dict:
+    """Mean reward per category and per-category accuracy from one score per row.
+
+    A pair is a true row and a negative row with the same `source_id`; the pair is correct
+    when the true output scores strictly higher (a tie counts as wrong).
+    """
+    if len(rows) != len(scores):
+        raise ValueError(f"{len(rows)} rows but {len(scores)} scores")
+    by_category: dict[str, list[float]] = defaultdict(list)
+    true_score: dict[str, float] = {}
+    for row, score in zip(rows, scores):
+        by_category[row["category"]].append(float(score))
+        if row["category"] == TRUE:
+            true_score[_source(row)] = float(score)
+    wins: dict[str, list[bool]] = defaultdict(list)
+    for row, score in zip(rows, scores):
+        if row["category"] != TRUE and _source(row) in true_score:
+            wins[row["category"]].append(true_score[_source(row)] > float(score))
+    mean = {c: sum(v) / len(v) for c, v in by_category.items()}
+    ordered = [TRUE] + sorted(c for c in mean if c != TRUE) if TRUE in mean else sorted(mean)
+    return {
+        "n": len(true_score),
+        "mean_reward": {c: mean[c] for c in ordered},
+        "accuracy": {c: sum(w) / len(w) for c, w in sorted(wins.items())},
+        "pairs": {c: len(w) for c, w in sorted(wins.items())},
+    }
+
+
+def _source(row: dict) -> str:
+    return str(row.get("source_id") if row.get("source_id") is not None else row.get("id"))
+
+
+def evaluate_reward_model(model: AdapterModel, tokenizer, rows_with_negatives: Sequence[dict],
+                          cfg: RewardConfig) -> dict:
+    """Score held-out true rows and their negatives (rm.jsonl layout); see `summarize_scores`."""
+    validate_reward_rows(rows_with_negatives, "held-out reward rows")
+    token_rewards = score_outputs(model, tokenizer, [r["prompt"] for r in rows_with_negatives],
+                                  [r["output"] for r in rows_with_negatives],
+                                  cfg.max_output_tokens)
+    return summarize_scores(rows_with_negatives, [sequence_reward(t) for t in token_rewards])
+
+
+def held_out_reward_rows(test_rows: Sequence[dict], cfg: RewardConfig, tokenizer,
+                         categories: Sequence[str] | None = None) -> list[dict]:
+    """The first `cfg.eval_examples` test rows as true rows plus their synthesized negatives.
+
+    `categories`: the negative classes to build (the training set's, so the evaluation asks
+    about what the model learned); None takes NegativesConfig's default list.
+    """
+    from . import negatives
+
+    chosen = list(test_rows)[: cfg.eval_examples]
+    neg_cfg = NegativesConfig(seed=cfg.seed, max_output_tokens=cfg.max_output_tokens)
+    if categories is not None:
+        neg_cfg.categories = tuple(categories)
+    return negatives.synthesize(chosen, neg_cfg, tokenizer)
+
+
+# ----------------------------------------------------------------------------- the stage
+
+def train_reward_model(rm_path: str | os.PathLike, out_dir: str | os.PathLike,
+                       cfg: RewardConfig, base_source: str,
+                       eval_rows: list[dict] | None = None) -> dict:
+    """The train_reward stage: train, save out_dir/adapter, evaluate into rm_eval.json.
+
+    Writes out_dir/train_log.jsonl (one row per step) and, when `eval_rows` (held-out true
+    examples: id, input, output, prompt) are given, out_dir/rm_eval.json. Returns the summary.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = read_reward_rows(rm_path)
+    started = time.perf_counter()
+    base, tokenizer = load_base(base_source)
+    model = AdapterModel(base)
+    add_reward_adapter(model, cfg)
+    model.to(default_device())
+    loaded = time.perf_counter() - started
+    train = train_reward(model, tokenizer, rows, cfg, log_path=out / "train_log.jsonl")
+    model.save_adapter(ADAPTER, out / "adapter")
+    summary = {"rows": len(rows), "categories": _count(rows), "load_seconds": round(loaded, 3),
+               "train": train, "adapter": "adapter", "lora": {"r": cfg.lora.r,
+                                                              "alpha": cfg.lora.alpha}}
+    if eval_rows:
+        trained = [c for c in summary["categories"] if c != TRUE]
+        held_out = held_out_reward_rows(eval_rows, cfg, tokenizer, categories=trained or None)
+        t0 = time.perf_counter()
+        summary["eval"] = evaluate_reward_model(model, tokenizer, held_out, cfg)
+        summary["eval_seconds"] = round(time.perf_counter() - t0, 3)
+        write_json(out / "rm_eval.json", summary["eval"])
+    return summary
+
+
+def _count(rows: Sequence[dict]) -> dict[str, int]:
+    counts: dict[str, int] = defaultdict(int)
+    for r in rows:
+        counts[r["category"]] += 1
+    return dict(sorted(counts.items()))

@@ -1,0 +1,110 @@
+"""MLE control (paper §3.4): loss on output tokens only, EOS included; training lowers it."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from lastmile import mle
+from lastmile.config import LoraSpec, MLEConfig, OptimConfig
+from lastmile.modeling import AdapterModel, collate
+from lastmile.train_utils import TokenExample
+
+
+def _cfg(**overrides) -> MLEConfig:
+    return MLEConfig(lora=LoraSpec(r=4, alpha=8), **overrides)
+
+
+def _rows(tokenizer, n: int) -> list[dict]:
+    rows = []
+    for i in range(n):
+        prompt = tokenizer.apply_chat_template(
+            [{"role": "user", "content": f"Summarize: package {i} parses config files."}],
+            tokenize=False, add_generation_prompt=True)
+        rows.append({"id": str(i), "input": f"package {i}", "prompt": prompt,
+                     "output": "config file parser"})
+    return rows
+
+
+@pytest.fixture
+def batch_and_states(tiny_model, tokenizer):
+    model = AdapterModel(tiny_model)
+    eos = tokenizer.eos_token_id
+    batch = collate([[1, 2, 3, 4], [5, 6]], [[7, 8, eos], [9, eos]], tokenizer.pad_token_id)
+    with torch.no_grad():
+        hidden = model.hidden_states(batch.input_ids, batch.attention_mask, None)
+    return model, batch, hidden
+
+
+def test_prompt_targets_are_masked_and_output_targets_count(batch_and_states, tokenizer):
+    model, batch, hidden = batch_and_states
+    loss = mle.output_nll_sum(model, hidden, batch.input_ids, batch.output_mask)
+
+    prompt_changed = batch.input_ids.clone()
+    prompt_changed[0, 2] = 999  # a prompt token as a *target*; the states stay the same
+    prompt_changed[1, 1] = 555
+    same = mle.output_nll_sum(model, hidden, prompt_changed, batch.output_mask)
+    assert same.item() == pytest.approx(loss.item(), rel=1e-6)
+
+    output_changed = batch.input_ids.clone()
+    output_changed[0, 5] = 999  # the first output token of row 0
+    assert mle.output_nll_sum(model, hidden, output_changed, batch.output_mask).item() != \
+        pytest.approx(loss.item(), rel=1e-4)
+
+    eos_changed = batch.input_ids.clone()
+    eos_changed[1, 3] = 999  # row 1's EOS is a target too: the model learns to stop
+    assert eos_changed[1, 3] != tokenizer.eos_token_id
+    assert mle.output_nll_sum(model, hidden, eos_changed, batch.output_mask).item() != \
+        pytest.approx(loss.item(), rel=1e-4)
+
+
+def test_loss_equals_transformers_masked_cross_entropy(tiny_model, tokenizer):
+    model = AdapterModel(tiny_model)
+    eos = tokenizer.eos_token_id
+    examples = [TokenExample([1, 2, 3, 4], [7, 8, eos]), TokenExample([5, 6], [9, 10, 11, eos])]
+    ours = mle.mle_loss(model, examples, tokenizer.pad_token_id, adapter=None)
+    batch = collate([e.prompt_ids for e in examples], [e.output_ids for e in examples],
+                    tokenizer.pad_token_id)
+    labels = batch.input_ids.masked_fill(~batch.output_mask, -100)  # prompt and padding ignored
+    with torch.no_grad():
+        reference = tiny_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                               labels=labels).loss
+    assert ours.item() == pytest.approx(reference.item(), rel=1e-5)
+
+
+def test_a_few_steps_reduce_the_loss(tiny_model, tokenizer, tmp_path):
+    model = AdapterModel(tiny_model)
+    rows = _rows(tokenizer, 4)
+    examples = mle.encode_rows(tokenizer, rows, 100)
+    assert all(e.output_ids[-1] == tokenizer.eos_token_id for e in examples)
+    model.add_adapter("policy", _cfg().lora, seed=0)
+    before = mle.mle_loss(model, examples, tokenizer.pad_token_id).item()
+    cfg = _cfg(batch_size=2, epochs=4)
+    cfg.optim = OptimConfig(learning_rate=1e-2)  # the tiny random model needs large steps
+    summary = mle.train_mle_adapter(model, tokenizer, rows, cfg, log_path=tmp_path / "log.jsonl")
+    after = mle.mle_loss(model, examples, tokenizer.pad_token_id).item()
+    assert summary["steps"] == 8
+    assert len((tmp_path / "log.jsonl").read_text().splitlines()) == 8
+    assert after < before - 0.4, (before, after)  # chance level is ln(49152) = 10.8
+
+
+def test_stage_saves_adapter_and_log(tokenizer, tmp_path):
+    from lastmile.io import write_jsonl
+
+    write_jsonl(tmp_path / "train.jsonl", _rows(tokenizer, 5))
+    summary = mle.train_mle(tmp_path / "train.jsonl", tmp_path / "out",
+                            _cfg(batch_size=2, max_steps=2),
+                            "tiny-random")
+    assert (tmp_path / "out" / "adapter" / "adapter_config.json").exists()
+    log = [json.loads(x) for x in (tmp_path / "out" / "train_log.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in log] == [1, 2] and summary["train"]["steps"] == 2
+    assert log[0]["lr"] == pytest.approx(1e-5)  # the paper's starting learning rate
+
+
+def test_bad_rows_are_named(tokenizer):
+    rows = _rows(tokenizer, 2)
+    rows[1]["output"] = "  "
+    with pytest.raises(ValueError, match=r"row 2 \(id='1'\) needs a non-empty text 'output'"):
+        mle.validate_rows(rows)

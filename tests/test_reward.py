@@ -1,0 +1,271 @@
+"""Reward model (paper §3.2): token targets and weights, training, evaluation (tiny model)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from lastmile import reward
+from lastmile.config import LoraSpec, OptimConfig, RewardConfig
+from lastmile.modeling import AdapterModel
+from lastmile.train_utils import TokenExample, micro_batches, train_loop
+
+
+def _cfg(**overrides) -> RewardConfig:
+    cfg = RewardConfig(lora=LoraSpec(r=4, alpha=4), **overrides)
+    return cfg
+
+
+def _model(tiny_model) -> AdapterModel:
+    model = AdapterModel(tiny_model)
+    reward.add_reward_adapter(model, _cfg())
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # non-zero LoRA B and head, so predictions vary by position
+        for p in model.adapter_parameters("reward"):
+            p.add_(torch.randn(p.shape, generator=gen) * 0.1)
+    return model
+
+
+def _prompt(tokenizer, text: str) -> str:
+    return tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                         add_generation_prompt=True)
+
+
+def _rows(tokenizer, n: int = 6) -> list[dict]:
+    """True outputs about the input beside two easy negative classes."""
+    rows = []
+    for i in range(n):
+        prompt = _prompt(tokenizer, f"Summarize: package number {i} provides a tool.")
+        rows.append(dict(id=f"t{i}", source_id=f"t{i}", input=f"package {i}", prompt=prompt,
+                         output="a tool", label=1.0, weight=1.0, category="true"))
+        rows.append(dict(id=f"t{i}-r", source_id=f"t{i}", input=f"package {i}", prompt=prompt,
+                         output="zebra zebra zebra", label=0.0, weight=0.2,
+                         category="random_tokens"))
+        rows.append(dict(id=f"t{i}-c", source_id=f"t{i}", input=f"package {i}", prompt=prompt,
+                         output="quartz", label=0.0, weight=0.2, category="copy_input"))
+    return rows
+
+
+def test_loss_is_the_weighted_per_token_squared_error(tiny_model, tokenizer):
+    model = _model(tiny_model)
+    eos = tokenizer.eos_token_id
+    examples = [TokenExample([1, 2, 3, 4], [5, 6, eos], label=1.0, weight=1.0),
+                TokenExample([7, 8], [9, 10, 11, 12, eos], label=0.0, weight=0.2),
+                TokenExample([13, 14, 15], [16], label=0.0, weight=0.2)]  # cut: no EOS
+    got = reward.reward_loss(model, examples, tokenizer.pad_token_id)
+
+    numerator = denominator = 0.0
+    with torch.no_grad():
+        for e in examples:  # one unpadded row at a time, positions by hand
+            ids = torch.tensor([e.prompt_ids + e.output_ids])
+            hidden = model.hidden_states(ids, torch.ones_like(ids), "reward")
+            scores = model.scalar(hidden, "reward")[0]
+            p = len(e.prompt_ids)
+            for t in range(len(e.output_ids)):  # reward of a_t read at a_t's own position
+                numerator += e.weight * (scores[p + t].item() - e.label) ** 2
+            denominator += e.weight * len(e.output_ids)
+    assert got.item() == pytest.approx(numerator / denominator, rel=1e-5)
+    # The prompt position before the first output token is not scored: shifting the read
+    # position by one gives a different number.
+    with torch.no_grad():
+        e = examples[0]
+        ids = torch.tensor([e.prompt_ids + e.output_ids])
+        scores = model.scalar(model.hidden_states(ids, torch.ones_like(ids), "reward"), "reward")
+        shifted = sum((scores[0, 3 + t].item() - 1.0) ** 2 for t in range(3)) / 3
+        own = reward.reward_loss(model, [e], tokenizer.pad_token_id).item()
+    assert own != pytest.approx(shifted, rel=1e-3)
+
+
+def test_targets_and_weights_from_rows(tokenizer):
+    rows = _rows(tokenizer, 1)
+    examples = reward.encode_rows(tokenizer, rows, max_output_tokens=100)
+    assert [e.label for e in examples] == [1.0, 0.0, 0.0]
+    assert [e.weight for e in examples] == [1.0, 0.2, 0.2]
+    assert all(e.output_ids[-1] == tokenizer.eos_token_id for e in examples)
+    assert examples[0].prompt_ids is examples[1].prompt_ids  # shared prompt encoded once
+    expected = 0.2 * len(examples[1].output_ids)
+    assert reward.reward_loss_weight(examples[1]) == pytest.approx(expected)
+
+
+def test_micro_batches_give_the_full_batch_gradient(tokenizer):
+    from lastmile.modeling import load_base
+
+    params_after = []
+    rows = _rows(tokenizer, 3)
+    for micro, budget in ((None, None), (2, None), (None, 100)):  # one forward; 2 rows; tokens
+        model = AdapterModel(load_base("tiny-random")[0])
+        reward.add_reward_adapter(model, _cfg())
+        examples = reward.encode_rows(tokenizer, rows, 100)
+        train_loop(model.adapter_parameters("reward"), examples,
+                   numerator=lambda m, model=model: reward.reward_loss_sum(model, m,
+                                                                           tokenizer.pad_token_id),
+                   denominator=reward.reward_loss_weight, optim=OptimConfig(learning_rate=1e-3),
+                   batch_size=9, micro_batch_size=micro, token_budget=budget, max_steps=1)
+        params_after.append(torch.cat([p.detach().flatten()
+                                       for p in model.adapter_parameters("reward")]))
+    # Adam's first step is lr·g/(|g|+eps): an element whose gradient is ~eps turns float
+    # summation-order noise into a step difference of ~1e-6, so allow 1% of the lr-sized step.
+    torch.testing.assert_close(params_after[1], params_after[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(params_after[2], params_after[0], atol=1e-5, rtol=1e-5)
+
+
+def test_micro_batch_split_keeps_the_batch_and_respects_limits():
+    batch = [TokenExample([1] * p, [2] * o) for p, o in ((30, 5), (3, 2), (10, 40), (8, 1),
+                                                          (20, 20), (4, 4))]
+    assert micro_batches(batch, None, None) == [batch]
+    for rows_cap, budget in ((2, None), (None, 60), (3, 100), (None, 10)):
+        groups = micro_batches(batch, rows_cap, budget)
+        flat = [e for g in groups for e in g]
+        assert sorted(map(id, flat)) == sorted(map(id, batch))  # same rows, each once
+        assert [e.length for e in flat] == sorted(e.length for e in batch)
+        for g in groups:
+            assert rows_cap is None or len(g) <= rows_cap
+            # a row longer than the budget runs alone; otherwise rows x longest <= budget
+            assert budget is None or len(g) * max(e.length for e in g) <= budget or len(g) == 1
+    assert [len(g) for g in micro_batches(batch, None, 60)] == [3, 1, 1, 1]
+    with pytest.raises(ValueError, match="micro_batch_size"):
+        micro_batches(batch, 0)
+
+
+def test_training_on_a_separable_set_lowers_the_loss(tiny_model, tokenizer, tmp_path):
+    model = AdapterModel(tiny_model)
+    rows = _rows(tokenizer, 6) * 4
+    cfg = _cfg(batch_size=6, max_steps=50)  # one epoch of 72 rows is 12 steps: no cap hit
+    cfg.optim = OptimConfig(learning_rate=3e-3)  # the tiny random model needs large steps
+    log = tmp_path / "train_log.jsonl"
+    summary = reward.train_reward(model, tokenizer, rows, cfg, log_path=log)
+    lines = [json.loads(x) for x in log.read_text().splitlines()]
+    assert [x["step"] for x in lines] == list(range(1, 13)) == list(range(1, summary["steps"] + 1))
+    assert set(lines[0]) >= {"step", "loss", "lr", "seconds"}
+    assert lines[0]["lr"] == pytest.approx(3e-3) and lines[-1]["lr"] < lines[0]["lr"]
+    first = sum(x["loss"] for x in lines[:3]) / 3
+    last = sum(x["loss"] for x in lines[-3:]) / 3
+    assert last < 0.5 * first, (first, last)
+    result = reward.evaluate_reward_model(model, tokenizer, _rows(tokenizer, 6), cfg)
+    assert result["accuracy"] == {"copy_input": 1.0, "random_tokens": 1.0}
+    assert result["mean_reward"]["true"] > result["mean_reward"]["random_tokens"]
+
+
+def test_accuracy_per_category_on_hand_made_scores():
+    rows = [dict(source_id="a", category="true"), dict(source_id="a", category="shuffled"),
+            dict(source_id="a", category="copy_input"),
+            dict(source_id="b", category="true"), dict(source_id="b", category="shuffled"),
+            dict(source_id="b", category="copy_input"),
+            dict(source_id="c", category="shuffled")]  # no true row for c: no pair
+    scores = [0.9, 0.2, 0.95, 0.5, 0.5, 0.1, 0.0]
+    result = reward.summarize_scores(rows, scores)
+    assert result["n"] == 2
+    assert result["accuracy"] == {"copy_input": 0.5, "shuffled": 0.5}  # the tie counts as wrong
+    assert result["pairs"] == {"copy_input": 2, "shuffled": 2}
+    assert result["mean_reward"] == pytest.approx(
+        {"true": 0.7, "shuffled": 0.7 / 3, "copy_input": 0.525})
+    assert list(result["mean_reward"])[0] == "true"
+    with pytest.raises(ValueError, match="3 rows but 2 scores"):
+        reward.summarize_scores(rows[:3], scores[:2])
+
+
+def test_score_outputs_order_and_sequence_reward(tiny_model, tokenizer):
+    model = _model(tiny_model)
+    prompts = [_prompt(tokenizer, "long input " * 8), _prompt(tokenizer, "short")]
+    outputs = ["one two three", "four"]
+    batched = reward.score_outputs(model, tokenizer, prompts, outputs, 100, batch_size=2)
+    alone = [reward.score_outputs(model, tokenizer, [p], [o], 100)[0]
+             for p, o in zip(prompts, outputs)]
+    for b, a, o in zip(batched, alone, outputs):
+        n = len(tokenizer(o, add_special_tokens=False)["input_ids"]) + 1  # + EOS
+        assert b.shape == (n,)
+        torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-4)
+    assert reward.sequence_reward(torch.tensor([0.0, 1.0, 0.5])) == pytest.approx(0.5)
+    with pytest.raises(ValueError):
+        reward.sequence_reward(torch.tensor([]))
+
+
+def test_bad_rows_are_named(tokenizer, tmp_path):
+    rows = _rows(tokenizer, 1)
+    rows[2]["label"] = 0.5
+    with pytest.raises(ValueError, match=r"row 3 \(id='t0-c'\) label must be 1 or 0"):
+        reward.validate_reward_rows(rows)
+    del rows[1]["weight"]
+    with pytest.raises(ValueError, match=r"row 2 .* lacks \['weight'\]"):
+        reward.validate_reward_rows(rows)
+    path = tmp_path / "rm.jsonl"
+    path.write_text("")
+    with pytest.raises(ValueError, match="rm.jsonl: no rows"):
+        reward.read_reward_rows(path)
+
+
+def test_stage_writes_adapter_log_and_eval(tokenizer, tmp_path):
+    pytest.importorskip("lastmile.negatives")
+    from lastmile.io import read_json, write_jsonl
+
+    rows = _rows(tokenizer, 4)
+    write_jsonl(tmp_path / "rm.jsonl", rows)
+    held_out = [dict(id=f"h{i}", input=f"Package {i} provides a small command line tool.",
+                     output="a tool", prompt=_prompt(tokenizer, f"Summarize: package {i}."))
+                for i in range(3)]
+    cfg = _cfg(batch_size=4, max_steps=2, eval_examples=2)
+    summary = reward.train_reward_model(tmp_path / "rm.jsonl", tmp_path / "out", cfg,
+                                        "tiny-random", eval_rows=held_out)
+    out = tmp_path / "out"
+    assert (out / "adapter" / "adapter_config.json").exists()
+    assert (out / "adapter" / "head.safetensors").exists()
+    assert len((out / "train_log.jsonl").read_text().splitlines()) == 2
+    evaluation = read_json(out / "rm_eval.json")
+    assert evaluation == summary["eval"]
+    assert evaluation["n"] == 2
+    assert set(evaluation) >= {"n", "mean_reward", "accuracy"}
+    assert "true" in evaluation["mean_reward"]
+    assert set(evaluation["accuracy"]) == set(evaluation["mean_reward"]) - {"true"}
+    assert all(0.0 <= v <= 1.0 for v in evaluation["accuracy"].values())
+
+
+# ----------------------------------------------------------------------------- real SmolLM2
+
+def _bundled_rows(tokenizer, split: str, n: int, max_words: int = 50) -> list[dict]:
+    """The first `n` rows of the bundled Debian data with short inputs, prompt-formatted."""
+    from lastmile import data
+    from lastmile.config import DEFAULT_INSTRUCTION
+    from lastmile.io import read_jsonl
+
+    rows = []
+    for row in read_jsonl(data.DEFAULT_DATA / f"{split}.jsonl.gz"):
+        if len(row["input"].split()) <= max_words:
+            rows.append(dict(row, prompt=data.format_prompt(tokenizer, DEFAULT_INSTRUCTION,
+                                                            row["input"])))
+        if len(rows) == n:
+            return rows
+    raise AssertionError(f"the bundled {split} split has fewer than {n} short rows")
+
+
+@pytest.mark.slow
+def test_smollm2_reward_model_ranks_true_outputs_above_noise_and_copies(tmp_path):
+    """A few dozen Debian pairs suffice for the two easiest negative classes (paper §3.2).
+
+    Sizes are the test's own, set through the config only: the paper's 1e-5 over one epoch of
+    a few batches barely moves the adapter and head. 30 pairs (90 rows), batch 7, three epochs
+    (39 steps) at 1e-3 rank 20 held-out pairs at 0.95 (random tokens) and 1.0 (copies), mean
+    reward true 0.64 vs 0.21 and 0.09; two epochs were too close to the bar. Outputs are cut at
+    32 tokens so the long copies of the input neither dominate the token-weighted loss nor the
+    run time (2 min 46 s on 2 idle cores).
+    """
+    from lastmile import negatives
+    from lastmile.config import NegativesConfig
+    from lastmile.modeling import load_base
+
+    base, tokenizer = load_base("embedded:smollm2-135m-instruct")
+    model = AdapterModel(base)
+    neg_cfg = NegativesConfig(categories=("random_tokens", "copy_input"), max_output_tokens=32)
+    train = negatives.synthesize(_bundled_rows(tokenizer, "train", 30), neg_cfg, tokenizer)
+    held_out = negatives.synthesize(_bundled_rows(tokenizer, "test", 20), neg_cfg, tokenizer)
+    cfg = RewardConfig(batch_size=7, epochs=3, max_output_tokens=32, seed=0)
+    cfg.optim = OptimConfig(learning_rate=1e-3)
+    summary = reward.train_reward(model, tokenizer, train, cfg, log_path=tmp_path / "log.jsonl")
+    result = reward.evaluate_reward_model(model, tokenizer, held_out, cfg)
+    assert summary["steps"] == 39 and summary["tail_mean_loss"] < 0.5 * summary["first_loss"]
+    assert result["n"] == 20 and result["pairs"] == {"copy_input": 20, "random_tokens": 20}
+    assert result["accuracy"]["random_tokens"] >= 0.8, result
+    assert result["accuracy"]["copy_input"] >= 0.8, result
+    assert result["mean_reward"]["true"] > result["mean_reward"]["random_tokens"]
+    assert result["mean_reward"]["true"] > result["mean_reward"]["copy_input"]
