@@ -18,8 +18,9 @@ from . import stages
 #: The image every component runs in; override at compile time (`--image`) or with LASTMILE_IMAGE.
 DEFAULT_IMAGE = os.environ.get("LASTMILE_IMAGE", "ghcr.io/lastmile-ml/lastmile:0.1.0")
 
-STAGES = ("resolve_config", "filter_data", "synthesize_negatives", "train_reward", "train_mle",
-          "train_ppo", "generate", "postprocess", "score", "report")
+STAGES = ("resolve_config", "filter_data", "check_new_data", "synthesize_negatives",
+          "train_reward", "train_mle", "train_ppo", "generate", "postprocess", "score", "report",
+          "no_new_data", "publish")
 
 
 def build(image: str = DEFAULT_IMAGE) -> SimpleNamespace:

@@ -23,6 +23,8 @@ def resolve_config(
     max_input_tokens: int,
     max_train: int,
     max_test: int,
+    test_fraction: float,
+    strict: bool,
     seed: int,
     reward_learning_rate: float,
     reward_batch_size: int,
@@ -39,13 +41,21 @@ def resolve_config(
     ppo_reference_fraction: float,
     max_new_tokens: int,
     bleurt_checkpoint: str,
+    init_policy_from_mle: bool = False,
 ) -> str:
-    """Profile + pipeline parameters -> the run's whole configuration, as JSON."""
+    """Profile + pipeline parameters -> the run's whole configuration, as JSON.
+
+    `init_policy_from_mle` is fixed when the pipeline is compiled (it decides whether PPO
+    waits for the MLE adapter), so it is set here from the DAG rather than from the profile.
+    """
     arguments = dict(locals())  # first statement: exactly the parameters above
     from lastmile import config
 
     name = arguments.pop("profile")
-    return config.profile_to_json(config.resolve(name, **arguments))
+    init_from_mle = arguments.pop("init_policy_from_mle")
+    profile = config.resolve(name, **arguments)
+    profile.ppo.init_policy_from_mle = bool(init_from_mle)
+    return config.profile_to_json(profile)
 
 
 def filter_data(config: str, data_source: str, data: Output[Dataset]):
@@ -63,6 +73,44 @@ def filter_data(config: str, data_source: str, data: Output[Dataset]):
         tokenizer = load_tokenizer(profile.base_model)
         summary.update(task_data.prepare(source, Path(data.path), profile.data, tokenizer))
     data.metadata.update({"train": summary["rows_out"]["train"], "test": summary["rows_out"]["test"]})
+
+
+def check_new_data(config: str, data: Input[Dataset], data_source: str, publish_to: str,
+                   force: bool, decision: Output[Artifact]) -> bool:
+    """Fingerprint data, base model and configuration; compare with the last published run.
+
+    Returns True when the run should train (something is new, force, or nothing to compare).
+    """
+    import json
+    from pathlib import Path
+
+    from lastmile import freshness
+    from lastmile.config import profile_from_json
+    from lastmile.modeling import base_fingerprint
+
+    profile = profile_from_json(config)
+    summary = json.loads((Path(data.path) / "summary.json").read_text())
+    result = freshness.check(summary, config, profile.base_model,
+                             base_fingerprint(profile.base_model),
+                             data_source=data_source or str(summary.get("source", "")),
+                             publish_to=publish_to, force=force)
+    Path(decision.path).write_text(result.to_json())
+    decision.metadata.update({"changed": result.changed, "reason": result.reason,
+                              "previous_run": result.previous_run or ""})
+    print(result.reason, flush=True)
+    return result.changed
+
+
+def no_new_data(decision: Input[Artifact], note: Output[Markdown]) -> str:
+    """The run's last step when nothing is new: says so (log, Markdown note, pipeline output)."""
+    from pathlib import Path
+
+    from lastmile import freshness
+
+    result = freshness.Decision.from_json(Path(decision.path).read_text())
+    Path(note.path).write_text(freshness.skipped_note(result))
+    print(result.reason, flush=True)
+    return freshness.skipped_outcome(result)
 
 
 def synthesize_negatives(config: str, data: Input[Dataset], negatives: Output[Dataset]):
@@ -175,7 +223,7 @@ def score(config: str, base: Input[Dataset], mle: Input[Dataset], rl: Input[Data
     from pathlib import Path
 
     from lastmile import metrics as scoring
-    from lastmile import runinfo
+    from lastmile import results, runinfo
     from lastmile.config import profile_from_json
 
     profile = profile_from_json(config)
@@ -184,21 +232,23 @@ def score(config: str, base: Input[Dataset], mle: Input[Dataset], rl: Input[Data
     with runinfo.stage("score", out) as summary:
         result = scoring.score_file(inputs, out / "scores.json", profile.score)
         summary["variants"] = sorted(result["models"])
-    for variant, values in result["models"].items():
-        for key in ("excess_length", "la_rougeL_f1", "rougeL_f1", "bleurt", "semantic_similarity"):
-            if values.get(key) is not None:
-                metrics.log_metric(f"{variant}_{key}", float(values[key]))
+    for name, value in results.metric_items(result).items():
+        metrics.log_metric(name, value)
 
 
 def report(config: str, data: Input[Dataset], negatives: Input[Dataset],
            reward_model: Input[Model], mle_model: Input[Model], ppo_model: Input[Model],
            base: Input[Dataset], mle: Input[Dataset], rl: Input[Dataset],
            base_cleaned: Input[Dataset], mle_cleaned: Input[Dataset], scores: Input[Dataset],
-           report_dir: Output[Artifact], markdown: Output[Markdown], html: Output[HTML]):
-    """Tables, plots and examples as Markdown and self-contained HTML (the UI shows both)."""
+           report_dir: Output[Artifact], markdown: Output[Markdown], html: Output[HTML]) -> str:
+    """Tables, plots and examples as Markdown and self-contained HTML (the UI shows both).
+
+    Returns the run's outcome (JSON naming the report's URI): the pipeline's output.
+    """
     import shutil
     from pathlib import Path
 
+    from lastmile import freshness
     from lastmile import report as rep
     from lastmile.config import profile_from_json
 
@@ -212,3 +262,20 @@ def report(config: str, data: Input[Dataset], negatives: Input[Dataset],
     paths = rep.build_report_from_stages(stage_dirs, out, profile_from_json(config))
     shutil.copyfile(paths["markdown"], markdown.path)
     shutil.copyfile(paths["html"], html.path)
+    return freshness.trained_outcome(report_dir.uri)
+
+
+def publish(publish_to: str, decision: Input[Artifact], mle_model: Input[Model],
+            ppo_model: Input[Model], report_dir: Input[Artifact], job_name: str,
+            job_id: str) -> str:
+    """PPO and MLE adapters, scores.json and the report to `<publish_to>/<run name>/`."""
+    from pathlib import Path
+
+    from lastmile import freshness, results
+
+    uri = results.publish_run(
+        publish_to, ppo_dir=ppo_model.path, mle_dir=mle_model.path, report_dir=report_dir.path,
+        decision=freshness.Decision.from_json(Path(decision.path).read_text()),
+        job_name=job_name, job_id=job_id)
+    print(f"published to {uri}", flush=True)
+    return uri

@@ -460,17 +460,23 @@ def fetch_file(uri: str, dest: str | os.PathLike, *, config: S3Config | None = N
 
 
 def publish(local_dir: str | os.PathLike, uri_prefix: str, run_name: str, *,
-            config: S3Config | None = None) -> str:
+            config: S3Config | None = None, metadata: Mapping[str, Any] | None = None) -> str:
     """Upload every file under `local_dir` to `<uri_prefix>/<run_name>/`; returns that URI.
 
     Atomic from a reader's view: the files go first, then the `_COMPLETE` marker holding the
     manifest, last. A run that already has its marker is never overwritten; leftovers of an
-    interrupted attempt (no marker) are deleted before uploading again.
+    interrupted attempt (no marker) are deleted before uploading again. `metadata` (JSON
+    values, e.g. the run's input fingerprint) is stored in the manifest under "metadata".
     """
     src = Path(local_dir)
     if not src.is_dir():
         raise StorageError(f"publish: {src} is not a directory", kind="local")
     _check_run_name(run_name)
+    if metadata is not None:
+        try:
+            metadata = json.loads(json.dumps(dict(metadata), allow_nan=False))
+        except (TypeError, ValueError) as e:
+            raise StorageError(f"publish: metadata is not plain JSON ({e})", kind="local") from None
     cfg, base, client = _open(uri_prefix, config)
     run = base.as_prefix().child(run_name + "/")
     files = sorted(p for p in src.rglob("*") if p.is_file())
@@ -487,6 +493,8 @@ def publish(local_dir: str | os.PathLike, uri_prefix: str, run_name: str, *,
                for path in files]
     manifest = {"format": MANIFEST_FORMAT, "run_name": run_name, "files": entries,
                 "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
+    if metadata is not None:
+        manifest["metadata"] = metadata
     body = json.dumps(manifest, indent=2).encode()
     marker = run.child(MARKER)
     _retrying(lambda: client.put_object(run.bucket, marker.key, io.BytesIO(body), len(body),

@@ -1,10 +1,16 @@
-"""The whole DAG through kfp.local on a tiny random model and a few dozen rows (profile smoke)."""
+"""The whole DAG through kfp.local on a tiny random model and a few dozen rows (profile smoke),
+driven through the `pipeline.py run` command line; then with task data in a real S3 server
+(SeaweedFS), publishing the results there, and a second run on the same data that trains
+nothing."""
 
 from __future__ import annotations
 
+import gzip
 import json
 import math
+import re
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -12,9 +18,12 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from s3server import s3_server  # noqa: E402,F401 - the fixture
+
 VARIANTS = ("base", "mle", "rl", "base_cleaned", "mle_cleaned")
 REPORT_FILES = ("report.md", "report.html", "scores.json", "ppo_curves.png", "length_hist.png",
                 "rm_accuracy.png")
+DATASET = ROOT / "data" / "debian-descriptions"
 
 
 def _check_report(out: Path) -> dict:
@@ -37,9 +46,103 @@ def _check_report(out: Path) -> dict:
     return scores
 
 
+def _score_metrics(out: Path) -> dict:
+    """The KFP metrics the score step logged (kfp.local records them in its executor output)."""
+    (path,) = (out / "kfp").glob("lastmile-*/score/executor_output.json")
+    (metrics,) = json.loads(path.read_text())["artifacts"]["metrics"]["artifacts"]
+    return metrics["metadata"]
+
+
 @pytest.mark.e2e
-def test_smoke_pipeline_end_to_end(tmp_path):
+def test_smoke_pipeline_end_to_end(tmp_path, capsys):
     import pipeline
 
-    out = pipeline.run_locally("smoke", tmp_path / "run")
-    _check_report(out)
+    out = tmp_path / "run"
+    assert pipeline.main(["run", "--profile", "smoke", "--out", str(out),
+                          "--param", "test_fraction=0.2", "--param", "strict=false"]) == 0
+    assert f"report: {out / 'report.html'}" in capsys.readouterr().out
+    scores = _check_report(out)
+    # Every number of scores.json is a KFP metric, named <variant>_<key>.
+    metrics = _score_metrics(out)
+    expected = {f"{v}_{k}" for v, values in scores["models"].items() for k, x in values.items()
+                if isinstance(x, (int, float))}
+    assert set(metrics) == expected and len(expected) >= 5 * 20, sorted(set(metrics) ^ expected)
+    assert metrics["rl_rougeL_f1"] == scores["models"]["rl"]["rougeL_f1"]
+
+
+# ----------------------------------------------------------------------------- S3
+
+@pytest.fixture
+def s3_bucket(s3_server, monkeypatch):
+    """The server's credentials in the environment (the kfp.local steps inherit it), a bucket."""
+    from lastmile import storage
+
+    for name in [n for pair in storage.CREDENTIAL_VARS for n in pair] + [
+            storage.CREDENTIALS_DIR_VAR, *storage.ENDPOINT_VARS, storage.SECURE_VAR]:
+        monkeypatch.delenv(name, raising=False)
+    for name, value in s3_server.env().items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("LASTMILE_S3_RETRIES", "2")
+    monkeypatch.setenv("LASTMILE_S3_BACKOFF", "0.1")
+    bucket = f"e2e-{int(time.time() * 1000) % 10**9}"
+    s3_server.client().make_bucket(bucket)
+    return s3_server, bucket
+
+
+def _upload_smoke_data(server, bucket: str, rows: dict[str, int]) -> None:
+    """The first rows of the bundled data set, one object per split, under data/."""
+    for split, n in rows.items():
+        with gzip.open(DATASET / f"{split}.jsonl.gz", "rt", encoding="utf-8") as f:
+            lines = [line for _, line in zip(range(n), f)]
+        server.put(bucket, f"data/{split}.jsonl", "".join(lines).encode("utf-8"))
+
+
+@pytest.mark.e2e
+def test_smoke_pipeline_from_s3_publishes_then_skips_unchanged_data(s3_bucket, tmp_path, capsys):
+    import pipeline
+    from lastmile import freshness, storage
+
+    server, bucket = s3_bucket
+    _upload_smoke_data(server, bucket, {"train": 60, "test": 20})
+    data, runs = f"s3://{bucket}/data/", f"s3://{bucket}/runs/"
+
+    out = tmp_path / "first"
+    assert pipeline.main(["run", "--profile", "smoke", "--data", data, "--publish", runs,
+                          "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    scores = _check_report(out)
+    (name,) = storage.list_runs(runs)
+    assert freshness.RUN_NAME.match(name)
+    assert f"published: {runs}{name}/" in printed
+
+    # The published run, read back: adapters, scores.json and the report, and the fingerprint.
+    manifest = storage.read_manifest(f"{runs}{name}/")
+    paths = {f["path"] for f in manifest["files"]}
+    assert {"scores.json", "report/report.md", "report/report.html", "report/scores.json",
+            "ppo/adapter/adapter_config.json", "mle/adapter/adapter_config.json"} <= paths, paths
+    assert any(re.fullmatch(r"ppo/adapter/.*\.safetensors", p) for p in paths), paths
+    assert any(re.fullmatch(r"mle/adapter/.*\.safetensors", p) for p in paths), paths
+    assert any(p.startswith("ppo/value_adapter/") for p in paths), paths
+    fingerprint = manifest["metadata"]["fingerprint"]
+    filtered = json.loads((out / "summaries" / "filter_data.json").read_text())
+    assert filtered["source"] == data and filtered["rows_out"] == {"train": 28, "test": 8}
+    assert fingerprint["data_sha256"] == filtered["data_sha256"]
+    assert fingerprint["base_model"] == "tiny-random" and fingerprint["data_source"] == data
+    local = storage.read_published(f"{runs}{name}/", tmp_path / "read-back")
+    assert json.loads((local / "scores.json").read_text()) == scores
+    assert (local / "report" / "report.md").read_text() == (out / "report.md").read_text()
+
+    # Same data, base model and configuration: the second run ends early and says so.
+    again = tmp_path / "second"
+    started = time.monotonic()
+    assert pipeline.main(["run", "--profile", "smoke", "--data", data, "--publish", runs,
+                          "--out", str(again)]) == 0
+    seconds = time.monotonic() - started
+    printed = capsys.readouterr().out
+    assert f"no new data: no new data under {data} since run {name}" in printed
+    assert "force=true" in printed
+    assert (again / "no-new-data.md").is_file() and not (again / "report.html").exists()
+    assert not list((again / "kfp").glob("lastmile-*/train-*"))  # no training step ran
+    assert storage.list_runs(runs) == [name]  # nothing new published
+    assert seconds < 120, seconds  # resolve, filter, check, skip: no model is trained
+    print(f"skipped run took {seconds:.1f} s", file=sys.stderr)

@@ -1,9 +1,11 @@
-"""The compiled pipeline IR: stages, edges, GPU requests, no run-time installs, defaults."""
+"""The compiled pipeline IR: stages, edges, gating, GPU requests, no run-time installs, defaults,
+Secrets; the submit/schedule entry points against a fake KFP client."""
 
 from __future__ import annotations
 
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import yaml
@@ -12,49 +14,104 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import pipeline  # noqa: E402
-from lastmile import config  # noqa: E402
+from lastmile import config, storage  # noqa: E402
 
 TRAINING = ("train-reward", "train-mle", "train-ppo")
 GENERATION = ("generate", "generate-2", "generate-3")
+STAGES = {"resolve-config", "filter-data", "check-new-data", "synthesize-negatives",
+          "train-reward", "train-mle", "train-ppo", "generate", "generate-2", "generate-3",
+          "postprocess", "postprocess-2", "score", "report", "publish", "no-new-data"}
+#: Everything that runs only when check-new-data says something is new.
+GATED = STAGES - {"resolve-config", "filter-data", "check-new-data", "no-new-data"}
+NEW_DATA = "inputs.parameter_values['pipelinechannel--check-new-data-Output'] == true"
+PUBLISH_SET = "inputs.parameter_values['pipelinechannel--publish_to'] != ''"
+
+
+def _compile(tmp_path: Path, settings: pipeline.ClusterSettings | None = None,
+             **kwargs) -> tuple[str, dict, dict]:
+    out = tmp_path / "pipeline.yaml"
+    pipeline.compile_pipeline(out, "registry.example/lastmile:test",
+                              settings or pipeline.ClusterSettings(), **kwargs)
+    docs = list(yaml.safe_load_all(out.read_text()))
+    return out.read_text(), docs[0], docs[1] if len(docs) > 1 else {}
 
 
 @pytest.fixture(scope="module")
 def compiled(tmp_path_factory):
-    out = tmp_path_factory.mktemp("ir") / "pipeline.yaml"
     settings = pipeline.ClusterSettings(
         s3_secret="lastmile-s3-credentials", cache_pvc="lastmile-model-cache",
         node_selector={"nvidia.com/gpu.present": "true"},
         tolerations=[{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}])
-    pipeline.compile_pipeline(out, "registry.example/lastmile:test", settings)
-    spec, platform = yaml.safe_load_all(out.read_text())
-    return out.read_text(), spec, platform
+    return _compile(tmp_path_factory.mktemp("ir"), settings)
 
 
-def _tasks(spec):
-    return spec["root"]["dag"]["tasks"]
+def _dags(spec) -> dict[str, dict]:
+    """Every DAG of the IR by component name ("root" for the pipeline's own)."""
+    dags = {"root": spec["root"]["dag"]}
+    dags.update({name: comp["dag"] for name, comp in spec["components"].items() if "dag" in comp})
+    return dags
 
 
-def _upstream(task: dict) -> set[str]:
-    deps = set(task.get("dependentTasks", [])) - {"resolve-config"}
-    for arg in task.get("inputs", {}).get("artifacts", {}).values():
-        producer = arg.get("taskOutputArtifact", {}).get("producerTask")
-        if producer:
+def _tasks(spec) -> dict[str, dict]:
+    """Every task of every DAG (task names are unique across the IR), stages and conditions."""
+    return {name: task for dag in _dags(spec).values() for name, task in dag["tasks"].items()}
+
+
+def _stages(spec) -> dict[str, dict]:
+    return {name: task for name, task in _tasks(spec).items() if not name.startswith("condition-")}
+
+
+def _producer_of_channel(channel: str, names: set[str]) -> str | None:
+    """`pipelinechannel--train-mle-mle_model` -> `train-mle` (the longest task-name prefix)."""
+    rest = channel.removeprefix("pipelinechannel--")
+    found = [n for n in names if rest.startswith(n + "-")]
+    return max(found, key=len) if found else None
+
+
+def _upstream(task: dict, names: set[str]) -> set[str]:
+    """The stage tasks whose outputs `task` consumes, through condition DAGs too."""
+    deps = {d for d in task.get("dependentTasks", []) if not d.startswith("condition-")}
+    inputs = task.get("inputs", {})
+    for arg in [*inputs.get("artifacts", {}).values(), *inputs.get("parameters", {}).values()]:
+        producer = (arg.get("taskOutputArtifact") or arg.get("taskOutputParameter") or {}).get(
+            "producerTask")
+        channel = arg.get("componentInputArtifact") or arg.get("componentInputParameter")
+        if producer is None and channel:
+            producer = _producer_of_channel(channel, names)
+        if producer and not producer.startswith("condition-"):
             deps.add(producer)
-    return deps
+    return deps - {"resolve-config"}
+
+
+def _upstream_map(spec) -> dict[str, set[str]]:
+    names = set(_stages(spec))
+    return {name: _upstream(task, names) for name, task in _stages(spec).items()}
+
+
+def _conditions(spec, task_name: str) -> list[str]:
+    """The trigger conditions a task runs under, innermost first."""
+    dags = _dags(spec)
+    where = {t: comp for comp, dag in dags.items() for t in dag["tasks"]}
+    found, name = [], task_name
+    while where[name] != "root":
+        comp = where[name]
+        (name,) = [t for t, task in _tasks(spec).items() if task["componentRef"]["name"] == comp]
+        condition = _tasks(spec)[name].get("triggerPolicy", {}).get("condition")
+        if condition:
+            found.append(condition)
+    return found
 
 
 def test_every_stage_is_a_task(compiled):
     _, spec, _ = compiled
-    assert set(_tasks(spec)) == {
-        "resolve-config", "filter-data", "synthesize-negatives", "train-reward", "train-mle",
-        "train-ppo", "generate", "generate-2", "generate-3", "postprocess", "postprocess-2",
-        "score", "report"}
+    assert set(_stages(spec)) == STAGES
 
 
 def test_dependency_edges(compiled):
     _, spec, _ = compiled
-    tasks = _tasks(spec)
-    up = {name: _upstream(task) for name, task in tasks.items()}
+    tasks = _stages(spec)
+    up = _upstream_map(spec)
+    assert up["check-new-data"] == {"filter-data"}
     assert "filter-data" in up["synthesize-negatives"]
     assert {"filter-data", "synthesize-negatives"} <= up["train-reward"]
     assert "train-reward" in up["train-ppo"]
@@ -67,28 +124,61 @@ def test_dependency_edges(compiled):
     assert {up["postprocess"].pop(), up["postprocess-2"].pop()} == {variants["base"], variants["mle"]}
     assert set(GENERATION) | {"postprocess", "postprocess-2"} <= up["score"]
     assert "score" in up["report"]
+    assert {"report", "train-mle", "train-ppo", "check-new-data"} <= up["publish"]
+    assert up["no-new-data"] == {"check-new-data"}
+
+
+def test_ppo_does_not_wait_for_mle(compiled, tmp_path):
+    _, spec, _ = compiled
+    up = _upstream_map(spec)
+    assert "train-mle" not in up["train-ppo"]
+    assert "mle_model" not in _stages(spec)["train-ppo"]["inputs"].get("artifacts", {})
+    resolve = _stages(spec)["resolve-config"]["inputs"]["parameters"]
+    assert resolve["init_policy_from_mle"]["runtimeValue"]["constant"] is False
+
+    # Asked for at compile time: PPO starts from the MLE adapter, so it waits for it, and the
+    # resolved configuration says so (train_ppo reads the flag from it).
+    _, spec, _ = _compile(tmp_path, init_policy_from_mle=True)
+    assert "train-mle" in _upstream_map(spec)["train-ppo"]
+    resolve = _stages(spec)["resolve-config"]["inputs"]["parameters"]
+    assert resolve["init_policy_from_mle"]["runtimeValue"]["constant"] is True
+
+
+def test_training_runs_only_on_new_data_and_publish_only_with_a_destination(compiled):
+    _, spec, _ = compiled
+    for name in GATED:
+        assert _conditions(spec, name)[-1] == NEW_DATA, name
+    assert _conditions(spec, "publish") == [PUBLISH_SET, NEW_DATA]
+    assert _conditions(spec, "no-new-data") == [f"!({NEW_DATA})"]
+    for name in ("resolve-config", "filter-data", "check-new-data"):
+        assert _conditions(spec, name) == [], name
+    # The pipeline's output is whichever branch ran: the report's outcome or the skip message.
+    selectors = spec["root"]["dag"]["outputs"]["parameters"]["Output"]
+    assert selectors["valueFromParameter"]["producerSubtask"].startswith("condition-branches")
 
 
 def test_gpu_requests_on_training_and_generation(compiled):
     _, spec, _ = compiled
     executors = spec["deploymentSpec"]["executors"]
-    tasks = _tasks(spec)
+    tasks = _stages(spec)
     for name in TRAINING + GENERATION:
         executor = executors[f"exec-{tasks[name]['componentRef']['name'][5:]}"]
         resources = executor["container"]["resources"]
         assert resources["accelerator"]["resourceCount"] == "1", name
         assert resources["accelerator"]["resourceType"] == "nvidia.com/gpu", name
-    for name in ("filter-data", "score", "report"):
+    for name in ("filter-data", "check-new-data", "score", "report", "publish", "no-new-data"):
         executor = executors[f"exec-{tasks[name]['componentRef']['name'][5:]}"]
         assert "accelerator" not in executor["container"].get("resources", {}), name
 
 
 def test_training_retries_and_caching(compiled):
     _, spec, _ = compiled
-    tasks = _tasks(spec)
+    tasks = _stages(spec)
     for name in TRAINING:
         assert tasks[name]["retryPolicy"]["maxRetryCount"] == 2
-    assert tasks["filter-data"]["cachingOptions"] == {}  # reads data that change between runs
+    # Read what changes between runs (task data, the published runs) or write outside: never cached.
+    for name in ("filter-data", "check-new-data", "publish", "no-new-data"):
+        assert tasks[name]["cachingOptions"] == {}, name
     assert tasks["synthesize-negatives"]["cachingOptions"]["enableCache"] is True
 
 
@@ -106,19 +196,93 @@ def test_parameter_defaults_are_the_papers(compiled):
     paper = config.pipeline_arguments(config.get_profile("paper"))
     for name, value in paper.items():
         assert params[name]["defaultValue"] == value, name
+    assert set(params) == set(paper) | set(pipeline.RUN_PARAMETERS)
     assert params["profile"]["defaultValue"] == "paper"
     assert params["ppo_length_penalty"]["defaultValue"] == -2.5
     assert params["reward_batch_size"]["defaultValue"] == 14
+    assert params["publish_to"]["defaultValue"] == ""
+    assert params["force"]["defaultValue"] is False
+    assert params["strict"]["defaultValue"] is False
+    assert params["test_fraction"]["defaultValue"] == 0.1
+
+
+def test_strict_and_test_fraction_reach_the_configuration():
+    profile = config.resolve("smoke", strict=True, test_fraction=0.25)
+    assert profile.data.strict is True and profile.data.test_fraction == 0.25
+    # The kfp CLI hands strings: "false" must not become True.
+    assert config.resolve("smoke", strict="false").data.strict is False
+    assert config.resolve("smoke", strict="true").data.strict is True
+    with pytest.raises(ValueError, match="data.strict expects true or false"):
+        config.resolve("smoke", strict="maybe")
 
 
 def test_kubernetes_settings_in_platform_spec(compiled):
-    _, _, platform = compiled
+    _, spec, platform = compiled
     executors = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
     reward = executors["exec-train-reward"]
     assert reward["secretAsEnv"][0]["secretName"] == "lastmile-s3-credentials"
+    assert {(k["secretKey"], k["envVar"]) for k in reward["secretAsEnv"][0]["keyToEnv"]} == {
+        ("AWS_ACCESS_KEY_ID", "AWS_ACCESS_KEY_ID"), ("AWS_SECRET_ACCESS_KEY", "AWS_SECRET_ACCESS_KEY"),
+        ("LASTMILE_S3_ENDPOINT", "LASTMILE_S3_ENDPOINT")}
     assert reward["pvcMount"][0]["mountPath"] == "/cache"
     assert reward["nodeSelector"]["labels"] == {"nvidia.com/gpu.present": "true"}
     assert reward["tolerations"][0]["key"] == "nvidia.com/gpu"
+    # Every step reads the store (check-new-data and publish included).
+    assert set(executors) == set(spec["deploymentSpec"]["executors"])
+    for executor in spec["deploymentSpec"]["executors"].values():
+        assert "env" not in executor["container"]  # the endpoint comes from the Secret
+
+
+def _secret_env(platform: dict, spec: dict) -> dict[str, tuple[dict, dict]]:
+    """Per executor: ({env var: secret key}, {env var: plain value})."""
+    executors = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    found = {}
+    for name, executor in spec["deploymentSpec"]["executors"].items():
+        (secret,) = executors[name]["secretAsEnv"]
+        from_secret = {k["envVar"]: (secret["secretName"], k["secretKey"]) for k in secret["keyToEnv"]}
+        plain = {e["name"]: e["value"] for e in executor["container"].get("env", [])}
+        found[name] = (from_secret, plain)
+    return found
+
+
+def test_kubeflow_artifact_secret_is_mapped_to_the_names_storage_reads(tmp_path):
+    out = tmp_path / "kf.yaml"
+    assert pipeline.main(["compile", "-o", str(out), "--s3-secret", "mlpipeline-minio-artifact",
+                          "--cache-pvc", ""]) == 0
+    spec, platform = yaml.safe_load_all(out.read_text())
+    per_executor = _secret_env(platform, spec)
+    assert len(per_executor) == len(spec["deploymentSpec"]["executors"]) >= 13
+    for name, (from_secret, plain) in per_executor.items():
+        assert from_secret == {
+            "AWS_ACCESS_KEY_ID": ("mlpipeline-minio-artifact", "accesskey"),
+            "AWS_SECRET_ACCESS_KEY": ("mlpipeline-minio-artifact", "secretkey")}, name
+        assert plain == {"LASTMILE_S3_ENDPOINT": "http://minio-service.kubeflow:9000"}, name
+    # What a step sees is a complete lastmile.storage configuration.
+    env = {var: f"value-of-{key}" for var, (_, key) in per_executor["exec-publish"][0].items()}
+    env.update(per_executor["exec-publish"][1])
+    cfg = storage.S3Config.from_env(env)
+    assert (cfg.endpoint, cfg.secure) == ("minio-service.kubeflow:9000", False)
+    assert (cfg.access_key, cfg.secret_key) == ("value-of-accesskey", "value-of-secretkey")
+
+    # Another endpoint, given as a plain variable, replaces the default (and the Secret's key).
+    out = tmp_path / "ep.yaml"
+    assert pipeline.main(["compile", "-o", str(out), "--s3-secret", "mlpipeline-minio-artifact",
+                          "--s3-endpoint", "https://minio.example.org"]) == 0
+    spec, platform = yaml.safe_load_all(out.read_text())
+    for from_secret, plain in _secret_env(platform, spec).values():
+        assert plain == {"LASTMILE_S3_ENDPOINT": "https://minio.example.org"}
+    out = tmp_path / "own.yaml"
+    assert pipeline.main(["compile", "-o", str(out), "--s3-endpoint", "http://store:9000"]) == 0
+    spec, platform = yaml.safe_load_all(out.read_text())
+    for from_secret, plain in _secret_env(platform, spec).values():
+        assert set(from_secret) == {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
+        assert plain == {"LASTMILE_S3_ENDPOINT": "http://store:9000"}
+
+
+def test_bad_endpoint_fails_at_compile_time(tmp_path):
+    with pytest.raises(storage.StorageError, match="LASTMILE_S3_ENDPOINT"):
+        pipeline.main(["compile", "-o", str(tmp_path / "x.yaml"), "--s3-endpoint",
+                       "ftp://store:9000"])
 
 
 def test_credentials_in_the_environment_never_reach_the_yaml(tmp_path, monkeypatch):
@@ -142,3 +306,101 @@ def test_compile_cli_writes_yaml(tmp_path):
 def test_bad_parameter_fails_before_running(tmp_path):
     with pytest.raises(ValueError, match="unknown pipeline parameter"):
         pipeline.run_locally("smoke", tmp_path, overrides={"not_a_parameter": 1})
+    with pytest.raises(storage.StorageError, match="not an s3:// URI"):
+        pipeline.run_locally("smoke", tmp_path, publish_to="/local/dir")
+
+
+# --------------------------------------------------------------------------- submit, schedule
+
+class FakeClient:
+    """Records what pipeline.py asks of kfp.Client; reads the package while it still exists."""
+
+    def __init__(self, host: str, namespace: str | None):
+        self.host, self.namespace, self.calls = host, namespace, []
+
+    def create_experiment(self, name, description=None, namespace=None):
+        self.calls.append(("create_experiment", {"name": name, "namespace": namespace}))
+        return SimpleNamespace(experiment_id="exp-123")
+
+    def _package(self, path) -> dict:
+        return list(yaml.safe_load_all(Path(path).read_text()))
+
+    def create_run_from_pipeline_package(self, pipeline_file, **kwargs):
+        self.calls.append(("create_run", {**kwargs, "package": self._package(pipeline_file)}))
+        return SimpleNamespace(run_id="run-456")
+
+    def create_recurring_run(self, **kwargs):
+        package = self._package(kwargs.pop("pipeline_package_path"))
+        self.calls.append(("create_recurring_run", {**kwargs, "package": package}))
+        return SimpleNamespace(recurring_run_id="rr-789")
+
+
+@pytest.fixture
+def fake_client(monkeypatch):
+    made = []
+
+    def client(host, namespace=None):
+        made.append(FakeClient(host, namespace))
+        return made[-1]
+
+    monkeypatch.setattr(pipeline, "_client", client)
+    return made
+
+
+def _image(package: list[dict]) -> set[str]:
+    return {e["container"]["image"] for e in package[0]["deploymentSpec"]["executors"].values()}
+
+
+def test_submit_compiles_and_starts_a_run(fake_client, capsys):
+    assert pipeline.main([
+        "submit", "--host", "http://kfp.example:8080", "--namespace", "lastmile",
+        "--image", "reg.example/lastmile:t1", "--service-account", "lastmile-pipeline-runner",
+        "--param", "data_source=s3://lastmile/data/", "--param", "max_train=500",
+        "--param", "profile=demo", "--publish", "s3://lastmile/runs/", "--force",
+        "--run-name", "first-run"]) == 0
+    (client,) = fake_client
+    assert (client.host, client.namespace) == ("http://kfp.example:8080", "lastmile")
+    (experiment, run) = client.calls
+    assert experiment == ("create_experiment", {"name": "lastmile", "namespace": "lastmile"})
+    name, kwargs = run
+    assert name == "create_run"
+    assert kwargs["arguments"] == {"data_source": "s3://lastmile/data/", "max_train": 500,
+                                   "profile": "demo", "publish_to": "s3://lastmile/runs/",
+                                   "force": True}
+    assert kwargs["experiment_id"] == "exp-123" and kwargs["namespace"] == "lastmile"
+    assert kwargs["service_account"] == "lastmile-pipeline-runner"
+    assert kwargs["run_name"] == "first-run"
+    assert _image(kwargs["package"]) == {"reg.example/lastmile:t1"}
+    params = kwargs["package"][0]["root"]["inputDefinitions"]["parameters"]
+    assert set(kwargs["arguments"]) <= set(params)  # every argument is a pipeline parameter
+    assert "run run-456 started" in capsys.readouterr().out
+
+
+def test_schedule_creates_a_recurring_run_without_overlap_or_backfill(fake_client, capsys):
+    assert pipeline.main([
+        "schedule", "--host", "http://kfp.example:8080", "--cron", "0 0 3 * * *",
+        "--name", "nightly", "--image", "reg.example/lastmile:t2", "--s3-secret",
+        "mlpipeline-minio-artifact", "--param", "data_source=s3://lastmile/data/",
+        "--publish", "s3://lastmile/runs/"]) == 0
+    (client,) = fake_client
+    assert client.namespace is None  # single-user KFP: the client's default
+    (experiment, recurring) = client.calls
+    assert experiment == ("create_experiment", {"name": "lastmile", "namespace": None})
+    name, kwargs = recurring
+    assert name == "create_recurring_run"
+    assert kwargs["experiment_id"] == "exp-123" and kwargs["job_name"] == "nightly"
+    assert kwargs["cron_expression"] == "0 0 3 * * *"
+    assert kwargs["max_concurrency"] == 1 and kwargs["no_catchup"] is True
+    assert kwargs["params"] == {"data_source": "s3://lastmile/data/",
+                                "publish_to": "s3://lastmile/runs/"}
+    assert kwargs["service_account"] is None
+    assert _image(kwargs["package"]) == {"reg.example/lastmile:t2"}
+    platform = kwargs["package"][1]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    assert platform["exec-check-new-data"]["secretAsEnv"][0]["secretName"] == "mlpipeline-minio-artifact"
+    assert "recurring run rr-789 created (0 0 3 * * *)" in capsys.readouterr().out
+
+
+def test_submit_refuses_an_unknown_parameter(fake_client):
+    with pytest.raises(SystemExit, match="unknown pipeline parameter"):
+        pipeline.main(["submit", "--host", "h", "--param", "max_trian=5"])
+    assert fake_client == []  # refused before contacting the host
