@@ -72,6 +72,10 @@ class RewardConfig:
     max_output_tokens: int = 100
     eval_examples: int = 200  # held-out true examples for the per-category accuracy
     seed: int = 0
+    # Preemption and numerical faults (lastmile.checkpoint, train_utils.NonFiniteGuard):
+    checkpoint_every: int = 50  # steps; 0 = no checkpoints
+    checkpoint_dir: str | None = None  # None: <stage output>/checkpoints
+    max_bad_updates: int = 3  # non-finite updates in a row (each skipped) before the stage fails
 
 
 @dataclass
@@ -84,6 +88,10 @@ class MLEConfig:
     max_steps: int | None = None
     max_output_tokens: int = 100
     seed: int = 0
+    # Preemption and numerical faults (lastmile.checkpoint, train_utils.NonFiniteGuard):
+    checkpoint_every: int = 50  # steps; 0 = no checkpoints
+    checkpoint_dir: str | None = None  # None: <stage output>/checkpoints
+    max_bad_updates: int = 3  # non-finite updates in a row (each skipped) before the stage fails
 
 
 @dataclass
@@ -110,6 +118,10 @@ class PPOConfig:
     whiten_advantages: bool = False
     init_policy_from_mle: bool = False
     seed: int = 0
+    # Preemption and numerical faults (lastmile.checkpoint, train_utils.NonFiniteGuard):
+    checkpoint_every: int = 50  # updates; 0 = no checkpoints
+    checkpoint_dir: str | None = None  # None: <stage output>/checkpoints
+    max_bad_updates: int = 3  # non-finite updates in a row (each skipped) before the stage fails
 
 
 @dataclass
@@ -210,6 +222,8 @@ PIPELINE_PARAMETERS: dict[str, str] = {
     "max_input_tokens": "data.max_input_tokens",
     "max_train": "data.max_train",
     "max_test": "data.max_test",
+    "test_fraction": "data.test_fraction",
+    "strict": "data.strict",
     "seed": "seed",  # fans out to every stage's seed
     "reward_learning_rate": "reward.optim.learning_rate",
     "reward_batch_size": "reward.batch_size",
@@ -243,9 +257,23 @@ def _set(obj: Any, dotted: str, value: Any) -> None:
     for part in parents:
         obj = getattr(obj, part)
     current = getattr(obj, leaf)
-    if current is not None and value is not None:
+    if isinstance(current, bool):
+        value = as_bool(value, dotted)
+    elif current is not None and value is not None:
         value = type(current)(value)  # KFP hands ints for floats and the like
     setattr(obj, leaf, value)
+
+
+def as_bool(value: Any, dotted: str) -> bool:
+    """A flag from a bool or its text (the kfp CLI passes strings): never bool("false")."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(f"{dotted} expects true or false, got {value!r}")
 
 
 def pipeline_arguments(profile: Profile) -> dict[str, Any]:
