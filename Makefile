@@ -7,7 +7,7 @@ STAMP   = $(VENV)/.installed
 PROFILE ?= demo
 ARGS   ?=
 
-.PHONY: install run test test-fast compile bench clean
+.PHONY: install run test test-fast compile bench bench-trl clean
 .DEFAULT_GOAL := help
 
 help:
@@ -15,6 +15,7 @@ help:
 	@echo "make test     the whole test suite"
 	@echo "make compile  pipeline.yaml for the Kubeflow UI / kfp CLI"
 	@echo "make bench    PPO step benchmark (bench/)"
+	@echo "make bench-trl  ours vs TRL 0.29.1 PPO, alternately (builds $(TRL_VENV); slow)"
 
 # torch is pinned to the CPU wheel on local disk: an unpinned torch pulls a multi-GB CUDA build.
 $(STAMP): pyproject.toml requirements.lock requirements-nodeps.txt
@@ -42,6 +43,22 @@ compile: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/ppo_step.py
+
+# TRL 0.29.1 (the last release with PPOTrainer) lives in its own venv, outside our dependencies;
+# the shared packages are held to requirements.lock's versions.
+TRL_VENV  ?= .venv-trl
+TRL_PY     = $(TRL_VENV)/bin/python
+TRL_STAMP  = $(TRL_VENV)/.installed
+
+$(TRL_STAMP): requirements.lock
+	test -x $(TRL_PY) || $(PYTHON) -m venv $(TRL_VENV)
+	$(TRL_PY) -m pip install -q --upgrade pip
+	$(TRL_PY) -m pip install -q torch==2.13.0
+	$(TRL_PY) -m pip install -q -c requirements.lock trl==0.29.1 transformers==5.23.0 "peft==0.21.*"
+	touch $(TRL_STAMP)
+
+bench-trl: $(STAMP) $(TRL_STAMP)
+	$(PY) bench/ppo_vs_trl.py --trl-python $(TRL_PY) $(ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache runs

@@ -6,15 +6,18 @@ LoRA r=16 + head, one PPO epoch, one minibatch, no KL. Every sample is forced to
 tokens (EOS is forbidden until then, `min_new_tokens`), so each sampled update does the same
 work. Reference updates score the true outputs (+ EOS) instead of sampling.
 
-Prompts come from data/debian-descriptions/*.jsonl (input/output rows) when that directory
-exists, otherwise from synthetic text; either way the input text is cut so the formatted prompt
-is about `--prompt-tokens` tokens. The reward adapter is random unless `--reward-adapter` names
-a trained one: the work per update does not depend on its weights.
+Prompts come from data/debian-descriptions/train.jsonl.gz (input/output rows) when it is
+bundled, otherwise from synthetic text; either way the input text is cut so the formatted prompt
+is about `--prompt-tokens` tokens. `--prompts FILE` takes the token ids from a JSON file instead
+(bench/ppo_vs_trl.py writes one, so that both sides of the comparison see the same prompts).
+The reward adapter is random unless `--reward-adapter` names a trained one: the work per update
+does not depend on its weights.
 
 Run in a fresh process (peak RSS is the process's ru_maxrss):
     .venv/bin/python bench/ppo_step.py                 # 1 warm-up + 5 measured updates per kind
     .venv/bin/python bench/ppo_step.py --smoke         # tiny model, 2 updates, seconds (CI)
-Prints one `name value unit` line per figure. A benchmark, not a test: nothing is asserted.
+Prints one `name value unit` line per figure (`--json FILE` also writes them, with every
+measured update's time). A benchmark, not a test: nothing is asserted.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ import torch  # noqa: E402
 
 from lastmile import ppo  # noqa: E402
 from lastmile.config import DEFAULT_INSTRUCTION, EMBEDDED_BASE, TINY_BASE, LoraSpec, PPOConfig  # noqa: E402
+from lastmile.io import read_jsonl  # noqa: E402
 from lastmile.modeling import AdapterModel, encode_outputs, load_base  # noqa: E402
 
 TRL_SECONDS = 61.0  # TRL 0.29.1 PPOTrainer, same setting, this kind of machine (issue 8)
@@ -64,23 +68,48 @@ def fit_prompt(tokenizer, text: str, tokens: int) -> list[int]:
     return tokenizer(prompt, add_special_tokens=False)["input_ids"]
 
 
+def source_files() -> list[Path]:
+    """The bundled Debian rows: the train split (.jsonl or .jsonl.gz), else every split."""
+    if not DEBIAN.is_dir():
+        return []
+    return sorted(DEBIAN.glob("train.jsonl*")) or sorted(DEBIAN.glob("*.jsonl*"))
+
+
 def source_rows(n: int, seed: int) -> tuple[list[dict], str]:
     """(input, output) rows: Debian descriptions when bundled, else synthetic text."""
-    files = sorted(DEBIAN.glob("*.jsonl")) if DEBIAN.is_dir() else []
+    files = source_files()
     rows = []
     for f in files:
-        with open(f, encoding="utf-8") as fh:
-            for line in fh:
-                row = json.loads(line)
-                if isinstance(row.get("input"), str) and isinstance(row.get("output"), str):
-                    rows.append({"input": row["input"], "output": row["output"]})
+        for row in read_jsonl(f):  # reads .jsonl.gz too
+            if isinstance(row.get("input"), str) and isinstance(row.get("output"), str):
+                rows.append({"input": row["input"], "output": row["output"]})
     if len(rows) >= n:
         random.Random(seed).shuffle(rows)
         # several descriptions per prompt, so short ones still reach the prompt length
         return [{"input": " ".join(r["input"] for r in rows[i::n][:8]),
-                 "output": rows[i]["output"]} for i in range(n)], f"{DEBIAN.relative_to(ROOT)}"
+                 "output": rows[i]["output"]} for i in range(n)], \
+            ",".join(str(f.relative_to(ROOT)) for f in files)
     return [{"input": FILLER * 12, "output": f"library and tools for configuration files {i}"}
             for i in range(n)], "synthetic"
+
+
+def bench_batch(tokenizer, batch: int, prompt_tokens: int, new_tokens: int, seed: int = 0
+                ) -> tuple[list[list[int]], list[list[int]], str]:
+    """(prompt ids, reference output ids, where the text came from) for one PPO batch."""
+    rows, source = source_rows(batch, seed=seed)
+    prompts = [fit_prompt(tokenizer, r["input"], prompt_tokens) for r in rows]
+    references = encode_outputs(tokenizer, [r["output"] for r in rows], new_tokens)
+    return prompts, references, source
+
+
+def load_batch(path: str | os.PathLike, batch: int) -> tuple[list[list[int]], list[list[int]], str]:
+    """The batch `bench_batch` made, from the JSON file bench/ppo_vs_trl.py writes."""
+    data = json.loads(Path(path).read_text(encoding="utf-8"))
+    prompts, references = data["prompts"], data["references"]
+    if len(prompts) != batch or len(references) != batch:
+        raise SystemExit(f"{path}: {len(prompts)} prompts and {len(references)} references, "
+                         f"--batch is {batch}")
+    return prompts, references, data.get("source", str(path))
 
 
 def build(args) -> tuple[AdapterModel, object, PPOConfig]:
@@ -107,9 +136,11 @@ def run(args) -> dict:
     t0 = time.perf_counter()
     model, tokenizer, cfg = build(args)
     load_seconds = time.perf_counter() - t0
-    rows, source = source_rows(args.batch, seed=0)
-    prompts = [fit_prompt(tokenizer, r["input"], args.prompt_tokens) for r in rows]
-    references = encode_outputs(tokenizer, [r["output"] for r in rows], cfg.max_new_tokens)
+    if args.prompts:
+        prompts, references, source = load_batch(args.prompts, args.batch)
+    else:
+        prompts, references, source = bench_batch(tokenizer, args.batch, args.prompt_tokens,
+                                                  cfg.max_new_tokens)
     trainer = ppo.PPOTrainer(model, tokenizer, cfg, total_updates=2 * (args.updates + 1),
                              micro_batch_size=args.micro_batch or None,
                              merge=not args.no_merge, fast=not args.textbook,
@@ -159,6 +190,8 @@ def run(args) -> dict:
         "reference_train_seconds": med(ppo.REFERENCE, "train"),
         "sampling_tokens_per_second": statistics.median(sampled_tokens),
         "peak_rss_gib": rss_gib(),
+        "sampled_update_seconds_all": [t["total"] for t in times[ppo.SAMPLED]],
+        "reference_update_seconds_all": [t["total"] for t in times[ppo.REFERENCE]],
     }
 
 
@@ -166,9 +199,11 @@ def precision_check(args) -> dict:
     """How far bf16 moves one update: losses and gradient cosine vs float32, same rollout."""
     torch.manual_seed(0)
     model, tokenizer, cfg = build(args)
-    rows, _ = source_rows(args.batch, seed=0)
-    prompts = [fit_prompt(tokenizer, r["input"], args.prompt_tokens) for r in rows]
-    references = encode_outputs(tokenizer, [r["output"] for r in rows], cfg.max_new_tokens)
+    if args.prompts:
+        prompts, references, _ = load_batch(args.prompts, args.batch)
+    else:
+        prompts, references, _ = bench_batch(tokenizer, args.batch, args.prompt_tokens,
+                                             cfg.max_new_tokens)
     fp32 = ppo.PPOTrainer(model, tokenizer, cfg, 1, micro_batch_size=args.micro_batch or None)
     outputs = fp32.sample(prompts)  # the policy's own samples, float32
     rollouts = {p: ppo.PPOTrainer(model, tokenizer, cfg, 1, precision=p,
@@ -232,6 +267,8 @@ def parse(argv=None):
                    help="instead: one update's losses and gradients, float32 vs bfloat16")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--reward-adapter", default=None, help="a trained reward adapter directory")
+    p.add_argument("--prompts", default=None,
+                   help="prompt and reference token ids from this JSON file (ppo_vs_trl.py)")
     p.add_argument("--json", default=None, help="also write the figures to this JSON file")
     p.add_argument("-v", "--verbose", action="store_true", help="per-update times on stderr")
     args = p.parse_args(argv)
