@@ -20,6 +20,7 @@ from typing import Sequence
 
 import torch
 
+from . import checkpoint
 from .config import MLEConfig
 from .io import read_jsonl
 from .modeling import AdapterModel, collate, encode_outputs, encode_prompts, load_base
@@ -84,8 +85,13 @@ def mle_loss(model: AdapterModel, examples: Sequence[TokenExample], pad_id: int,
 
 def train_mle_adapter(model: AdapterModel, tokenizer, rows: Sequence[dict], cfg: MLEConfig,
                       log_path: str | os.PathLike | None = None,
-                      adapter: str = ADAPTER) -> dict:
-    """Fine-tune `adapter` (added here when missing) on the true outputs; returns a summary."""
+                      adapter: str = ADAPTER,
+                      checkpoint_dir: str | os.PathLike | None = None) -> dict:
+    """Fine-tune `adapter` (added here when missing) on the true outputs; returns a summary.
+
+    With `checkpoint_dir` (else `cfg.checkpoint_dir`) and `cfg.checkpoint_every` > 0 the run
+    checkpoints there and a later call resumes from it (`train_utils.train_loop`).
+    """
     validate_rows(rows)
     if adapter not in model.specs:
         model.add_adapter(adapter, cfg.lora, head=False, seed=cfg.seed, trainable=True)
@@ -97,12 +103,19 @@ def train_mle_adapter(model: AdapterModel, tokenizer, rows: Sequence[dict], cfg:
         numerator=lambda micro: mle_loss_sum(model, micro, pad_id, adapter),
         denominator=output_token_count, optim=cfg.optim, batch_size=cfg.batch_size,
         micro_batch_size=cfg.micro_batch_size, epochs=cfg.epochs, max_steps=cfg.max_steps,
-        seed=cfg.seed, log_path=log_path, desc="MLE")
+        seed=cfg.seed, log_path=log_path, desc="MLE",
+        checkpoint_dir=checkpoint_dir or cfg.checkpoint_dir,
+        checkpoint_every=cfg.checkpoint_every, max_bad_updates=cfg.max_bad_updates,
+        example_ids=[r.get("id") for r in rows])
 
 
 def train_mle(train_path: str | os.PathLike, out_dir: str | os.PathLike, cfg: MLEConfig,
               base_source: str) -> dict:
-    """The train_mle stage: out_dir/adapter, out_dir/train_log.jsonl; returns the summary."""
+    """The train_mle stage: out_dir/adapter, out_dir/train_log.jsonl; returns the summary.
+
+    Checkpoints go to `cfg.checkpoint_dir` or out_dir/checkpoints; a rerun with the same
+    out_dir resumes from the latest; they are deleted once the adapter is written.
+    """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     rows = list(read_jsonl(train_path))
@@ -113,7 +126,10 @@ def train_mle(train_path: str | os.PathLike, out_dir: str | os.PathLike, cfg: ML
     model.add_adapter(ADAPTER, cfg.lora, head=False, seed=cfg.seed, trainable=True)
     model.to(default_device())
     loaded = time.perf_counter() - started
-    train = train_mle_adapter(model, tokenizer, rows, cfg, log_path=out / "train_log.jsonl")
+    checkpoints = checkpoint.resolve_dir(out, cfg.checkpoint_dir)
+    train = train_mle_adapter(model, tokenizer, rows, cfg, log_path=out / "train_log.jsonl",
+                              checkpoint_dir=checkpoints)
     model.save_adapter(ADAPTER, out / "adapter")
+    checkpoint.clear(checkpoints)
     return {"rows": len(rows), "load_seconds": round(loaded, 3), "train": train,
             "adapter": "adapter", "lora": {"r": cfg.lora.r, "alpha": cfg.lora.alpha}}

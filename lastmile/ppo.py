@@ -52,21 +52,25 @@ parameter, so the value loss needs no coefficient: the objective is L_policy + L
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import logging
 import math
 import os
 import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
 
 import torch
 
+from . import checkpoint
 from .config import PPOConfig
 from .io import read_jsonl, write_json
 from .modeling import AdapterModel, SequenceBatch, collate, encode_outputs, encode_prompts, load_base
-from .train_utils import StepLog, default_device, epoch_batches, progress, seed_everything
+from .train_utils import (NonFiniteGuard, StepLog, default_device, epoch_batches, nonfinite,
+                          progress, seed_everything, skipped_row, step_schedule)
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +82,8 @@ REFERENCE = "reference"
 #: Rows per forward/backward (activation memory is per micro-batch; the gradient is the same).
 #: Two rows of ~350 tokens keep SmolLM2-135M's PPO step under 4 GiB at full matmul speed.
 DEFAULT_MICRO_BATCH = 2
+#: What must be finite for an optimiser step (besides the rewards): `PPOTrainer.step`.
+WATCHED = ("advantage_mean", "policy_loss", "value_loss", "policy_grad_norm", "value_grad_norm")
 #: Compute precision of the frozen base (see `PPOTrainer`): trainable weights, optimiser state,
 #: losses and advantages are float32 either way.
 PRECISIONS = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -572,8 +578,8 @@ class PPOTrainer:
                 "advantage_mean": float(masked_mean(advantages, rollout.mask)),
                 "return_mean": float(returns[:, 0][first].mean()) if bool(first.any()) else 0.0}
 
-    def apply(self) -> dict:
-        """Clip each group's gradient norm, take the optimiser and scheduler step."""
+    def clip_gradients(self) -> dict:
+        """Clip each group's gradient norm; the norms before clipping."""
         max_norm = self.cfg.optim.max_grad_norm
         norms = {}
         for name, params in (("policy", self.policy_params), ("value", self.value_params)):
@@ -582,22 +588,49 @@ class PPOTrainer:
                     else torch.linalg.vector_norm(torch.stack(
                         [torch.linalg.vector_norm(p.grad) for p in grads])))
             norms[f"{name}_grad_norm"] = float(norm)
+        return norms
+
+    def apply(self) -> dict:
+        """Clip each group's gradient norm, take the optimiser and scheduler step."""
+        norms = self.clip_gradients()
         lr = self.scheduler.get_last_lr()[0]
         self.optimizer.step()
         self.scheduler.step()
         return {"lr": lr, **norms}
 
+    def _apply_if_finite(self, rollout: Rollout, stats: dict) -> dict:
+        """`apply`, except that a non-finite reward, advantage, loss or gradient norm skips the
+        optimiser step (gradients zeroed; the scheduler still steps, following the data).
+
+        Adds "lr", the norms and "nonfinite" ({name: value}, {} when the step was taken).
+        """
+        stats.update(self.clip_gradients())
+        watched = {"reward": float(rollout.rewards[rollout.mask].sum())}  # any bad r_t shows
+        watched.update({k: stats[k] for k in WATCHED if k in stats})
+        stats["nonfinite"] = nonfinite(watched)
+        stats["lr"] = self.scheduler.get_last_lr()[0]
+        if stats["nonfinite"]:
+            self.optimizer.zero_grad(set_to_none=True)
+        else:
+            self.optimizer.step()
+        step_schedule(self.scheduler)
+        return stats
+
     def step(self, rollout: Rollout) -> dict:
-        """One outer-batch update: one optimiser step (paper), or epochs × minibatches."""
+        """One outer-batch update: one optimiser step (paper), or epochs × minibatches.
+
+        Steps whose reward, advantages, losses or gradient norms are not finite are skipped;
+        stats["nonfinite"] names them ({} when every step was taken).
+        """
         if self.fast:
-            stats = self.gradients(rollout)
-            stats.update(self.apply())
-            return stats
+            return self._apply_if_finite(rollout, self.gradients(rollout))
         values = self._values(rollout)
         old_logprobs = self._policy_logprobs(rollout, POLICY)
         advantages, returns = self._advantages(rollout, values)
         n = rollout.mask.shape[0]
+        advantage_mean = float(masked_mean(advantages, rollout.mask))
         runs: list[dict] = []
+        bad: dict[str, float] = {}
         for epoch in range(self.cfg.ppo_epochs):
             order = torch.randperm(n, generator=torch.Generator().manual_seed(
                 self.cfg.seed * 7919 + epoch)).tolist()
@@ -608,13 +641,15 @@ class PPOTrainer:
                 self.optimizer.zero_grad(set_to_none=True)
                 v_loss, _ = self._value_backward(rollout, rows, returns, total)
                 stats = self._policy_backward(rollout, rows, advantages, old_logprobs, total)
-                stats.update(value_loss=v_loss, **self.apply())
+                stats.update(value_loss=v_loss, advantage_mean=advantage_mean)
+                bad.update(self._apply_if_finite(rollout, stats).pop("nonfinite"))
                 runs.append(stats)
         merged_stats = {k: statistics.fmean(r[k] for r in runs) for k in runs[0]}
         merged_stats["lr"] = runs[0]["lr"]
         merged_stats.update(self._value_stats(rollout, values, advantages, returns))
         if rollout.kl is not None:
             merged_stats["kl_base"] = float((rollout.kl * rollout.mask).sum(-1).mean())
+        merged_stats["nonfinite"] = bad
         return merged_stats
 
 
@@ -717,7 +752,15 @@ def train_ppo(train_path: str | os.PathLike, reward_adapter_dir: str | os.PathLi
               precision: str = "float32") -> dict:
     """The train_ppo stage. Writes out_dir/adapter (policy), out_dir/value_adapter,
     out_dir/ppo_log.jsonl (one row per update) and out_dir/ppo_summary.json; returns the
-    summary. `precision` is the frozen base's compute precision (see `PPOTrainer`)."""
+    summary. `precision` is the frozen base's compute precision (see `PPOTrainer`).
+
+    Every `cfg.checkpoint_every` updates the state (both adapters and the value head, AdamW,
+    scheduler, the sampler's generator and the global RNGs) goes to `cfg.checkpoint_dir` or
+    out_dir/checkpoints; a rerun with the same out_dir resumes after the latest one (the
+    summary's `resumed_from_step` is its update) and continues exactly as an uninterrupted
+    run. The checkpoints are deleted once the adapters are written. Non-finite updates are
+    skipped; `cfg.max_bad_updates` in a row raise FloatingPointError (no adapter written).
+    """
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
     out = Path(out_dir)
@@ -736,42 +779,71 @@ def train_ppo(train_path: str | os.PathLike, reward_adapter_dir: str | os.PathLi
     kinds = batch_kinds(len(batches), cfg.reference_fraction)
     trainer = PPOTrainer(model, tokenizer, cfg, len(batches), micro_batch_size=micro_batch_size,
                          precision=precision)
-    logger = StepLog(out / "ppo_log.jsonl")
-    bar = progress(len(batches), "PPO")
-    bar.unit = "update"
+    root = checkpoint.resolve_dir(out, cfg.checkpoint_dir)
+    ckpt = checkpoint.Checkpointer(
+        root, cfg.checkpoint_every, trainer.policy_params + trainer.value_params,
+        trainer.optimizer, trainer.scheduler, generators={"sampler": trainer.generator},
+        run=_run_key(cfg, batches, prompts, references, micro_batch_size, precision))
+    start, extras = ckpt.resume()
+    guard = NonFiniteGuard("PPO", cfg.max_bad_updates, extras.get("bad_streak", 0))
+    logger = StepLog(out / "ppo_log.jsonl", extras.get("log", []))
+    bar = progress(len(batches), "PPO", unit="update", initial=start)
     try:
-        for update, (idx, kind) in enumerate(zip(batches, kinds), start=1):
-            t0 = time.perf_counter()
-            prompt_ids = [prompts[i] for i in idx]
-            reference_ids = [references[i] for i in idx]
-            if kind == SAMPLED:
-                output_ids = trainer.sample(prompt_ids)
-                texts = [tokenizer.decode(o, skip_special_tokens=True) for o in output_ids]
-            else:
-                output_ids = reference_ids
-                texts = [rows[i]["output"] for i in idx]
-            sample_seconds = time.perf_counter() - t0
-            rollout = trainer.rollout(kind, prompt_ids, output_ids, reference_ids)
-            stats = trainer.step(rollout)
-            for key in ("policy_loss", "value_loss"):
-                if not math.isfinite(stats[key]):
-                    raise FloatingPointError(f"PPO: {key} is {stats[key]} at update {update}")
-            stats.update(sample_seconds=round(sample_seconds, 3),
-                         seconds=round(time.perf_counter() - t0, 3))
-            row = update_row(update, rollout, stats, [word_count(t) for t in texts],
-                             [word_count(rows[i]["output"]) for i in idx])
+        for update in range(start + 1, len(batches) + 1):
+            idx, kind = batches[update - 1], kinds[update - 1]
+            row = _update(trainer, guard, update, kind, idx, rows, prompts, references)
             logger.write(row)
+            if ckpt.due(update, len(batches)):
+                ckpt.save(update, {"log": logger.rows, "bad_streak": guard.streak})
             bar.update(1)
-            bar.set_postfix(kind=kind[:3], reward=f"{row['reward_mean']:.2f}",
-                            len=f"{row['response_length_mean']:.0f}")
+            bar.set_postfix(kind=kind[:3], len=f"{row['response_length_mean']:.0f}",
+                            reward="skipped" if row.get("skipped")
+                            else f"{row['reward_mean']:.2f}")
     finally:
         bar.close()
         logger.close()
     model.save_adapter(POLICY, out / "adapter")
     model.save_adapter(VALUE, out / "value_adapter")
     summary = summarize(logger.rows, time.perf_counter() - started, load_seconds, len(rows), cfg)
+    summary["resumed_from_step"] = start or None
     write_json(out / "ppo_summary.json", summary)
+    checkpoint.clear(root)
     return summary
+
+
+def _update(trainer: PPOTrainer, guard: NonFiniteGuard, update: int, kind: str,
+            idx: list[int], rows: list[dict], prompts: list[list[int]],
+            references: list[list[int]]) -> dict:
+    """One outer batch: outputs (sampled or reference), rollout, PPO step; its log row."""
+    t0 = time.perf_counter()
+    prompt_ids = [prompts[i] for i in idx]
+    reference_ids = [references[i] for i in idx]
+    if kind == SAMPLED:
+        output_ids = trainer.sample(prompt_ids)
+        texts = [trainer.tokenizer.decode(o, skip_special_tokens=True) for o in output_ids]
+    else:
+        output_ids = reference_ids
+        texts = [rows[i]["output"] for i in idx]
+    sample_seconds = time.perf_counter() - t0
+    rollout = trainer.rollout(kind, prompt_ids, output_ids, reference_ids)
+    stats = trainer.step(rollout)
+    where = {"indices": idx, "ids": [rows[i].get("id") for i in idx]}
+    bad = guard.record(update, stats.pop("nonfinite"), where)
+    stats.update(sample_seconds=round(sample_seconds, 3),
+                 seconds=round(time.perf_counter() - t0, 3))
+    row = update_row(update, rollout, stats, [word_count(t) for t in texts],
+                     [word_count(rows[i]["output"]) for i in idx])
+    return skipped_row(row, bad, where) if bad else row
+
+
+def _run_key(cfg: PPOConfig, batches: list[list[int]], prompts: list[list[int]],
+             references: list[list[int]], micro_batch_size: int | None, precision: str) -> dict:
+    """What a checkpoint must agree with to be resumed (the fault-handling fields aside)."""
+    config = {k: v for k, v in asdict(cfg).items()
+              if k not in ("checkpoint_every", "checkpoint_dir", "max_bad_updates")}
+    data = json.dumps([batches, prompts, references]).encode()
+    return {"stage": "PPO", "config": config, "micro_batch_size": micro_batch_size,
+            "precision": precision, "data": hashlib.sha256(data).hexdigest()}
 
 
 def summarize(rows: list[dict], seconds: float, load_seconds: float, n_rows: int,
@@ -780,11 +852,13 @@ def summarize(rows: list[dict], seconds: float, load_seconds: float, n_rows: int
         values = [r[key] for r in rows if r["batch_kind"] == kind]
         return statistics.median(values) if values else None
 
-    last = {kind: next((r for r in reversed(rows) if r["batch_kind"] == kind), None)
+    done = [r for r in rows if not r.get("skipped")]
+    last = {kind: next((r for r in reversed(done) if r["batch_kind"] == kind), None)
             for kind in (SAMPLED, REFERENCE)}
     return {
         "rows": n_rows,
         "updates": len(rows),
+        "skipped_updates": len(rows) - len(done),
         "sampled_updates": sum(r["batch_kind"] == SAMPLED for r in rows),
         "reference_updates": sum(r["batch_kind"] == REFERENCE for r in rows),
         "seconds": round(seconds, 3),

@@ -30,6 +30,7 @@ from typing import Sequence
 
 import torch
 
+from . import checkpoint
 from .config import NegativesConfig, RewardConfig
 from .io import read_jsonl, write_json
 from .modeling import AdapterModel, collate, encode_outputs, encode_prompts, load_base
@@ -121,8 +122,13 @@ def add_reward_adapter(model: AdapterModel, cfg: RewardConfig) -> None:
 
 
 def train_reward(model: AdapterModel, tokenizer, rows: Sequence[dict], cfg: RewardConfig,
-                 log_path: str | os.PathLike | None = None) -> dict:
-    """Train adapter "reward" (added here when missing) on rm rows; returns the run summary."""
+                 log_path: str | os.PathLike | None = None,
+                 checkpoint_dir: str | os.PathLike | None = None) -> dict:
+    """Train adapter "reward" (added here when missing) on rm rows; returns the run summary.
+
+    With `checkpoint_dir` (else `cfg.checkpoint_dir`) and `cfg.checkpoint_every` > 0 the run
+    checkpoints there and a later call resumes from it (`train_utils.train_loop`).
+    """
     validate_reward_rows(rows)
     if ADAPTER not in model.specs:
         add_reward_adapter(model, cfg)
@@ -134,7 +140,10 @@ def train_reward(model: AdapterModel, tokenizer, rows: Sequence[dict], cfg: Rewa
         numerator=lambda micro: reward_loss_sum(model, micro, pad_id),
         denominator=reward_loss_weight, optim=cfg.optim, batch_size=cfg.batch_size,
         micro_batch_size=cfg.micro_batch_size, epochs=cfg.epochs, max_steps=cfg.max_steps,
-        seed=cfg.seed, log_path=log_path, desc="reward model")
+        seed=cfg.seed, log_path=log_path, desc="reward model",
+        checkpoint_dir=checkpoint_dir or cfg.checkpoint_dir,
+        checkpoint_every=cfg.checkpoint_every, max_bad_updates=cfg.max_bad_updates,
+        example_ids=[r.get("id") for r in rows])
     return summary
 
 
@@ -250,6 +259,8 @@ def train_reward_model(rm_path: str | os.PathLike, out_dir: str | os.PathLike,
 
     Writes out_dir/train_log.jsonl (one row per step) and, when `eval_rows` (held-out true
     examples: id, input, output, prompt) are given, out_dir/rm_eval.json. Returns the summary.
+    Checkpoints go to `cfg.checkpoint_dir` or out_dir/checkpoints; a rerun with the same
+    out_dir resumes from the latest; they are deleted once the adapter is written.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -260,8 +271,11 @@ def train_reward_model(rm_path: str | os.PathLike, out_dir: str | os.PathLike,
     add_reward_adapter(model, cfg)
     model.to(default_device())
     loaded = time.perf_counter() - started
-    train = train_reward(model, tokenizer, rows, cfg, log_path=out / "train_log.jsonl")
+    checkpoints = checkpoint.resolve_dir(out, cfg.checkpoint_dir)
+    train = train_reward(model, tokenizer, rows, cfg, log_path=out / "train_log.jsonl",
+                         checkpoint_dir=checkpoints)
     model.save_adapter(ADAPTER, out / "adapter")
+    checkpoint.clear(checkpoints)
     summary = {"rows": len(rows), "categories": _count(rows), "load_seconds": round(loaded, 3),
                "train": train, "adapter": "adapter", "lora": {"r": cfg.lora.r,
                                                               "alpha": cfg.lora.alpha}}

@@ -7,22 +7,32 @@ the reward model, 7 for MLE). A batch may run as several forwards ("micro-batche
 together) whose gradients accumulate before the update. Losses are normalised by the *whole
 batch's* denominator (computed from token counts before any forward), so the accumulated
 gradient equals the one-forward gradient exactly, whatever the split.
+
+Faults. Every `checkpoint_every` steps `train_loop` saves its whole state (`lastmile.checkpoint`)
+and a rerun into the same checkpoint directory resumes after the last complete checkpoint, as
+if never stopped. An update whose loss or gradient norm is NaN/inf never reaches the weights:
+gradients are zeroed, the optimiser step is skipped, the batch is logged (`NonFiniteGuard`),
+and `max_bad_updates` such updates in a row stop the stage with FloatingPointError.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
 import os
 import random
 import time
-from dataclasses import dataclass
+import warnings
+from array import array
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
 import torch
 
+from .checkpoint import Checkpointer
 from .config import OptimConfig
 
 log = logging.getLogger(__name__)
@@ -137,13 +147,16 @@ def micro_batches(batch: Sequence[TokenExample], micro_batch_size: int | None,
 class StepLog:
     """JSON Lines, one row per optimiser step, flushed as it goes (a stage can be watched)."""
 
-    def __init__(self, path: str | os.PathLike | None):
+    def __init__(self, path: str | os.PathLike | None, rows: Sequence[dict] = ()):
+        """Starts the file afresh with `rows` (a resumed run's rows up to its checkpoint)."""
         self.path = Path(path) if path is not None else None
         self.rows: list[dict] = []
         self._file = None
         if self.path is not None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._file = open(self.path, "w", encoding="utf-8")
+        for row in rows:
+            self.write(row)
 
     def write(self, row: dict) -> None:
         self.rows.append(row)
@@ -157,11 +170,11 @@ class StepLog:
             self._file = None
 
 
-def progress(total: int, desc: str, unit: str = "step"):
+def progress(total: int, desc: str, unit: str = "step", initial: int = 0):
     """A tqdm bar on stderr (KFP shows it in the step's log); LASTMILE_NO_PROGRESS=1 hides it."""
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True,
+    return tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True, initial=initial,
                 disable=os.environ.get("LASTMILE_NO_PROGRESS") == "1")
 
 
@@ -178,49 +191,163 @@ def train_loop(params: Sequence[torch.nn.Parameter], examples: Sequence[TokenExa
                batch_size: int, micro_batch_size: int | None = None,
                token_budget: int | None = DEFAULT_TOKEN_BUDGET, epochs: int = 1,
                max_steps: int | None = None, seed: int = 0,
-               log_path: str | os.PathLike | None = None, desc: str = "train") -> dict:
+               log_path: str | os.PathLike | None = None, desc: str = "train",
+               checkpoint_dir: str | os.PathLike | None = None, checkpoint_every: int = 0,
+               max_bad_updates: int = 3, example_ids: Sequence | None = None) -> dict:
     """Optimise `params` on `examples`; returns a summary of the run.
 
     Loss of a batch = sum(numerator(micro) for its micro-batches) / sum(denominator(row)),
     a weighted mean whose gradient does not depend on the micro-batch split.
+
+    Every `checkpoint_every` steps (and after the last) the state goes to `checkpoint_dir`
+    (`lastmile.checkpoint`); a call finding a checkpoint there resumes after its step, and the
+    summary says `resumed_from_step`. An update whose loss or gradient norm is not finite is
+    skipped (`NonFiniteGuard`); `max_bad_updates` in a row raise FloatingPointError.
     """
     if not examples:
         raise ValueError(f"{desc}: no training examples")
     params = [p for p in params if p.requires_grad]
     steps = epoch_batches(len(examples), batch_size, epochs, seed, max_steps)
     optimizer, scheduler = make_optimizer(params, optim, len(steps))
-    logger = StepLog(log_path)
-    bar = progress(len(steps), desc)
+    run = run_key(desc, steps, examples, optim, seed, micro_batch_size, token_budget)
+    ckpt = Checkpointer(checkpoint_dir, checkpoint_every, params, optimizer, scheduler, run)
+    start, extras = ckpt.resume()
+    guard = NonFiniteGuard(desc, max_bad_updates, extras.get("bad_streak", 0))
+    logger = StepLog(log_path, extras.get("log", []))
+    bar = progress(len(steps), desc, initial=start)
     started = time.perf_counter()
     try:
-        for step, indices in enumerate(steps, start=1):
-            t0 = time.perf_counter()
+        for step, indices in enumerate(steps[start:], start=start + 1):
             batch = [examples[i] for i in indices]
-            total = float(sum(denominator(e) for e in batch))
-            if total <= 0:
-                raise ValueError(f"{desc}: step {step} has no loss weight (empty outputs?)")
-            optimizer.zero_grad(set_to_none=True)
-            loss_sum = 0.0
-            for micro in micro_batches(batch, micro_batch_size, token_budget):
-                part = numerator(micro) / total
-                part.backward()
-                loss_sum += part.item()
-            grad_norm = _clip(params, optim.max_grad_norm)
-            lr = scheduler.get_last_lr()[0]
-            optimizer.step()
-            scheduler.step()
-            if not math.isfinite(loss_sum):
-                raise FloatingPointError(f"{desc}: loss is {loss_sum} at step {step}")
-            row = {"step": step, "loss": loss_sum, "lr": lr, "grad_norm": grad_norm,
-                   "rows": len(batch), "tokens": sum(e.length for e in batch),
-                   "seconds": round(time.perf_counter() - t0, 4)}
+            ids = [example_ids[i] for i in indices] if example_ids is not None else None
+            row = _train_step(step, batch, params, optimizer, scheduler, guard, numerator,
+                              denominator, optim, micro_batch_size, token_budget,
+                              {"indices": indices, "ids": ids})
             logger.write(row)
+            if ckpt.due(step, len(steps)):
+                ckpt.save(step, {"log": logger.rows, "bad_streak": guard.streak})
             bar.update(1)
-            bar.set_postfix(loss=f"{loss_sum:.4f}", lr=f"{lr:.2e}")
+            bar.set_postfix(loss="skipped" if row.get("skipped") else f"{row['loss']:.4f}",
+                            lr=f"{row['lr']:.2e}")
     finally:
         bar.close()
         logger.close()
-    return summarize_log(logger.rows, time.perf_counter() - started, len(examples))
+    summary = summarize_log(logger.rows, time.perf_counter() - started, len(examples))
+    summary["resumed_from_step"] = start or None
+    return summary
+
+
+def _train_step(step: int, batch: list[TokenExample], params, optimizer, scheduler,
+                guard: "NonFiniteGuard", numerator: Numerator, denominator: Denominator,
+                optim: OptimConfig, micro_batch_size: int | None, token_budget: int | None,
+                where: dict) -> dict:
+    """One optimiser update on `batch` (skipped when not finite); its step-log row."""
+    t0 = time.perf_counter()
+    total = float(sum(denominator(e) for e in batch))
+    if total <= 0:
+        raise ValueError(f"{guard.stage}: step {step} has no loss weight (empty outputs?)")
+    optimizer.zero_grad(set_to_none=True)
+    watched = {"loss": _accumulate(batch, numerator, total, micro_batch_size, token_budget)}
+    if math.isfinite(watched["loss"]):  # a non-finite loss stopped before all backwards
+        watched["grad_norm"] = _clip(params, optim.max_grad_norm)
+    lr = scheduler.get_last_lr()[0]
+    bad = guard.check(step, watched, where)
+    if bad:
+        optimizer.zero_grad(set_to_none=True)  # nothing of this batch reaches the weights
+    else:
+        optimizer.step()
+    step_schedule(scheduler)  # the schedule follows the data position, skipped or not
+    row = {"step": step, "loss": watched["loss"], "lr": lr,
+           "grad_norm": watched.get("grad_norm"),
+           "rows": len(batch), "tokens": sum(e.length for e in batch),
+           "seconds": round(time.perf_counter() - t0, 4)}
+    return skipped_row(row, bad, where) if bad else row
+
+
+def _accumulate(batch: list[TokenExample], numerator: Numerator, total: float,
+                micro_batch_size: int | None, token_budget: int | None) -> float:
+    """Backpropagate the batch loss micro-batch by micro-batch; returns the loss.
+
+    Stops at the first non-finite part (its value is returned; the caller skips the update).
+    """
+    loss_sum = 0.0
+    for micro in micro_batches(batch, micro_batch_size, token_budget):
+        part = numerator(micro) / total  # scalar
+        value = part.item()
+        if not math.isfinite(value):
+            return value
+        part.backward()
+        loss_sum += value
+    return loss_sum
+
+
+def run_key(desc: str, steps: list[list[int]], examples: Sequence[TokenExample],
+            optim: OptimConfig, seed: int, micro_batch_size: int | None,
+            token_budget: int | None) -> dict:
+    """What a checkpoint must agree with to be resumed: the stage, its batches and data."""
+    data = hashlib.sha256()
+    for e in examples:
+        data.update(array("q", [len(e.prompt_ids), *e.prompt_ids, *e.output_ids]).tobytes())
+        data.update(array("d", [e.label, e.weight]).tobytes())
+    return {"stage": desc, "steps": len(steps), "seed": seed, "optim": asdict(optim),
+            "micro_batch_size": micro_batch_size, "token_budget": token_budget,
+            "batches": hashlib.sha256(json.dumps(steps).encode()).hexdigest(),
+            "data": data.hexdigest()}
+
+
+# ----------------------------------------------------------------------------- faults
+
+class NonFiniteGuard:
+    """Decides whether an update may reach the optimiser: every watched value finite.
+
+    `check` returns the names of the non-finite values (empty: go ahead). A bad update is
+    logged with its batch and must be skipped by the caller (gradients zeroed, no optimiser
+    step); `max_bad` bad updates in a row raise FloatingPointError naming the stage, the step
+    and the values, before any adapter of the stage is written.
+    """
+
+    def __init__(self, stage: str, max_bad: int = 3, streak: int = 0):
+        if max_bad < 1:
+            raise ValueError(f"{stage}: max_bad_updates must be >= 1, got {max_bad}")
+        self.stage, self.max_bad, self.streak = stage, max_bad, streak
+
+    def check(self, step: int, values: dict[str, float], where: dict) -> list[str]:
+        return self.record(step, nonfinite(values), where)
+
+    def record(self, step: int, bad: dict[str, float], where: dict) -> list[str]:
+        """Count one update whose non-finite values are `bad` ({} for a good update)."""
+        if not bad:
+            self.streak = 0
+            return []
+        self.streak += 1
+        what = ", ".join(f"{k}={v}" for k, v in bad.items())
+        log.warning("%s: step %d: non-finite %s; update skipped (%d in a row); batch %s",
+                    self.stage, step, what, self.streak, where)
+        if self.streak >= self.max_bad:
+            raise FloatingPointError(
+                f"{self.stage}: step {step}: non-finite {what}; {self.streak} bad updates in a "
+                f"row (max_bad_updates={self.max_bad}), stopping (batch {where})")
+        return list(bad)
+
+
+def nonfinite(values: dict[str, float]) -> dict[str, float]:
+    """The entries of `values` that are NaN or infinite."""
+    return {k: v for k, v in values.items() if not math.isfinite(v)}
+
+
+def step_schedule(scheduler) -> None:
+    """scheduler.step(), also after a skipped first update (torch warns then: not an error
+    here, the learning rate follows the data position)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
+        scheduler.step()
+
+
+def skipped_row(row: dict, bad: list[str], where: dict) -> dict:
+    """A log row for a skipped update: non-finite numbers become null (strict JSON)."""
+    clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
+             for k, v in row.items()}
+    return {**clean, "skipped": True, "nonfinite": bad, **where}
 
 
 def _clip(params: list[torch.nn.Parameter], max_norm: float | None) -> float:
@@ -236,12 +363,15 @@ def _clip(params: list[torch.nn.Parameter], max_norm: float | None) -> float:
 
 
 def summarize_log(rows: list[dict], seconds: float, n_examples: int) -> dict:
-    losses = [r["loss"] for r in rows]
+    """Loss statistics over the applied updates; skipped (non-finite) ones are counted apart."""
+    done = [r for r in rows if not r.get("skipped")]
+    losses = [r["loss"] for r in done]
     tail = losses[-max(1, len(losses) // 10):]
     step_seconds = sorted(r["seconds"] for r in rows)
     return {
         "examples": n_examples,
         "steps": len(rows),
+        "skipped_steps": len(rows) - len(done),
         "first_loss": losses[0] if losses else None,
         "final_loss": losses[-1] if losses else None,
         "tail_mean_loss": sum(tail) / len(tail) if tail else None,  # last 10% of steps

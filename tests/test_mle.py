@@ -108,3 +108,54 @@ def test_bad_rows_are_named(tokenizer):
     rows[1]["output"] = "  "
     with pytest.raises(ValueError, match=r"row 2 \(id='1'\) needs a non-empty text 'output'"):
         mle.validate_rows(rows)
+
+
+# ----------------------------------------------------------------------------- faults
+
+def _poison(monkeypatch, bad_calls) -> None:
+    """mle_loss_sum returns NaN on the calls (1-based, one per step here) in `bad_calls`."""
+    real, calls = mle.mle_loss_sum, []
+
+    def poisoned(model, examples, pad_id, adapter=mle.ADAPTER):
+        calls.append(1)
+        loss = real(model, examples, pad_id, adapter)
+        return loss * float("nan") if bad_calls(len(calls)) else loss
+
+    monkeypatch.setattr(mle, "mle_loss_sum", poisoned)
+
+
+def test_a_nan_batch_is_skipped_logged_and_training_completes(tokenizer, tmp_path, monkeypatch,
+                                                               caplog):
+    from lastmile.io import write_jsonl
+    from safetensors.torch import load_file
+
+    write_jsonl(tmp_path / "train.jsonl", _rows(tokenizer, 8))  # batch 2: 4 steps
+    _poison(monkeypatch, lambda call: call == 2)
+    cfg = _cfg(batch_size=2)
+    cfg.optim = OptimConfig(learning_rate=1e-2)
+    with caplog.at_level("WARNING"):
+        summary = mle.train_mle(tmp_path / "train.jsonl", tmp_path / "out", cfg, "tiny-random")
+    log = [json.loads(x) for x in (tmp_path / "out" / "train_log.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in log] == [1, 2, 3, 4]
+    assert log[1]["skipped"] and log[1]["nonfinite"] == ["loss"] and log[1]["loss"] is None
+    assert len(log[1]["ids"]) == 2 and log[1]["ids"] == [str(i) for i in log[1]["indices"]]
+    assert not any(x.get("skipped") for x in log[:1] + log[2:])
+    assert summary["train"]["skipped_steps"] == 1 and summary["train"]["steps"] == 4
+    assert "MLE: step 2: non-finite loss=nan" in caplog.text
+    weights = load_file(str(tmp_path / "out" / "adapter" / "adapter_model.safetensors"))
+    assert all(torch.isfinite(w).all() for w in weights.values())
+    assert any(w.abs().sum() > 0 for k, w in weights.items() if "lora_B" in k)  # it trained
+
+
+def test_consecutive_nan_batches_stop_the_stage_without_an_adapter(tokenizer, tmp_path,
+                                                                   monkeypatch):
+    from lastmile.io import write_jsonl
+
+    write_jsonl(tmp_path / "train.jsonl", _rows(tokenizer, 10))  # batch 2: 5 steps
+    _poison(monkeypatch, lambda call: call >= 2)
+    with pytest.raises(FloatingPointError,
+                       match=r"MLE: step 4: non-finite loss=nan; 3 bad updates in a row "
+                             r"\(max_bad_updates=3\)"):
+        mle.train_mle(tmp_path / "train.jsonl", tmp_path / "out", _cfg(batch_size=2),
+                      "tiny-random")
+    assert not (tmp_path / "out" / "adapter").exists()

@@ -378,3 +378,47 @@ def test_bad_rows_and_config_are_named(stage_inputs, tmp_path):
                       "tiny-random")
     with pytest.raises(FileNotFoundError, match="reward_adapter_dir"):
         ppo.train_ppo(train, tmp_path / "nowhere", tmp_path / "o", PPOConfig(), "tiny-random")
+
+
+# ----------------------------------------------------------------------------- faults
+
+def _poison_rewards(monkeypatch, bad_calls) -> None:
+    """The length penalty (a part of r_t) is NaN on the rollouts (1-based) in `bad_calls`."""
+    real, calls = ppo.length_penalty, []
+
+    def poisoned(*args, **kwargs):
+        calls.append(1)
+        penalty = real(*args, **kwargs)
+        return penalty * float("nan") if bad_calls(len(calls)) else penalty
+
+    monkeypatch.setattr(ppo, "length_penalty", poisoned)
+
+
+def test_a_nan_reward_skips_that_update_and_training_completes(stage_inputs, tmp_path,
+                                                               monkeypatch):
+    from safetensors.torch import load_file
+
+    train, reward_dir = stage_inputs
+    _poison_rewards(monkeypatch, lambda call: call == 2)
+    cfg = PPOConfig(batch_size=3, max_new_tokens=6, max_updates=3)
+    summary = ppo.train_ppo(train, reward_dir, tmp_path / "out", cfg, "tiny-random")
+    out = tmp_path / "out"
+    rows = [json.loads(line) for line in (out / "ppo_log.jsonl").read_text().splitlines()]
+    assert [r.get("skipped", False) for r in rows] == [False, True, False]
+    assert {"reward", "advantage_mean", "value_loss"} <= set(rows[1]["nonfinite"])
+    assert rows[1]["reward_mean"] is None and len(rows[1]["ids"]) == 3
+    assert summary["skipped_updates"] == 1 and summary["updates"] == 3
+    for name in ("adapter", "value_adapter"):
+        weights = load_file(str(out / name / "adapter_model.safetensors"))
+        assert all(torch.isfinite(w).all() for w in weights.values()), name
+    assert not (out / "checkpoints").exists()
+
+
+def test_nan_rewards_in_a_row_stop_ppo_without_an_adapter(stage_inputs, tmp_path, monkeypatch):
+    train, reward_dir = stage_inputs
+    _poison_rewards(monkeypatch, lambda call: True)
+    cfg = PPOConfig(batch_size=3, max_new_tokens=6, max_updates=3)
+    with pytest.raises(FloatingPointError, match=r"PPO: step 3: non-finite reward=nan"):
+        ppo.train_ppo(train, reward_dir, tmp_path / "out", cfg, "tiny-random")
+    assert not (tmp_path / "out" / "adapter").exists()
+    assert not (tmp_path / "out" / "value_adapter").exists()

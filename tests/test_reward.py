@@ -269,3 +269,21 @@ def test_smollm2_reward_model_ranks_true_outputs_above_noise_and_copies(tmp_path
     assert result["accuracy"]["copy_input"] >= 0.8, result
     assert result["mean_reward"]["true"] > result["mean_reward"]["random_tokens"]
     assert result["mean_reward"]["true"] > result["mean_reward"]["copy_input"]
+
+
+def test_infinite_losses_in_a_row_stop_the_stage_without_an_adapter(tokenizer, tmp_path,
+                                                                    monkeypatch):
+    from lastmile.io import write_jsonl
+
+    write_jsonl(tmp_path / "rm.jsonl", _rows(tokenizer, 4))
+    real = reward.reward_loss_sum
+    monkeypatch.setattr(reward, "reward_loss_sum",
+                        lambda *a, **k: real(*a, **k) + float("inf"))
+    cfg = _cfg(batch_size=4, max_bad_updates=2)
+    with pytest.raises(FloatingPointError,
+                       match=r"reward model: step 2: non-finite loss=inf; 2 bad updates"):
+        reward.train_reward_model(tmp_path / "rm.jsonl", tmp_path / "out", cfg, "tiny-random")
+    assert not (tmp_path / "out" / "adapter").exists()
+    log = [json.loads(x) for x in (tmp_path / "out" / "train_log.jsonl").read_text().splitlines()]
+    assert [(x["step"], x["skipped"], x["nonfinite"]) for x in log] == [(1, True, ["loss"])]
+    assert log[0]["ids"][0] in {r["id"] for r in _rows(tokenizer, 4)}

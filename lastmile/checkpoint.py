@@ -1,0 +1,284 @@
+"""Training checkpoints that survive preemption (reward model, MLE, PPO).
+
+Layout, under a stage's checkpoint directory (default `<out_dir>/checkpoints`, or the config's
+`checkpoint_dir`):
+
+    step-000050/
+        tensors.safetensors   trainable parameters (adapter LoRA weights and scalar heads, in
+                              the order the stage lists them), AdamW state tensors, RNG states
+                              (torch CPU [+ CUDA], every named torch.Generator, e.g. PPO's
+                              sampler)
+        meta.json             step (the data position: steps 1..step are done), the run key,
+                              AdamW param groups, scheduler state, Python and NumPy RNG states,
+                              the stage's extras (its step-log rows, the bad-update streak)
+        COMPLETE              written last: {"step", "files": {name: {bytes, sha256}}}
+
+A checkpoint is written into `.tmp-step-...` (every file fsynced, COMPLETE last), renamed into
+place atomically, and the directory fsynced; only directories with a COMPLETE whose sizes and
+hashes match their files are ever loaded, so a run killed mid-write resumes from the previous
+one. The last `KEEP` (2) are kept. No pickle: tensors in safetensors, everything else JSON.
+Stages delete the directory once their final adapter is written (`clear`).
+
+One writer per directory: two runs sharing an out_dir are not supported.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+log = logging.getLogger(__name__)
+
+KEEP = 2
+COMPLETE = "COMPLETE"
+TENSORS = "tensors.safetensors"
+META = "meta.json"
+PREFIX = "step-"
+
+
+# ----------------------------------------------------------------------------- files
+
+def resolve_dir(out_dir: str | os.PathLike, explicit: str | os.PathLike | None) -> Path:
+    """The stage's checkpoint directory: `explicit` when given, else out_dir/checkpoints."""
+    return Path(explicit) if explicit else Path(out_dir) / "checkpoints"
+
+
+def _write(path: Path, data: bytes) -> dict:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    return {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make a rename or a new entry durable (some network filesystems cannot: skipped there)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError as e:
+        log.debug("fsync of directory %s not supported: %s", path, e)
+    finally:
+        os.close(fd)
+
+
+def save(root: str | os.PathLike, step: int, tensors: dict[str, torch.Tensor], meta: dict,
+         keep: int = KEEP) -> Path:
+    """Write one checkpoint atomically (temp dir, fsync, COMPLETE last, rename); prune old."""
+    from safetensors.torch import save as to_bytes
+
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"{PREFIX}{step:06d}"
+    tmp = root / f".tmp-{final.name}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    files = {TENSORS: _write(tmp / TENSORS, to_bytes({k: _plain(v) for k, v in tensors.items()})),
+             META: _write(tmp / META, json.dumps(dict(meta, step=step)).encode())}
+    _write(tmp / COMPLETE, json.dumps({"step": step, "files": files}).encode())
+    _fsync_dir(tmp)
+    if final.exists():  # only an unreadable one can be here (we resumed before it)
+        shutil.rmtree(final)
+    os.rename(tmp, final)
+    _fsync_dir(root)
+    _prune(root, keep)
+    return final
+
+
+def _plain(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().to("cpu").contiguous().clone()
+
+
+def _prune(root: Path, keep: int) -> None:
+    for path in _complete_dirs(root)[:-keep]:
+        shutil.rmtree(path, ignore_errors=True)
+    for path in root.glob(".tmp-*"):  # left by a killed writer (one writer per directory)
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _complete_dirs(root: Path) -> list[Path]:
+    """step-* directories with a COMPLETE marker, oldest first."""
+    dirs = [p for p in root.glob(f"{PREFIX}*") if (p / COMPLETE).is_file()]
+    return sorted(dirs, key=lambda p: int(p.name[len(PREFIX):]))
+
+
+def _read_verified(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """(tensors, meta) of one checkpoint; ValueError when a file does not match COMPLETE."""
+    from safetensors.torch import load as from_bytes
+
+    marker = json.loads((path / COMPLETE).read_text())
+    blobs = {}
+    for name, want in marker["files"].items():
+        data = (path / name).read_bytes()
+        if len(data) != want["bytes"] or hashlib.sha256(data).hexdigest() != want["sha256"]:
+            raise ValueError(f"{path / name}: size or sha256 differs from {COMPLETE}")
+        blobs[name] = data
+    return from_bytes(blobs[TENSORS]), json.loads(blobs[META])
+
+
+def load_latest(root: str | os.PathLike | None
+                ) -> tuple[Path, dict[str, torch.Tensor], dict] | None:
+    """The newest complete, verified checkpoint under `root` (None when there is none)."""
+    if root is None or not Path(root).is_dir():
+        return None
+    for path in reversed(_complete_dirs(Path(root))):
+        try:
+            tensors, meta = _read_verified(path)
+        except (OSError, ValueError, KeyError) as e:
+            log.warning("checkpoint %s is unreadable (%s); trying an older one", path, e)
+            continue
+        return path, tensors, meta
+    return None
+
+
+def clear(root: str | os.PathLike | None) -> None:
+    """Delete the checkpoints (after the final adapter is written); the directory too if empty."""
+    if root is None or not Path(root).is_dir():
+        return
+    root = Path(root)
+    for path in [*root.glob(f"{PREFIX}*"), *root.glob(".tmp-*")]:
+        shutil.rmtree(path, ignore_errors=True)
+    try:
+        root.rmdir()
+    except OSError:  # something else lives there: leave it
+        pass
+
+
+# ----------------------------------------------------------------------------- state
+
+def optimizer_state(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    """AdamW's state dict split into tensors ("optim.<param>.<key>") and JSON."""
+    sd = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for idx, state in sd["state"].items():
+        for key, value in state.items():
+            if torch.is_tensor(value):
+                tensors[f"optim.{idx}.{key}"] = value
+            else:
+                scalars.setdefault(str(idx), {})[key] = value
+    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor],
+                         meta: dict) -> None:
+    state: dict[int, dict] = {}
+    for name, value in tensors.items():
+        if name.startswith("optim."):
+            _, idx, key = name.split(".", 2)
+            state.setdefault(int(idx), {})[key] = value
+    for idx, values in meta["scalars"].items():
+        state.setdefault(int(idx), {}).update(values)
+    groups = [dict(g, betas=tuple(g["betas"])) if "betas" in g else g
+              for g in meta["param_groups"]]
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
+
+
+def rng_state(generators: dict[str, torch.Generator]) -> tuple[dict[str, torch.Tensor], dict]:
+    """torch (CPU, every CUDA device), named generators, Python and NumPy RNG states."""
+    tensors = {"rng.torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, state in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"rng.cuda.{i}"] = state
+    for name, gen in generators.items():
+        tensors[f"rng.gen.{name}"] = gen.get_state()
+    version, internal, gauss = random.getstate()
+    meta = {"python": [version, list(internal), gauss]}
+    try:
+        import numpy as np
+
+        kind, keys, pos, has_gauss, cached = np.random.get_state()
+        meta["numpy"] = [kind, keys.tolist(), int(pos), int(has_gauss), float(cached)]
+    except ImportError:
+        pass
+    return tensors, meta
+
+
+def restore_rng(tensors: dict[str, torch.Tensor], meta: dict,
+                generators: dict[str, torch.Generator]) -> None:
+    torch.set_rng_state(tensors["rng.torch"])
+    if torch.cuda.is_available():
+        states = [tensors[k] for k in sorted(k for k in tensors if k.startswith("rng.cuda."))]
+        if len(states) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(states)
+    for name, gen in generators.items():
+        gen.set_state(tensors[f"rng.gen.{name}"])
+    version, internal, gauss = meta["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if "numpy" in meta:
+        import numpy as np
+
+        kind, keys, pos, has_gauss, cached = meta["numpy"]
+        np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+
+
+# ----------------------------------------------------------------------------- a training run
+
+class Checkpointer:
+    """Save and restore one training loop's state every `every` steps (0 or no root: off).
+
+    params: the trainable tensors (adapters and heads) in a fixed order; optimizer, scheduler
+    and generators (named torch.Generator, e.g. a sampler's) are restored in place. `run` is a
+    JSON key of what the loop will do (stage, steps, seed, data ...): resuming a checkpoint
+    written under another key raises instead of silently mixing two runs.
+    """
+
+    def __init__(self, root: str | os.PathLike | None, every: int,
+                 params: Sequence[torch.nn.Parameter], optimizer, scheduler, run: dict,
+                 generators: dict[str, torch.Generator] | None = None, keep: int = KEEP):
+        if every < 0:
+            raise ValueError(f"checkpoint_every must be >= 0 (0 = off), got {every}")
+        self.root = Path(root) if root is not None and every > 0 else None
+        self.every, self.keep = every, keep
+        self.params, self.optimizer, self.scheduler = list(params), optimizer, scheduler
+        self.run = json.loads(json.dumps(run))  # as it reads back from meta.json
+        self.generators = generators or {}
+
+    def resume(self) -> tuple[int, dict]:
+        """(step, extras) of the latest complete checkpoint, state restored; (0, {}) if none."""
+        found = load_latest(self.root)
+        if found is None:
+            return 0, {}
+        path, tensors, meta = found
+        if meta["run"] != self.run:
+            raise ValueError(f"checkpoint {path} belongs to another run ({meta['run']} != "
+                             f"{self.run}); delete {self.root} or set another checkpoint_dir")
+        self._restore_params(path, tensors)
+        load_optimizer_state(self.optimizer, tensors, meta["optimizer"])
+        self.scheduler.load_state_dict(meta["scheduler"])
+        restore_rng(tensors, meta["rng"], self.generators)
+        log.info("resumed from %s (step %d)", path, meta["step"])
+        return int(meta["step"]), meta.get("extras", {})
+
+    def _restore_params(self, path: Path, tensors: dict[str, torch.Tensor]) -> None:
+        names = sorted(k for k in tensors if k.startswith("param."))
+        if len(names) != len(self.params):
+            raise ValueError(f"checkpoint {path} holds {len(names)} parameters, the model "
+                             f"trains {len(self.params)}")
+        with torch.no_grad():
+            for name, p in zip(names, self.params):
+                if tensors[name].shape != p.shape:
+                    raise ValueError(f"checkpoint {path}: {name} has shape "
+                                     f"{tuple(tensors[name].shape)}, the model {tuple(p.shape)}")
+                p.copy_(tensors[name])
+
+    def due(self, step: int, last: int) -> bool:
+        return self.root is not None and (step % self.every == 0 or step == last)
+
+    def save(self, step: int, extras: dict) -> Path | None:
+        if self.root is None:
+            return None
+        tensors = {f"param.{i:05d}": p for i, p in enumerate(self.params)}
+        optim_tensors, optim_meta = optimizer_state(self.optimizer)
+        rng_tensors, rng_meta = rng_state(self.generators)
+        meta = {"run": self.run, "optimizer": optim_meta, "rng": rng_meta,
+                "scheduler": self.scheduler.state_dict(), "extras": extras}
+        return save(self.root, step, {**tensors, **optim_tensors, **rng_tensors}, meta,
+                    self.keep)

@@ -1,0 +1,243 @@
+"""Resume after preemption: a real training subprocess killed with SIGKILL, then rerun.
+
+Each stage test runs the tiny model in a child process that stops at a chosen point and is
+killed there with SIGKILL (MLE: halfway through writing a checkpoint, so a half-written one
+is on disk; PPO: in the middle of an update after a checkpoint, so an update's work is lost).
+A second child runs the stage again into the same out_dir (it must resume from the last
+complete checkpoint) and then once more into a fresh out_dir (the uninterrupted reference).
+The adapters must be bit-identical: same process layout, same CPU kernels, and every piece of
+state (weights, AdamW, scheduler, torch/Python/NumPy RNGs, PPO's sampling generator) restored.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from lastmile import checkpoint
+
+# The child: run one stage into each out dir in turn; HANG (first run only) stops it at a
+# chosen point and writes HANG_FILE, where the parent kills it. Prints one summary per run.
+CHILD = r"""
+import json, os, sys, time
+from pathlib import Path
+from lastmile import checkpoint, mle, ppo
+from lastmile.config import LoraSpec, MLEConfig, OptimConfig, PPOConfig
+
+stage, hang, data, reward_dir, *outs = sys.argv[1:]
+small = LoraSpec(r=4, alpha=8)
+
+def stop_here():
+    Path(os.environ["HANG_FILE"]).write_text("ready")
+    time.sleep(600)
+
+if hang == "mid-checkpoint":  # half of step 6's tensors on disk, no COMPLETE
+    write = checkpoint._write
+    def partial(path, blob):
+        if path.parent.name.startswith(".tmp-step-000006") and path.name == checkpoint.TENSORS:
+            with open(path, "wb") as f:
+                f.write(blob[: len(blob) // 2])
+            stop_here()
+        return write(path, blob)
+    checkpoint._write = partial
+elif hang == "mid-update":  # update 6 scored, not yet stepped; update 5 (sampled) not saved
+    rollout = ppo.PPOTrainer.rollout
+    calls = []
+    def counted(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 6:
+            stop_here()
+        return rollout(self, *args, **kwargs)
+    ppo.PPOTrainer.rollout = counted
+
+for out in outs:
+    if stage == "mle":
+        cfg = MLEConfig(lora=small, batch_size=2, checkpoint_every=2,
+                        optim=OptimConfig(learning_rate=1e-2))
+        summary = mle.train_mle(data, out, cfg, "tiny-random")
+    else:
+        cfg = PPOConfig(policy_lora=small, value_lora=small, batch_size=3, max_new_tokens=6,
+                        epochs=3, max_updates=8, checkpoint_every=2,
+                        optim=OptimConfig(learning_rate=1e-3))
+        summary = ppo.train_ppo(data, reward_dir, out, cfg, "tiny-random")
+    print("SUMMARY " + json.dumps(summary), flush=True)
+"""
+
+
+def _env(hang_file: Path) -> dict:
+    root = Path(__file__).resolve().parents[1]
+    return dict(os.environ, HANG_FILE=str(hang_file), LASTMILE_NO_PROGRESS="1",
+                PYTHONPATH=str(root) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+
+
+def _kill_when_stopped(args: list[str], hang_file: Path, timeout: float = 60.0) -> None:
+    """Start the child, wait until it reaches its stop point, SIGKILL it."""
+    child = subprocess.Popen([sys.executable, "-c", CHILD, *args], env=_env(hang_file),
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + timeout
+    try:
+        while not hang_file.exists():
+            if child.poll() is not None:
+                out, err = child.communicate()
+                pytest.fail(f"child exited ({child.returncode}) before its stop point:\n"
+                            f"{out}\n{err[-3000:]}")
+            if time.monotonic() > deadline:
+                pytest.fail("child did not reach its stop point in time")
+            time.sleep(0.02)
+    finally:
+        if child.poll() is None:
+            os.kill(child.pid, signal.SIGKILL)
+        child.wait()
+    assert child.returncode == -signal.SIGKILL
+
+
+def _run(args: list[str], hang_file: Path) -> list[dict]:
+    done = subprocess.run([sys.executable, "-c", CHILD, *args], env=_env(hang_file),
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return [json.loads(line[len("SUMMARY "):]) for line in done.stdout.splitlines()
+            if line.startswith("SUMMARY ")]
+
+
+def _tensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
+
+
+def _assert_same_files(a: Path, b: Path, names: list[str]) -> None:
+    for name in names:
+        ta, tb = _tensors(a / name), _tensors(b / name)
+        assert ta.keys() == tb.keys(), name
+        for key in ta:  # exact: the resumed run is the same computation
+            assert torch.equal(ta[key], tb[key]), (name, key)
+
+
+def _log(path: Path) -> list[dict]:
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    for row in rows:  # wall-clock times differ between runs
+        row.pop("seconds", None)
+        row.pop("sample_seconds", None)
+    return rows
+
+
+def _rows(tokenizer, n: int) -> list[dict]:
+    rows = []
+    for i in range(n):
+        text = f"package {i} provides tools number {i} for the shell"
+        prompt = tokenizer.apply_chat_template([{"role": "user", "content": "Summarize: " + text}],
+                                               add_generation_prompt=True, tokenize=False)
+        rows.append({"id": f"r{i}", "input": text, "output": f"tools {i} for shell",
+                     "prompt": prompt})
+    return rows
+
+
+# ----------------------------------------------------------------------------- stages
+
+def test_mle_killed_while_writing_a_checkpoint_resumes_from_the_last_complete_one(
+        tokenizer, tmp_path):
+    from lastmile.io import write_jsonl
+
+    write_jsonl(tmp_path / "train.jsonl", _rows(tokenizer, 16))  # batch 2: 8 steps
+    resumed, fresh = tmp_path / "resumed", tmp_path / "fresh"
+    base = ["mle", "mid-checkpoint", str(tmp_path / "train.jsonl"), "-"]
+    _kill_when_stopped(base + [str(resumed)], tmp_path / "hung")
+
+    ckpts = resumed / "checkpoints"
+    assert sorted(p.name for p in ckpts.glob("step-*")) == ["step-000002", "step-000004"]
+    half = list(ckpts.glob(".tmp-step-000006-*"))  # the torn write, never to be loaded
+    assert half and not (half[0] / checkpoint.COMPLETE).exists()
+    assert not (resumed / "adapter").exists()
+
+    summaries = _run(["mle", "none", str(tmp_path / "train.jsonl"), "-", str(resumed),
+                      str(fresh)], tmp_path / "unused")
+    assert summaries[0]["train"]["resumed_from_step"] == 4
+    assert summaries[1]["train"]["resumed_from_step"] is None
+    assert summaries[0]["train"]["steps"] == summaries[1]["train"]["steps"] == 8
+    assert _log(resumed / "train_log.jsonl") == _log(fresh / "train_log.jsonl")
+    _assert_same_files(resumed / "adapter", fresh / "adapter", ["adapter_model.safetensors"])
+    assert not ckpts.exists()  # deleted once the adapter is written
+
+
+def test_ppo_killed_mid_update_resumes_with_the_sampling_rng(tokenizer, tmp_path):
+    from lastmile.config import LoraSpec
+    from lastmile.io import write_jsonl
+    from lastmile.modeling import AdapterModel, load_base
+
+    model = AdapterModel(load_base("tiny-random")[0])
+    model.add_adapter("reward", LoraSpec(r=4, alpha=8), head=True, seed=1)
+    with torch.no_grad():
+        gen = torch.Generator().manual_seed(4)
+        for p in model.adapter_parameters("reward"):
+            p.add_(torch.randn(p.shape, generator=gen) * 0.05)
+    reward_dir = model.save_adapter("reward", tmp_path / "reward")
+    write_jsonl(tmp_path / "train.jsonl", _rows(tokenizer, 9))  # batch 3, 3 epochs: 8 updates
+    resumed, fresh = tmp_path / "resumed", tmp_path / "fresh"
+    args = [str(tmp_path / "train.jsonl"), str(reward_dir)]
+    _kill_when_stopped(["ppo", "mid-update", *args, str(resumed)], tmp_path / "hung")
+
+    assert sorted(p.name for p in (resumed / "checkpoints").glob("step-*")) == [
+        "step-000002", "step-000004"]
+    assert len((resumed / "ppo_log.jsonl").read_text().splitlines()) == 5  # 5 lost on resume
+
+    summaries = _run(["ppo", "none", *args, str(resumed), str(fresh)], tmp_path / "unused")
+    assert summaries[0]["resumed_from_step"] == 4 and summaries[1]["resumed_from_step"] is None
+    assert summaries[0]["updates"] == summaries[1]["updates"] == 8
+    log_resumed, log_fresh = _log(resumed / "ppo_log.jsonl"), _log(fresh / "ppo_log.jsonl")
+    assert [r["update"] for r in log_resumed] == list(range(1, 9))
+    assert log_resumed == log_fresh  # update 5's samples included: same generator state
+    _assert_same_files(resumed / "adapter", fresh / "adapter", ["adapter_model.safetensors"])
+    _assert_same_files(resumed / "value_adapter", fresh / "value_adapter",
+                       ["adapter_model.safetensors", "head.safetensors"])
+    assert not (resumed / "checkpoints").exists()
+
+
+# ----------------------------------------------------------------------------- the files
+
+def _state(step: int) -> dict[str, torch.Tensor]:
+    return {"param.00000": torch.full((3,), float(step))}
+
+
+def test_torn_and_corrupt_checkpoints_are_skipped_and_two_are_kept(tmp_path):
+    for step in (1, 2, 3):
+        checkpoint.save(tmp_path, step, _state(step), {"x": step})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-000002", "step-000003"]
+    path, tensors, meta = checkpoint.load_latest(tmp_path)
+    assert path.name == "step-000003" and meta == {"x": 3, "step": 3}
+    assert torch.equal(tensors["param.00000"], _state(3)["param.00000"])
+
+    blob = path / checkpoint.TENSORS  # flip a byte: the hash no longer matches COMPLETE
+    data = bytearray(blob.read_bytes())
+    data[-1] ^= 0xFF
+    blob.write_bytes(bytes(data))
+    torn = tmp_path / "step-000004"  # a directory without COMPLETE (e.g. copied by hand)
+    torn.mkdir()
+    (torn / checkpoint.META).write_text("{}")
+    assert checkpoint.load_latest(tmp_path)[0].name == "step-000002"
+
+    checkpoint.clear(tmp_path)
+    assert not tmp_path.exists()
+    assert checkpoint.load_latest(tmp_path) is None
+
+
+def test_a_checkpoint_of_another_run_is_not_resumed(tmp_path):
+    from lastmile.config import OptimConfig
+    from lastmile.train_utils import make_optimizer
+
+    params = [torch.nn.Parameter(torch.zeros(3))]
+    optimizer, scheduler = make_optimizer(params, OptimConfig(), 4)
+    ckpt = checkpoint.Checkpointer(tmp_path, 1, params, optimizer, scheduler, {"steps": 4})
+    ckpt.save(1, {})
+    other = checkpoint.Checkpointer(tmp_path, 1, params, optimizer, scheduler, {"steps": 5})
+    with pytest.raises(ValueError, match="belongs to another run"):
+        other.resume()
+    assert checkpoint.Checkpointer(tmp_path, 0, params, optimizer, scheduler,
+                                   {"steps": 5}).resume() == (0, {})  # off: nothing read
