@@ -135,39 +135,51 @@ def import_bleurt():
 
 # ----------------------------------------------------------------------------- loading
 
-def resolve_checkpoint(checkpoint: str) -> Path:
+def resolve_checkpoint(checkpoint: str, allow_pickle: bool = False) -> Path:
     """A local directory as is; anything else is a hub id, fetched (or found in the HF cache).
 
-    Hub access happens only here, only because the user named the id.
+    Hub access happens only here, only because the user named the id. Pickle weights
+    (pytorch_model.bin) are downloaded only with `allow_pickle=True`; a directory whose only
+    weights are pickle files is refused without it (unpickling can run code).
     """
+    from .modeling import UnsafeWeightsError, check_weight_files
+
     path = Path(checkpoint).expanduser()
-    if path.is_dir():
-        return path
-    if path.exists() or checkpoint.startswith((".", "/", "~")) or checkpoint.count("/") > 1:
-        raise BleurtLoadError(f"BLEURT checkpoint {checkpoint!r} is not an existing directory")
-    from huggingface_hub import snapshot_download
+    if not path.is_dir():
+        if path.exists() or checkpoint.startswith((".", "/", "~")) or checkpoint.count("/") > 1:
+            raise BleurtLoadError(
+                f"BLEURT checkpoint {checkpoint!r} is not an existing directory")
+        from huggingface_hub import snapshot_download
 
+        patterns = ["*.json", "*.txt", "*.model", "*.safetensors"]
+        try:
+            path = Path(snapshot_download(
+                checkpoint, allow_patterns=patterns + (["*.bin"] if allow_pickle else [])))
+        except Exception as e:  # offline, unknown repo, gated: all mean "cannot load"
+            raise BleurtLoadError(
+                f"BLEURT checkpoint {checkpoint!r} is neither a local directory nor a reachable "
+                f"hub id ({type(e).__name__}: {e})") from e
     try:
-        local = snapshot_download(
-            checkpoint,
-            allow_patterns=["*.json", "*.txt", "*.model", "*.safetensors", "*.bin"])
-    except Exception as e:  # offline, unknown repo, gated: all mean "cannot load"
-        raise BleurtLoadError(
-            f"BLEURT checkpoint {checkpoint!r} is neither a local directory nor a reachable "
-            f"hub id ({type(e).__name__}: {e})") from e
-    return Path(local)
+        check_weight_files(path, f"BLEURT checkpoint {checkpoint!r}", allow_pickle)
+    except UnsafeWeightsError as e:
+        raise BleurtLoadError(str(e)) from None
+    return path
 
 
-def load_bleurt(checkpoint: str, device: str | torch.device = "cpu"):
+def load_bleurt(checkpoint: str, device: str | torch.device = "cpu", *,
+                allow_pickle: bool = False):
     """(model, tokenizer) for a BLEURT checkpoint (hub id or local dir), model in eval mode.
 
-    Raises BleurtLoadError naming the checkpoint when anything is missing or inconsistent.
+    Weights load from safetensors only unless `allow_pickle=True` (for checkpoints published
+    as pytorch_model.bin only, from a source you trust). The classes are bleurt-pytorch's own,
+    so no code shipped with a checkpoint is ever run. Raises BleurtLoadError naming the
+    checkpoint when anything is missing, unsafe or inconsistent.
     """
     bleurt = import_bleurt()
     from bleurt_pytorch.bleurt.tokenization_bleurt_fast import BleurtTokenizerFast
     from bleurt_pytorch.bleurt.tokenization_bleurt_sp import BleurtSPTokenizer
 
-    path = resolve_checkpoint(checkpoint)
+    path = resolve_checkpoint(checkpoint, allow_pickle)
     if (path / SENTENCEPIECE_FILE).exists():
         # transformers 5 converts spm.model with the sentencepiece library; without it, it
         # falls back to a tiktoken reader that cannot parse it. (Checked: sentencepiece 0.2.1
@@ -185,7 +197,8 @@ def load_bleurt(checkpoint: str, device: str | torch.device = "cpu"):
             f"one of {', '.join(WORDPIECE_FILES + (SENTENCEPIECE_FILE,))}")
     try:
         tokenizer = tokenizer_cls.from_pretrained(str(path))
-        model = bleurt.BleurtForSequenceClassification.from_pretrained(str(path))
+        model = bleurt.BleurtForSequenceClassification.from_pretrained(
+            str(path), use_safetensors=None if allow_pickle else True)
     except Exception as e:
         raise BleurtLoadError(
             f"BLEURT checkpoint {checkpoint!r} ({path}) failed to load: {type(e).__name__}: {e}"

@@ -7,10 +7,13 @@
    (fetched by `lastmile.storage`, then read like a directory); or a Hugging Face dataset id
    (`owner/name`, or `hf:name[:config]`), only ever when the user names one. The default is the
    bundled Debian-descriptions dataset (`DEFAULT_DATA`).
-2. **Validate** each row: the configured input/output columns must hold non-empty strings. A bad
-   row is dropped and counted by reason (`missing_column`, `null`, `non_string`, `empty`), or
-   with `strict=True` raises naming the file and its 1-based line/row. A column that no row of
-   a file has is an error naming the column, the file and the columns that do exist.
+2. **Validate** each row: the configured input/output columns must hold non-empty strings of
+   valid Unicode (and an `id`, when present, must be valid Unicode). A bad row is dropped and
+   counted by reason (`missing_column`, `null`, `non_string`, `empty`, `invalid_unicode`: a
+   lone surrogate, which JSON escapes like "\\ud800" can produce and no tokenizer or UTF-8
+   file can hold), or with `strict=True` raises naming the file, its 1-based line/row and the
+   column. A column that no row of a file has is an error naming the column, the file and the
+   columns that do exist.
 3. **Split**: named splits are used when the source has them (hub splits; files whose names
    start with `train` / `test` / `validation`; validation serves as test when there is no test).
    Otherwise each row's side is a hash of its (whitespace-normalised) input text, independent of
@@ -26,7 +29,10 @@
    token budget. Rows past the cap are never tokenized; they are counted as `capped` per split.
 
 Output: `train.jsonl`, `test.jsonl` (records `{"id", "input", "output", "prompt"}`) and
-`summary.json`, all written atomically.
+`summary.json`, all written atomically. Every row read is accounted for in the summary:
+``rows_in == sum(rows_out) + sum(dropped) + sum(splits[s]["capped"])``. The summary also
+records ``source_sha256`` (the bytes of the files read; null for a hub dataset),
+``output_sha256`` ({"train.jsonl", "test.jsonl"} each) and ``data_sha256`` (both outputs).
 """
 
 from __future__ import annotations
@@ -45,7 +51,7 @@ from typing import Any, Iterable, Iterator
 import numpy as np
 
 from .config import DataConfig
-from .io import write_json, write_jsonl
+from .io import is_valid_unicode, write_json, write_jsonl
 
 #: The bundled default dataset (Debian package descriptions -> synopses; PROVENANCE.md there).
 DEFAULT_DATA = Path(__file__).resolve().parent.parent / "data" / "debian-descriptions"
@@ -56,7 +62,8 @@ DEFAULT_OUTPUT_COLUMN = "output"
 DATA_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".csv", ".parquet")
 ID_COLUMN = "id"
 SPLITS = ("train", "test")
-DROP_REASONS = ("missing_column", "null", "non_string", "empty", "duplicate", "too_long")
+DROP_REASONS = ("missing_column", "null", "non_string", "empty", "invalid_unicode", "duplicate",
+                "too_long")
 TOKENIZE_BATCH = 512
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(:[\w.-]+)?$")
 
@@ -127,6 +134,7 @@ class Part:
     columns: list[str]
     records: list[tuple[int, Any]]  # (1-based line or row number, record)
     unit: str = "line"  # what the number counts: "line" or "row"
+    sha256: str | None = None  # of the file's bytes (None for a hub split)
 
 
 def is_data_file(path: Path) -> bool:
@@ -164,7 +172,15 @@ def read_file(path: Path, label: str | None = None, split: str | None = None) ->
         raise DataError(f"{label}: cannot decode the file ({e})") from None
     if not records:
         raise DataError(f"{label}: the file has no rows")
-    return Part(label, split, columns, records, unit)
+    return Part(label, split, columns, records, unit, _file_sha256(path))
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
 
 
 Records = tuple[list[tuple[int, Any]], list[str], str]  # (records, columns, unit)
@@ -174,11 +190,16 @@ def _read_json_records(path: Path, label: str) -> Records:
     opener = gzip.open if path.name.lower().endswith(".gz") else open
     with opener(path, "rt", encoding="utf-8-sig") as f:
         text = f.read()
-    if text.lstrip().startswith("["):  # a .json file holding one array of objects
+    items = None
+    # A .json file may hold one array of objects; a .jsonl file is always lines (its first
+    # record may itself be an array: that is a bad record, reported by its line below).
+    if path.name.lower().endswith(".json") and text.lstrip().startswith("["):
         try:
             items = json.loads(text)
         except json.JSONDecodeError as e:
-            raise DataError(f"{label}: not valid JSON ({e.msg}, line {e.lineno})") from None
+            if e.msg != "Extra data":  # more than one value: JSON Lines after all
+                raise DataError(f"{label}: not valid JSON ({e.msg}, line {e.lineno})") from None
+    if isinstance(items, list):
         records = list(enumerate(items, start=1))
         unit = "row"
     else:
@@ -313,6 +334,7 @@ class Rows:
     dropped: Counter = field(default_factory=Counter)
     files: list[str] = field(default_factory=list)
     ignored: list[str] = field(default_factory=list)
+    source_sha256: str | None = None  # over the used files' bytes; None for a hub dataset
 
 
 def check_columns(part: Part, cfg: DataConfig) -> None:
@@ -331,13 +353,15 @@ def bad_reason(record: dict[str, Any], column: str) -> str | None:
         return "null"
     if not isinstance(value, str):
         return "non_string"
+    if not is_valid_unicode(value):
+        return "invalid_unicode"
     if not value.strip():
         return "empty"
     return None
 
 
 _REASON_TEXT = {"missing_column": "missing", "null": "null", "non_string": "not a string",
-                "empty": "empty"}
+                "empty": "empty", "invalid_unicode": "not valid Unicode (a lone surrogate)"}
 
 
 def _row_problem(record: dict[str, Any], cfg: DataConfig) -> tuple[str, str] | None:
@@ -346,6 +370,9 @@ def _row_problem(record: dict[str, Any], cfg: DataConfig) -> tuple[str, str] | N
         reason = bad_reason(record, column)
         if reason is not None:
             return column, reason
+    rid = record.get(ID_COLUMN)
+    if rid is not None and not is_valid_unicode(str(rid)):
+        return ID_COLUMN, "invalid_unicode"
     return None
 
 
@@ -387,7 +414,14 @@ def load_rows(source: str | Path, cfg: DataConfig) -> Rows:
     splits = _deduplicate(splits, dropped)
     _unique_ids(splits)
     return Rows(splits, kind, method, sum(len(p.records) for p in used), dropped,
-                [p.label for p in used], [p.label for p in ignored])
+                [p.label for p in used], [p.label for p in ignored], _source_sha256(used))
+
+
+def _source_sha256(parts: list[Part]) -> str | None:
+    """A hash of the used files' contents in reading order; None unless every part is a file."""
+    if not parts or any(p.sha256 is None for p in parts):
+        return None
+    return hashlib.sha256("\n".join(p.sha256 for p in parts).encode()).hexdigest()
 
 
 def _named_parts(parts: list[Part]) -> tuple[dict[str, list[Part]] | None, list[Part]]:
@@ -495,10 +529,13 @@ def prepare(source: str | Path, out_dir: Path, cfg: DataConfig, tokenizer) -> di
         if not written[split]:
             raise DataError(_empty_split_message(source, split, rows, per_split[split]))
     digest = hashlib.sha256()
+    per_file: dict[str, str] = {}
     for split in SPLITS:
         write_jsonl(out_dir / f"{split}.jsonl", written[split])
-        digest.update((out_dir / f"{split}.jsonl").read_bytes())
-    summary = _summary(source, rows, written, per_split, cfg, digest.hexdigest())
+        content = (out_dir / f"{split}.jsonl").read_bytes()
+        digest.update(content)
+        per_file[f"{split}.jsonl"] = hashlib.sha256(content).hexdigest()
+    summary = _summary(source, rows, written, per_split, cfg, digest.hexdigest(), per_file)
     write_json(out_dir / "summary.json", summary)
     return summary
 
@@ -511,7 +548,8 @@ def _empty_split_message(source, split: str, rows: Rows, counts: dict[str, int])
 
 
 def _summary(source, rows: Rows, written: dict[str, list[dict]], per_split: dict[str, dict],
-             cfg: DataConfig, data_sha256: str) -> dict[str, Any]:
+             cfg: DataConfig, data_sha256: str, output_sha256: dict[str, str]
+             ) -> dict[str, Any]:
     everything = [r for split in SPLITS for r in written[split]]
     return {
         "stage": "filter_data",
@@ -527,6 +565,8 @@ def _summary(source, rows: Rows, written: dict[str, list[dict]], per_split: dict
         "dropped": {reason: rows.dropped.get(reason, 0) for reason in DROP_REASONS},
         "splits": per_split,
         "data_sha256": data_sha256,
+        "output_sha256": output_sha256,
+        "source_sha256": rows.source_sha256,
         "input_words": word_stats(r["input"] for r in everything),
         "output_words": word_stats(r["output"] for r in everything),
     }

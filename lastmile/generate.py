@@ -119,14 +119,17 @@ def generate_texts(model: AdapterModel, tokenizer, prompts: Sequence[str], adapt
 
 # ----------------------------------------------------------------------------- the stage
 
-def load_variant(base_source: str, adapter_dir: str | os.PathLike | None, merge: bool = True):
+def load_variant(base_source: str, adapter_dir: str | os.PathLike | None, merge: bool = True,
+                 *, allow_pickle: bool = False, trust_remote_code: bool = False):
     """The base with the adapter at `adapter_dir`, if any. Returns (model, tokenizer, adapter).
 
     `adapter` is the name to pass to generation: None for the base, and also when the LoRA
     weights are merged into the base (W + s·BA), which makes generation as fast as the base
-    and changes results only by float rounding.
+    and changes results only by float rounding. `allow_pickle` / `trust_remote_code`: see
+    `modeling.load_base` (both off unless the caller asks).
     """
-    base, tokenizer = load_base(base_source)
+    base, tokenizer = load_base(base_source, allow_pickle=allow_pickle,
+                                trust_remote_code=trust_remote_code)
     model = AdapterModel(base)
     if adapter_dir is None:
         return model, tokenizer, None
@@ -160,7 +163,8 @@ def _count_rows(path: str | os.PathLike) -> int:
 
 
 def generate_predictions(test_path: str | os.PathLike, out_path: str | os.PathLike, variant: str,
-                         base_source: str, adapter_dir: str | None, cfg: GenerateConfig) -> dict:
+                         base_source: str, adapter_dir: str | None, cfg: GenerateConfig, *,
+                         allow_pickle: bool = False, trust_remote_code: bool = False) -> dict:
     """Predictions for every test row as JSON Lines {id, input, reference, prediction, variant}.
 
     Rows are read and written in windows of `WINDOW_BATCHES` batches (sorted by length inside
@@ -170,7 +174,8 @@ def generate_predictions(test_path: str | os.PathLike, out_path: str | os.PathLi
     if cfg.batch_size < 1:
         raise ValueError(f"GenerateConfig.batch_size must be >= 1, got {cfg.batch_size}")
     started = time.perf_counter()
-    model, tokenizer, adapter = load_variant(base_source, adapter_dir)
+    model, tokenizer, adapter = load_variant(base_source, adapter_dir, allow_pickle=allow_pickle,
+                                             trust_remote_code=trust_remote_code)
     model.to(default_device())
     load_seconds = time.perf_counter() - started
     total = _count_rows(test_path)

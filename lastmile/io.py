@@ -51,21 +51,50 @@ def read_jsonl(path: str | os.PathLike) -> Iterator[dict[str, Any]]:
                 raise ValueError(f"{path}: line {lineno} is not valid JSON ({e.msg})") from None
 
 
+def is_valid_unicode(text: str) -> bool:
+    """False for a str holding a lone surrogate: Python strings can (json.loads makes one from
+    an escaped "\\ud800"), but UTF-8 files and the tokenizers cannot."""
+    if text.isascii():
+        return True
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _dumps(obj: Any, **kwargs: Any) -> str:
+    """JSON text UTF-8 can encode: non-ASCII stays readable, but an object holding a lone
+    surrogate (json.loads makes one from an escaped "\\ud800") is written with ASCII escapes,
+    valid JSON that reads back to the same string, where writing it raw would raise."""
+    text = json.dumps(obj, ensure_ascii=False, **kwargs)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return json.dumps(obj, ensure_ascii=True, **kwargs)
+    return text
+
+
 def write_jsonl(path: str | os.PathLike, rows: Iterable[dict[str, Any]]) -> int:
-    """Write rows atomically; returns how many were written."""
+    """Write rows atomically; returns how many were written. A row holding a lone surrogate
+    is written with ASCII escapes (see `_dumps`) instead of failing the whole file."""
     path = Path(path)
     n = 0
     with atomic_path(path) as tmp:
         with _open_text(tmp, "w", gz=path.suffix == ".gz") as f:
             for row in rows:
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+                line = json.dumps(row, ensure_ascii=False) + "\n"
+                try:
+                    f.write(line)  # the text layer encodes the whole line before writing any
+                except UnicodeEncodeError:
+                    f.write(json.dumps(row, ensure_ascii=True) + "\n")
                 n += 1
     return n
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:
     with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False, default=_json_default) + "\n")
+        tmp.write_text(_dumps(obj, indent=2, default=_json_default) + "\n", encoding="utf-8")
 
 
 def read_json(path: str | os.PathLike) -> Any:
@@ -78,3 +107,46 @@ def _json_default(obj: Any) -> Any:
     if isinstance(obj, Path):
         return str(obj)
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+# ----------------------------------------------------------------------------- disk space
+
+class DiskSpaceError(OSError):
+    """Not enough free disk space for a write; the message gives needed and free sizes."""
+
+
+def human_bytes(n: float) -> str:
+    """1536 -> '1.5 KiB'; binary units, one decimal (bytes as an integer)."""
+    n = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{int(n)} B" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+def _existing_ancestor(path: Path) -> Path:
+    """`path` or its nearest ancestor that exists (the filesystem a new file would land on)."""
+    path = Path(os.path.abspath(path))
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def ensure_free_space(path: str | os.PathLike, needed_bytes: int, what: str,
+                      hint: str = "") -> int:
+    """Raise DiskSpaceError unless the filesystem holding `path` (which need not exist yet) has
+    at least `needed_bytes` free; returns the free bytes. Call before a large write, so a full
+    disk fails at once with a clear message instead of leaving a truncated file."""
+    import errno
+    import shutil
+
+    probe = _existing_ancestor(Path(path))
+    free = shutil.disk_usage(probe).free
+    if needed_bytes > free:
+        raise DiskSpaceError(
+            errno.ENOSPC,
+            f"not enough disk space for {what}: need {human_bytes(needed_bytes)}, "
+            f"{human_bytes(free)} free on the filesystem of {probe}"
+            + (f" ({hint})" if hint else ""))
+    return free

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
 from .config import ScoreConfig
-from .io import write_json
+from .io import is_valid_unicode, write_json
 
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL")
 PARTS = ("precision", "recall", "f1")
@@ -186,14 +186,15 @@ def get_embedder() -> Embedder:
 class BleurtScorer:
     """BLEURT scores from a named checkpoint (hub id or local dir); see lastmile.bleurt_compat."""
 
-    def __init__(self, checkpoint: str, device: str | None = None):
+    def __init__(self, checkpoint: str, device: str | None = None, allow_pickle: bool = False):
         import torch
 
         from .bleurt_compat import load_bleurt
 
         self.checkpoint = checkpoint
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        self.model, self.tokenizer = load_bleurt(checkpoint, device=device)
+        self.model, self.tokenizer = load_bleurt(checkpoint, device=device,
+                                                 allow_pickle=allow_pickle)
 
     def score(self, preds: list[str], refs: list[str]) -> list[float]:
         from .bleurt_compat import bleurt_score_batch
@@ -202,8 +203,14 @@ class BleurtScorer:
 
 
 @functools.lru_cache(maxsize=2)
-def get_bleurt(checkpoint: str) -> BleurtScorer:
-    return BleurtScorer(checkpoint)
+def get_bleurt(checkpoint: str, allow_pickle: bool = False) -> BleurtScorer:
+    return BleurtScorer(checkpoint, allow_pickle=allow_pickle)
+
+
+def bleurt_allow_pickle(cfg: ScoreConfig) -> bool:
+    """Whether the BLEURT checkpoint may be loaded from pickle weights (pytorch_model.bin).
+    Off unless the config says so (`ScoreConfig.bleurt_allow_pickle`, when it has the field)."""
+    return bool(getattr(cfg, "bleurt_allow_pickle", False))
 
 
 # ----------------------------------------------------------------------------- corpus
@@ -270,6 +277,9 @@ def _check_row(row: Any, where: str) -> tuple[str, str, str]:
         if not isinstance(row[key], str):
             raise ScoreInputError(
                 f"{where}: field {key!r} must be a string, got {type(row[key]).__name__}")
+        if not is_valid_unicode(row[key]):  # the model tokenizers cannot encode it
+            raise ScoreInputError(f"{where}: field {key!r} is not valid Unicode "
+                                  "(it holds a lone surrogate, e.g. from a \\ud800 escape)")
     variant = row.get("variant", DEFAULT_VARIANT)
     if variant is None:
         variant = DEFAULT_VARIANT
@@ -282,7 +292,8 @@ def _check_row(row: Any, where: str) -> tuple[str, str, str]:
 def _score_located(located: Iterable[tuple[str, Any]], cfg: ScoreConfig, source: str) -> dict:
     """Core of `score_predictions`: rows arrive with a location label for error messages."""
     # Load the models before reading rows, so a bad checkpoint fails fast, before any work.
-    bleurt = get_bleurt(cfg.bleurt_checkpoint) if cfg.bleurt_checkpoint else None
+    bleurt = (get_bleurt(cfg.bleurt_checkpoint, bleurt_allow_pickle(cfg))
+              if cfg.bleurt_checkpoint else None)
     embedder = get_embedder() if cfg.semantic_similarity else None
     sums: dict[str, _Sums] = {}
     pending = _ModelScores(sums, bleurt, embedder)

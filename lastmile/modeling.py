@@ -10,7 +10,14 @@ Base-model sources (`resolve_base`):
     dequantized once into a safetensors cache keyed by the file's hash;
   * ``tiny-random`` - a tiny randomly initialised Llama with SmolLM2's tokenizer (tests, smoke);
   * a local directory (Hugging Face layout) or a hub id (only when the user names one);
-  * ``s3://bucket/prefix/`` - fetched into the local cache by `lastmile.storage`.
+    a local ``.gguf`` file, or a directory holding a .gguf and no config.json, is dequantized
+    into the cache like the embedded one;
+  * ``s3://bucket/prefix/`` or ``s3://bucket/model.gguf`` - fetched into the local cache by
+    `lastmile.storage`, then resolved exactly like a local directory.
+
+Safe loading: weights come from safetensors or GGUF only. A directory whose only weights are
+pickle files (.bin/.pt/.pth/.ckpt) is refused unless the caller passes ``allow_pickle=True``,
+and ``trust_remote_code`` (a model's own Python code) is off unless the caller asks for it.
 """
 
 from __future__ import annotations
@@ -20,7 +27,9 @@ import hashlib
 import importlib.util
 import json
 import logging
+import math
 import os
+import struct
 import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -30,6 +39,7 @@ import torch
 from torch import nn
 
 from .config import EMBEDDED_BASE, TINY_BASE, LoraSpec
+from .io import ensure_free_space
 
 log = logging.getLogger(__name__)
 
@@ -70,9 +80,40 @@ def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
 
 _resolve_lock = threading.Lock()
 
+#: Weight files loaded without running code, and pickle-based ones, which can run code when
+#: loaded (`lastmile.storage` chooses what to download by similar lists).
+SAFE_WEIGHT_SUFFIXES = (".safetensors", ".gguf")
+PICKLE_WEIGHT_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 
-def resolve_base(source: str) -> str:
-    """Turn a base-model source into something `from_pretrained` loads offline and fast."""
+
+class UnsafeWeightsError(ValueError):
+    """A model directory whose only weights are pickle-based, loaded without allow_pickle."""
+
+
+def check_weight_files(directory: str | os.PathLike, what: str = "model",
+                       allow_pickle: bool = False) -> None:
+    """Refuse a directory whose weights are pickle files only (.bin/.pt/.pth/.ckpt): unpickling
+    can run arbitrary code. Safetensors or GGUF beside them are fine (they are what is loaded);
+    `allow_pickle=True` accepts pickle-only directories from a source the caller trusts."""
+    directory = Path(directory)
+    names = [p.name for p in directory.iterdir() if p.is_file()]
+    safe = [n for n in names if n.lower().endswith(SAFE_WEIGHT_SUFFIXES)]
+    pickles = sorted(n for n in names if n.lower().endswith(PICKLE_WEIGHT_SUFFIXES))
+    if pickles and not safe and not allow_pickle:
+        raise UnsafeWeightsError(
+            f"{what} at {directory}: its only weights are pickle files ({', '.join(pickles)}), "
+            "which can run code when loaded; convert them to safetensors (load once with "
+            "allow_pickle=True, then save_pretrained), or pass allow_pickle=True if you trust "
+            "the source")
+
+
+def resolve_base(source: str, allow_pickle: bool = False) -> str:
+    """Turn a base-model source into something `from_pretrained` loads offline and fast.
+
+    A GGUF - a .gguf file, or a directory (local or fetched from s3) holding a .gguf and no
+    config.json - is dequantized once into the safetensors cache. A directory whose only
+    weights are pickle files is refused unless `allow_pickle` (see `check_weight_files`).
+    """
     if source == EMBEDDED_BASE:
         return str(_dequantized_gguf(embedded_gguf_path()))
     if source == TINY_BASE:
@@ -80,27 +121,117 @@ def resolve_base(source: str) -> str:
     if source.startswith("s3://"):
         from . import storage  # only when asked: keeps minio out of the hot import path
 
-        return str(storage.fetch_model(source))
+        return _resolve_local(Path(storage.fetch_model(source, allow_pickle=allow_pickle)),
+                              source, allow_pickle)
     local = Path(source).expanduser()
-    if local.is_file() and local.suffix == ".gguf":
+    if local.exists():
+        return _resolve_local(local, source, allow_pickle)
+    return source  # a hub id, loaded only because the user named it (safetensors only)
+
+
+def _resolve_local(local: Path, source: str, allow_pickle: bool) -> str:
+    if local.is_file() and local.suffix.lower() == ".gguf":
         return str(_dequantized_gguf(local))
     if local.is_dir():
-        ggufs = sorted(local.glob("*.gguf"))
+        ggufs = sorted(p for p in local.glob("*.gguf") if p.is_file())
         if ggufs and not (local / "config.json").exists():
+            if len(ggufs) > 1:
+                log.warning("base model %s: several GGUF files, using %s", source, ggufs[0].name)
             return str(_dequantized_gguf(ggufs[0]))
+        check_weight_files(local, f"base model {source!r}", allow_pickle)
         return str(local)
-    if local.exists():
-        raise ValueError(f"base model {source!r}: not a directory or a .gguf file")
-    return source  # a hub id, loaded only because the user named it
+    raise ValueError(f"base model {source!r}: not a directory or a .gguf file")
+
+
+#: Disk needed beyond the dequantized tensors (tokenizer, config, safetensors header).
+_CACHE_OVERHEAD = 16 << 20
+
+
+def dequantized_size(gguf: Path) -> int:
+    """Bytes the fp32 safetensors of `gguf` will take: 4 per element of every tensor, plus
+    5% and _CACHE_OVERHEAD; 8x the file size when the GGUF header cannot be read."""
+    try:
+        elements = gguf_elements(gguf)
+    except (ValueError, OverflowError, struct.error, OSError):  # unreadable: a generous bound
+        return 8 * gguf.stat().st_size + _CACHE_OVERHEAD
+    return int(elements * 4 * 1.05) + _CACHE_OVERHEAD
+
+
+#: GGUF metadata value types -> struct format of a scalar (8: string, 9: array).
+_GGUF_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q",
+                 11: "q", 12: "d"}
+
+
+def gguf_elements(path: Path) -> int:
+    """Total number of tensor elements in a GGUF (v2/v3, little-endian), read from its header
+    alone: the metadata is skipped, not decoded (the `gguf` package's reader decodes the whole
+    vocabulary and takes seconds; this takes milliseconds)."""
+    import mmap
+
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+        return _gguf_elements(buf, path)
+
+
+def _gguf_elements(buf, path: Path) -> int:
+    if len(buf) < 24 or buf[:4] != b"GGUF":
+        raise ValueError(f"{path}: not a GGUF file")
+    version, n_tensors, n_kv = struct.unpack_from("<IQQ", buf, 4)
+    if version not in (2, 3):
+        raise ValueError(f"{path}: GGUF version {version} is not supported")
+    pos = 24  # only the pages of the header are read
+
+    def take(fmt: str):
+        nonlocal pos
+        values = struct.unpack_from("<" + fmt, buf, pos)
+        pos += struct.calcsize("<" + fmt)
+        return values[0] if len(values) == 1 else values
+
+    def skip_string() -> None:
+        nonlocal pos
+        length = take("Q")
+        pos += length
+
+    def skip_value(kind: int) -> None:
+        nonlocal pos
+        if kind in _GGUF_SCALARS:
+            pos += struct.calcsize(_GGUF_SCALARS[kind])
+        elif kind == 8:
+            skip_string()
+        elif kind == 9:
+            inner, count = take("IQ")
+            if inner in _GGUF_SCALARS:
+                pos += count * struct.calcsize(_GGUF_SCALARS[inner])
+            else:
+                for _ in range(count):
+                    skip_value(inner)
+        else:
+            raise ValueError(f"{path}: unknown GGUF value type {kind}")
+
+    for _ in range(n_kv):
+        skip_string()
+        skip_value(take("I"))
+    total = 0
+    for _ in range(n_tensors):
+        skip_string()
+        n_dims = take("I")
+        dims = struct.unpack_from(f"<{n_dims}Q", buf, pos)
+        pos += 8 * n_dims
+        take("IQ")  # type, offset
+        total += math.prod(dims)
+    return total
 
 
 def _dequantized_gguf(gguf: Path) -> Path:
     """Dequantize a GGUF once (~20 s) into safetensors under the cache, keyed by its hash."""
+    gguf = Path(gguf)
     digest = file_sha256(gguf)[:16]
     target = cache_dir() / "bases" / f"{gguf.stem}-{digest}"
     with _resolve_lock:
         if (target / "COMPLETE").exists():
             return target
+        ensure_free_space(target.parent, dequantized_size(gguf),
+                          f"the dequantized base model {gguf.name}",
+                          hint="set LASTMILE_CACHE to a larger disk")
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         log.info("dequantizing %s into %s (once)", gguf.name, target)
@@ -126,39 +257,67 @@ def _dequantized_gguf(gguf: Path) -> Path:
         return target
 
 
+_FILE_HASHES: dict[tuple[str, int, int], str] = {}
+
+
+def _content_sha256(path: Path) -> str:
+    """sha256 of a file, memoised per process by (path, size, mtime)."""
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    if key not in _FILE_HASHES:
+        _FILE_HASHES[key] = file_sha256(path)
+    return _FILE_HASHES[key]
+
+
 def base_fingerprint(source: str) -> str:
-    """A short hash that identifies the base weights (for summaries and reproducibility)."""
+    """A short hash that identifies the base weights (for summaries and reproducibility).
+
+    A dequantized GGUF (embedded, local or from s3): the GGUF file's hash. A directory (local
+    or fetched from s3): a hash of the contents of its config.json and weight files, so
+    weights replaced in place are noticed even at the same size (`lastmile.freshness` relies
+    on this to decide whether to retrain). A hub id: the id itself - what is cached locally
+    varies from pod to pod, so hashing it would flip; pin a revision for reproducibility.
+    Never refuses a source: hashing reads bytes, it does not unpickle them.
+    """
     if source == TINY_BASE:
         return "tiny-random"
-    resolved = Path(resolve_base(source))
+    resolved = Path(resolve_base(source, allow_pickle=True))
+    if not resolved.is_dir():
+        return str(source)
     if (resolved / "SOURCE.json").exists():
         return json.loads((resolved / "SOURCE.json").read_text())["sha256_16"]
-    if resolved.is_dir():
-        h = hashlib.sha256()
-        for f in sorted(resolved.glob("*.safetensors")):
-            h.update(f.name.encode())
-            h.update(str(f.stat().st_size).encode())
-        return h.hexdigest()[:16]
-    return str(source)
+    h = hashlib.sha256()
+    for f in sorted(resolved.iterdir()):
+        if f.is_file() and (f.name == "config.json" or f.name.lower().endswith(
+                SAFE_WEIGHT_SUFFIXES + PICKLE_WEIGHT_SUFFIXES)):
+            h.update(f"{f.name}\0{_content_sha256(f)}\0".encode())
+    return h.hexdigest()[:16]
 
 
 # ----------------------------------------------------------------------------- loading
 
-_TOKENIZERS: dict[str, object] = {}
+_TOKENIZERS: dict[tuple[str, bool], object] = {}
 
 
-def load_tokenizer(source: str = EMBEDDED_BASE):
-    """The base model's tokenizer, left-padded for batched generation; cached per process."""
-    if source not in _TOKENIZERS:
+def load_tokenizer(source: str = EMBEDDED_BASE, trust_remote_code: bool = False,
+                   allow_pickle: bool = False):
+    """The base model's tokenizer, left-padded for batched generation; cached per process.
+
+    `trust_remote_code`: run tokenizer code shipped with a hub/local model (off unless asked).
+    `allow_pickle`: accept a base directory whose weights are pickle files (see
+    `check_weight_files`; the tokenizer itself is never unpickled).
+    """
+    key = (source, trust_remote_code)
+    if key not in _TOKENIZERS:
         from transformers import AutoTokenizer
 
-        path = resolve_base(EMBEDDED_BASE if source == TINY_BASE else source)
-        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+        path = resolve_base(EMBEDDED_BASE if source == TINY_BASE else source, allow_pickle)
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
         if tok.pad_token is None:
             tok.pad_token = tok.eos_token
         tok.padding_side = "left"
-        _TOKENIZERS[source] = tok
-    return _TOKENIZERS[source]
+        _TOKENIZERS[key] = tok
+    return _TOKENIZERS[key]
 
 
 def tiny_llama(vocab_size: int, seed: int = 0, **overrides) -> nn.Module:
@@ -172,9 +331,16 @@ def tiny_llama(vocab_size: int, seed: int = 0, **overrides) -> nn.Module:
     return model
 
 
-def load_base(source: str = EMBEDDED_BASE, dtype: torch.dtype = torch.float32):
-    """Load the frozen base and its tokenizer. Returns (model, tokenizer)."""
-    tok = load_tokenizer(source)
+def load_base(source: str = EMBEDDED_BASE, dtype: torch.dtype = torch.float32, *,
+              allow_pickle: bool = False, trust_remote_code: bool = False):
+    """Load the frozen base and its tokenizer. Returns (model, tokenizer).
+
+    Weights come only from safetensors (or a GGUF, dequantized to safetensors): a directory
+    with only pickle weights (.bin/.pt/.pth/.ckpt) is refused unless `allow_pickle=True`, and
+    a hub id loads its safetensors files only. `trust_remote_code` (off unless asked) lets
+    a model's own Python code run, for architectures transformers does not ship.
+    """
+    tok = load_tokenizer(source, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
     if source == TINY_BASE:
         model = tiny_llama(len(tok))
         model.config.eos_token_id = tok.eos_token_id
@@ -183,8 +349,8 @@ def load_base(source: str = EMBEDDED_BASE, dtype: torch.dtype = torch.float32):
         from transformers import AutoModelForCausalLM
 
         model = AutoModelForCausalLM.from_pretrained(
-            resolve_base(source), dtype=dtype, trust_remote_code=False,
-            use_safetensors=None if source == EMBEDDED_BASE else True)
+            resolve_base(source, allow_pickle), dtype=dtype, trust_remote_code=trust_remote_code,
+            use_safetensors=None if allow_pickle or source == EMBEDDED_BASE else True)
     model.generation_config.pad_token_id = tok.pad_token_id
     model.eval()
     for p in model.parameters():
@@ -265,6 +431,8 @@ def collate(prompt_ids: list[list[int]], output_ids: list[list[int]], pad_id: in
 
 HEAD_FILE = "head.safetensors"
 SPEC_FILE = "lastmile_adapter.json"
+#: Disk a saved adapter needs beyond its tensors (configs, README, safetensors headers).
+_ADAPTER_OVERHEAD = 1 << 20
 
 
 class ScalarHead(nn.Module):
@@ -403,11 +571,19 @@ class AdapterModel(nn.Module):
         return torch.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
 
     # -- persistence --------------------------------------------------------------
+    def adapter_nbytes(self, name: str) -> int:
+        """Bytes of adapter `name`'s tensors (LoRA weights and head) as they will be saved."""
+        if name not in self.specs:
+            raise KeyError(f"no adapter {name!r}; have {sorted(self.specs)}")
+        return sum(p.numel() * p.element_size() for p in self.adapter_parameters(name))
+
     def save_adapter(self, name: str, out_dir: str | os.PathLike) -> Path:
         """Write adapter `name` (peft format) and its head as a small directory."""
         from safetensors.torch import save_file
 
         out = Path(out_dir)
+        ensure_free_space(out, self.adapter_nbytes(name) + _ADAPTER_OVERHEAD,
+                          f"adapter {name!r} in {out}")
         out.mkdir(parents=True, exist_ok=True)
         tmp = out.parent / f".{out.name}.tmp{os.getpid()}"
         self.peft.save_pretrained(tmp, selected_adapters=[name])

@@ -62,7 +62,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from .config import NegativesConfig
-from .io import read_jsonl, write_json, write_jsonl
+from .io import is_valid_unicode, read_jsonl, write_json, write_jsonl
 
 TRUE = "true"
 ROW_FIELDS = ("id", "input", "output", "prompt")
@@ -481,6 +481,9 @@ def check_rows(rows: Sequence[dict], source: str = "rows") -> None:
         for key in ("input", "output", "prompt"):
             if not isinstance(row[key], str):
                 raise ValueError(f"{source}: row {i} (id={row['id']!r}) field {key!r} is not text")
+            if not is_valid_unicode(row[key]):  # the tokenizer cannot encode a lone surrogate
+                raise ValueError(f"{source}: row {i} (id={row['id']!r}) field {key!r} is not "
+                                 "valid Unicode (it holds a lone surrogate)")
         if str(row["id"]) in seen:
             raise ValueError(f"{source}: row {i} repeats id {row['id']!r}")
         seen.add(str(row["id"]))

@@ -450,7 +450,8 @@ def _distinct(summaries: Mapping[str, dict], key: str) -> str:
 
 #: Run-wide facts shown first, from run_info or else from the stage summaries.
 REPRO_KEYS = {"profile": "profile", "base_model": "base model",
-              "base_model_hash": "base-model hash", "data_sha256": "data sha256"}
+              "base_model_hash": "base-model hash", "data_sha256": "data sha256",
+              "source_sha256": "source data sha256"}
 
 
 def _fact(run_info: Mapping[str, Any], summaries: Mapping[str, dict], key: str) -> str:
@@ -481,11 +482,37 @@ def _versions(run_info: Mapping[str, Any], summaries: Mapping[str, dict]) -> lis
             for package, vs in found.items()]
 
 
+#: Per-stage {file: sha256} maps (lastmile.runinfo): what each stage read, and wrote.
+DATA_HASH_KEYS = {"input_sha256": "read", "output_sha256": "wrote"}
+
+
+def _data_hash_rows(summaries: Mapping[str, dict]) -> tuple[list[list[str]], list[str]]:
+    """One row per distinct file content: file name(s), sha256 (16 hex), the stages that
+    wrote/read it. Also the names seen with more than one content (a mismatch to look at)."""
+    by_digest: dict[str, tuple[list[str], list[str]]] = {}
+    digests_of: dict[str, set[str]] = {}
+    for stage, s in summaries.items():
+        for key, role in DATA_HASH_KEYS.items():
+            files = s.get(key)
+            if not isinstance(files, Mapping):
+                continue
+            for name, digest in files.items():
+                names, stages = by_digest.setdefault(str(digest), ([], []))
+                if str(name) not in names:
+                    names.append(str(name))
+                stages.append(f"{stage} ({role})")
+                digests_of.setdefault(str(name), set()).add(str(digest))
+    rows = [[", ".join(names), digest[:16], ", ".join(stages)]
+            for digest, (names, stages) in by_digest.items()]
+    return rows, sorted(n for n, d in digests_of.items() if len(d) > 1)
+
+
 def reproducibility_blocks(run_info: Mapping[str, Any], summaries: Mapping[str, dict]
                            ) -> list[Block]:
     """Seeds, versions, base-model and data hashes: what a rerun must match."""
     hash_keys = sorted(k for k in {*run_info, *(k for s in summaries.values() for k in s)}
-                       if k.endswith(("_sha256", "_hash")) and k not in REPRO_KEYS)
+                       if k.endswith(("_sha256", "_hash")) and k not in REPRO_KEYS
+                       and k not in DATA_HASH_KEYS)
     facts = [[REPRO_KEYS.get(k, k), _fact(run_info, summaries, k)]
              for k in [*REPRO_KEYS, *hash_keys]]
     facts = [f for f in facts if f[1]]
@@ -496,9 +523,17 @@ def reproducibility_blocks(run_info: Mapping[str, Any], summaries: Mapping[str, 
               if k not in REPRO_KEYS and k not in hash_keys and k not in ("seed", "seeds")
               and isinstance(v, (str, int, float)) and not isinstance(v, bool)]
     versions = _versions(run_info, summaries)
+    data_rows, mismatched = _data_hash_rows(summaries)
     blocks: list[Block] = []
     if facts:
         blocks.append(Table(["", "value"], facts, text_cols=(1,)))
+    if data_rows:
+        blocks.append(Table(["data file", "sha256", "stages"], data_rows,
+                            caption="Data files by content: a file every stage saw alike "
+                                    "is one row", text_cols=(0, 2)))
+    if mismatched:
+        blocks.append(Para("Stages saw different contents under the same name: "
+                           + ", ".join(mismatched)))
     if versions:
         blocks.append(Table(["package", "version"], versions, text_cols=(1,)))
     if not blocks:

