@@ -95,10 +95,15 @@ class TokenExample:
 
 
 def epoch_batches(n: int, batch_size: int, epochs: int = 1, seed: int = 0,
-                  max_steps: int | None = None) -> list[list[int]]:
+                  max_steps: int | None = None,
+                  groups: Sequence | None = None) -> list[list[int]]:
     """Row indices per step: a seeded shuffle per epoch cut into batches (last one may be short).
 
-    Which rows form a batch depends only on (n, batch_size, epoch, seed), never on lengths.
+    `groups` (one key per row): shuffle the groups instead and keep each group's rows
+    together, in their given order, before cutting. The reward model uses it so a true output
+    and its negatives land in one batch and share a forward of their prompt
+    (`reward.output_states`). Which rows form a batch depends only on (n, batch_size, epoch,
+    seed, groups), never on lengths.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -109,20 +114,42 @@ def epoch_batches(n: int, batch_size: int, epochs: int = 1, seed: int = 0,
     batches: list[list[int]] = []
     for epoch in range(epochs):
         gen = torch.Generator().manual_seed(seed * 1000 + epoch)
-        order = torch.randperm(n, generator=gen).tolist()
+        if groups is None:
+            order = torch.randperm(n, generator=gen).tolist()
+        else:
+            members: dict = {}
+            for i, key in enumerate(groups):
+                members.setdefault(key, []).append(i)
+            blocks = list(members.values())
+            order = [i for b in torch.randperm(len(blocks), generator=gen).tolist()
+                     for i in blocks[b]]
         batches += [order[i: i + batch_size] for i in range(0, n, batch_size)]
     return batches[:max_steps] if max_steps is not None else batches
 
 
+def padded_tokens(group: Sequence[TokenExample]) -> int:
+    """Tokens one forward of `group` processes: its distinct prompts padded to the longest
+    prompt, plus every row's output padded to the longest output (`reward.output_states`).
+
+    For rows with distinct prompts this bounds rows x longest row, the cost of one forward of
+    prompt + output per row (MLE, PPO).
+    """
+    prompts = {tuple(e.prompt_ids) for e in group}
+    return (len(prompts) * max(len(e.prompt_ids) for e in group)
+            + len(group) * max(len(e.output_ids) for e in group))
+
+
 def micro_batches(batch: Sequence[TokenExample], micro_batch_size: int | None,
                   token_budget: int | None = None) -> list[list[TokenExample]]:
-    """Split one batch into forwards: rows sorted by length, at most `micro_batch_size` rows
-    and at most `token_budget` padded tokens (rows x longest row) per forward.
+    """Split one batch into forwards of at most `micro_batch_size` rows and `token_budget`
+    padded tokens (`padded_tokens`) each.
 
     Only the forwards change, never the batch: the rows, the loss and the gradient are those
-    of the whole batch (`train_loop` divides by the whole batch's denominator). Grouping rows
-    of similar length cuts the compute spent on padding, and the budget bounds activation
-    memory (one 14 x 686-token forward of SmolLM2 peaked at 21.6 GiB; see DEFAULT_TOKEN_BUDGET).
+    of the whole batch (`train_loop` divides by the whole batch's denominator). Rows are
+    ordered by prompt length, then prompt, then output length, so rows sharing a prompt (a
+    true output and its negatives) share its forward and similar lengths waste little on
+    padding; the budget bounds activation memory (one 14 x 686-token forward of SmolLM2
+    peaked at 21.6 GiB; see DEFAULT_TOKEN_BUDGET).
     """
     if micro_batch_size is not None and micro_batch_size < 1:
         raise ValueError(f"micro_batch_size must be >= 1 or None, got {micro_batch_size}")
@@ -132,10 +159,11 @@ def micro_batches(batch: Sequence[TokenExample], micro_batch_size: int | None,
     if token_budget is None and rows_cap >= len(batch):
         return [list(batch)]
     groups: list[list[TokenExample]] = []
-    for example in sorted(batch, key=lambda e: e.length):  # ascending: the last row is longest
+    for example in sorted(batch, key=lambda e: (len(e.prompt_ids), e.prompt_ids,
+                                                len(e.output_ids))):
         group = groups[-1] if groups else None
         if group is not None and len(group) < rows_cap and (
-                token_budget is None or (len(group) + 1) * example.length <= token_budget):
+                token_budget is None or padded_tokens(group + [example]) <= token_budget):
             group.append(example)
         else:
             groups.append([example])
@@ -193,8 +221,12 @@ def train_loop(params: Sequence[torch.nn.Parameter], examples: Sequence[TokenExa
                max_steps: int | None = None, seed: int = 0,
                log_path: str | os.PathLike | None = None, desc: str = "train",
                checkpoint_dir: str | os.PathLike | None = None, checkpoint_every: int = 0,
-               max_bad_updates: int = 3, example_ids: Sequence | None = None) -> dict:
+               max_bad_updates: int = 3, example_ids: Sequence | None = None,
+               groups: Sequence | None = None) -> dict:
     """Optimise `params` on `examples`; returns a summary of the run.
+
+    `groups`: one key per example; a group's examples stay together in batches
+    (`epoch_batches`).
 
     Loss of a batch = sum(numerator(micro) for its micro-batches) / sum(denominator(row)),
     a weighted mean whose gradient does not depend on the micro-batch split.
@@ -207,7 +239,9 @@ def train_loop(params: Sequence[torch.nn.Parameter], examples: Sequence[TokenExa
     if not examples:
         raise ValueError(f"{desc}: no training examples")
     params = [p for p in params if p.requires_grad]
-    steps = epoch_batches(len(examples), batch_size, epochs, seed, max_steps)
+    if groups is not None and len(groups) != len(examples):
+        raise ValueError(f"{desc}: {len(groups)} group keys for {len(examples)} examples")
+    steps = epoch_batches(len(examples), batch_size, epochs, seed, max_steps, groups)
     optimizer, scheduler = make_optimizer(params, optim, len(steps))
     run = run_key(desc, steps, examples, optim, seed, micro_batch_size, token_budget)
     ckpt = Checkpointer(checkpoint_dir, checkpoint_every, params, optimizer, scheduler, run)

@@ -10,7 +10,7 @@ import torch
 from lastmile import reward
 from lastmile.config import LoraSpec, OptimConfig, RewardConfig
 from lastmile.modeling import AdapterModel
-from lastmile.train_utils import TokenExample, micro_batches, train_loop
+from lastmile.train_utils import TokenExample, micro_batches, padded_tokens, train_loop
 
 
 def _cfg(**overrides) -> RewardConfig:
@@ -119,14 +119,65 @@ def test_micro_batch_split_keeps_the_batch_and_respects_limits():
         groups = micro_batches(batch, rows_cap, budget)
         flat = [e for g in groups for e in g]
         assert sorted(map(id, flat)) == sorted(map(id, batch))  # same rows, each once
-        assert [e.length for e in flat] == sorted(e.length for e in batch)
+        assert [len(e.prompt_ids) for e in flat] == sorted(len(e.prompt_ids) for e in batch)
         for g in groups:
             assert rows_cap is None or len(g) <= rows_cap
-            # a row longer than the budget runs alone; otherwise rows x longest <= budget
-            assert budget is None or len(g) * max(e.length for e in g) <= budget or len(g) == 1
+            # a row over the budget runs alone; otherwise the padded forward fits the budget,
+            # which for distinct prompts bounds rows x longest row
+            assert budget is None or padded_tokens(g) <= budget or len(g) == 1
+            assert padded_tokens(g) >= len(g) * max(e.length for e in g)
     assert [len(g) for g in micro_batches(batch, None, 60)] == [3, 1, 1, 1]
     with pytest.raises(ValueError, match="micro_batch_size"):
         micro_batches(batch, 0)
+
+
+def test_rows_sharing_a_prompt_share_a_forward():
+    shared, other = [1] * 50, [3] * 40
+    batch = [TokenExample(shared, [2] * n) for n in (3, 9, 5)] + [TokenExample(other, [2] * 4)]
+    assert padded_tokens(batch[:3]) == 50 + 3 * 9  # the prompt once, outputs padded
+    groups = micro_batches(batch, None, 50 + 3 * 9)
+    assert [[len(e.output_ids) for e in g] for g in groups] == [[4], [3, 5, 9]]
+
+
+def test_output_states_equal_one_forward_per_row(tokenizer):
+    """The shared-prompt forward gives each row the states, loss and gradient of a plain
+    forward of prompt + output (modeling.collate) for the same rows."""
+    from lastmile.modeling import collate, load_base
+
+    model = AdapterModel(load_base("tiny-random")[0])
+    reward.add_reward_adapter(model, _cfg())
+    rows = _rows(tokenizer, 3)  # 3 prompts x 3 rows; prompts of different lengths
+    for row in rows[3:6]:
+        row["prompt"] = _prompt(tokenizer, "Summarize: a much longer description " * 4)
+    examples = reward.encode_rows(tokenizer, rows, 100)
+    assert len({len(e.prompt_ids) for e in examples}) == 2
+    pad = tokenizer.pad_token_id
+    params = model.adapter_parameters("reward")
+
+    def plain_loss():
+        batch = collate([e.prompt_ids for e in examples], [e.output_ids for e in examples], pad)
+        hidden = model.hidden_states(batch.input_ids, batch.attention_mask, "reward")
+        rows = batch.output_mask.nonzero()[:, 0]
+        predicted = model.scalar(hidden[batch.output_mask], "reward")
+        labels = torch.tensor([e.label for e in examples])
+        weights = torch.tensor([e.weight for e in examples])
+        return (weights[rows] * (predicted - labels[rows]) ** 2).sum(), predicted
+
+    results = []
+    for loss_fn in (plain_loss, lambda: (reward.reward_loss_sum(model, examples, pad), None)):
+        for p in params:
+            p.grad = None
+        loss, predicted = loss_fn()
+        loss.backward()
+        results.append((loss.detach(), torch.cat([p.grad.flatten() for p in params])))
+    (plain, plain_grad), (shared, shared_grad) = results
+    torch.testing.assert_close(shared, plain, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(shared_grad, plain_grad, rtol=1e-4, atol=1e-5)
+    assert shared_grad.abs().sum() > 0
+
+    hidden, mask = reward.output_states(model, [e.prompt_ids for e in examples],
+                                        [e.output_ids for e in examples], pad)
+    assert mask.sum(1).tolist() == [len(e.output_ids) for e in examples]
 
 
 def test_training_on_a_separable_set_lowers_the_loss(tiny_model, tokenizer, tmp_path):
