@@ -160,6 +160,9 @@ def build_pipeline(image: str = components.DEFAULT_IMAGE,
         ppo_reference_fraction: float = _PAPER["ppo_reference_fraction"],
         max_new_tokens: int = _PAPER["max_new_tokens"],
         bleurt_checkpoint: str = _PAPER["bleurt_checkpoint"],
+        allow_pickle: bool = _PAPER["allow_pickle"],
+        trust_remote_code: bool = _PAPER["trust_remote_code"],
+        bleurt_allow_pickle: bool = _PAPER["bleurt_allow_pickle"],
     ) -> str:
         cfg = cpu(c.resolve_config(
             profile=profile, base_model=base_model, input_column=input_column,
@@ -173,7 +176,9 @@ def build_pipeline(image: str = components.DEFAULT_IMAGE,
             ppo_batch_size=ppo_batch_size, ppo_max_updates=ppo_max_updates,
             ppo_temperature=ppo_temperature, ppo_length_penalty=ppo_length_penalty,
             ppo_reference_fraction=ppo_reference_fraction, max_new_tokens=max_new_tokens,
-            bleurt_checkpoint=bleurt_checkpoint, init_policy_from_mle=init_policy_from_mle)).output
+            bleurt_checkpoint=bleurt_checkpoint, allow_pickle=allow_pickle,
+            trust_remote_code=trust_remote_code, bleurt_allow_pickle=bleurt_allow_pickle,
+            init_policy_from_mle=init_policy_from_mle)).output
         # Task data live outside the pipeline (a file, a prefix that grows): never cached.
         data = cpu(c.filter_data(config=cfg, data_source=data_source), cached=False)
         data.set_display_name("filter data")

@@ -41,6 +41,9 @@ def resolve_config(
     ppo_reference_fraction: float,
     max_new_tokens: int,
     bleurt_checkpoint: str,
+    allow_pickle: bool,
+    trust_remote_code: bool,
+    bleurt_allow_pickle: bool,
     init_policy_from_mle: bool = False,
 ) -> str:
     """Profile + pipeline parameters -> the run's whole configuration, as JSON.
@@ -69,8 +72,10 @@ def filter_data(config: str, data_source: str, data: Output[Dataset]):
 
     profile = profile_from_json(config)
     source = data_source or str(task_data.DEFAULT_DATA)
-    with runinfo.stage("filter_data", data.path, seed=profile.data.seed) as summary:
-        tokenizer = load_tokenizer(profile.base_model)
+    with runinfo.stage("filter_data", data.path, seed=profile.data.seed,
+                       base_model=profile.base_model) as summary:
+        tokenizer = load_tokenizer(profile.base_model, trust_remote_code=profile.trust_remote_code,
+                                   allow_pickle=profile.allow_pickle)
         summary.update(task_data.prepare(source, Path(data.path), profile.data, tokenizer))
     data.metadata.update({"train": summary["rows_out"]["train"], "test": summary["rows_out"]["test"]})
 
@@ -124,10 +129,14 @@ def synthesize_negatives(config: str, data: Input[Dataset], negatives: Output[Da
 
     profile = profile_from_json(config)
     out = Path(negatives.path)
-    with runinfo.stage("negatives", out, seed=profile.negatives.seed) as summary:
-        tokenizer = load_tokenizer(profile.base_model)
-        summary.update(neg.build_reward_dataset(Path(data.path) / "train.jsonl", out / "rm.jsonl",
-                                                profile.negatives, tokenizer))
+    train = Path(data.path) / "train.jsonl"
+    with runinfo.stage("negatives", out, seed=profile.negatives.seed,
+                       inputs={"train.jsonl": train}, outputs={"rm.jsonl": out / "rm.jsonl"},
+                       base_model=profile.base_model) as summary:
+        tokenizer = load_tokenizer(profile.base_model, trust_remote_code=profile.trust_remote_code,
+                                   allow_pickle=profile.allow_pickle)
+        summary.update(neg.build_reward_dataset(train, out / "rm.jsonl", profile.negatives,
+                                                tokenizer))
 
 
 def train_reward(config: str, data: Input[Dataset], negatives: Input[Dataset],
@@ -135,17 +144,24 @@ def train_reward(config: str, data: Input[Dataset], negatives: Input[Dataset],
     """Reward model: LoRA r=16 + scalar head, token targets 1/0, squared loss (paper §3.2)."""
     from pathlib import Path
 
-    from lastmile import reward, runinfo
+    from lastmile import checkpoint, reward, runinfo
     from lastmile.config import profile_from_json
     from lastmile.io import read_jsonl
 
     profile = profile_from_json(config)
     out = Path(reward_model.path)
-    held_out = list(read_jsonl(Path(data.path) / "test.jsonl"))
+    # An s3:// checkpoint prefix is narrowed to this task: a KFP retry (same output URI) finds
+    # its checkpoints, another run never does.
+    profile.reward.checkpoint_dir = checkpoint.task_scope(profile.reward.checkpoint_dir,
+                                                          "train_reward", reward_model.uri)
+    rm_path, test_path = Path(negatives.path) / "rm.jsonl", Path(data.path) / "test.jsonl"
     with runinfo.stage("train_reward", out, seed=profile.reward.seed,
+                       inputs={"rm.jsonl": rm_path, "test.jsonl": test_path},
                        base_model=profile.base_model) as summary:
-        summary.update(reward.train_reward_model(Path(negatives.path) / "rm.jsonl", out,
-                                                 profile.reward, profile.base_model, held_out))
+        held_out = list(read_jsonl(test_path))
+        summary.update(reward.train_reward_model(
+            rm_path, out, profile.reward, profile.base_model, held_out,
+            allow_pickle=profile.allow_pickle, trust_remote_code=profile.trust_remote_code))
     for category, accuracy in summary.get("eval", {}).get("accuracy", {}).items():
         metrics.log_metric(f"rm_accuracy_{category}", float(accuracy))
 
@@ -154,15 +170,19 @@ def train_mle(config: str, data: Input[Dataset], mle_model: Output[Model]):
     """Maximum-likelihood baseline: LoRA r=32 on the true outputs, one epoch (paper §3.4)."""
     from pathlib import Path
 
-    from lastmile import mle, runinfo
+    from lastmile import checkpoint, mle, runinfo
     from lastmile.config import profile_from_json
 
     profile = profile_from_json(config)
     out = Path(mle_model.path)
-    with runinfo.stage("train_mle", out, seed=profile.mle.seed,
+    profile.mle.checkpoint_dir = checkpoint.task_scope(profile.mle.checkpoint_dir, "train_mle",
+                                                       mle_model.uri)
+    train = Path(data.path) / "train.jsonl"
+    with runinfo.stage("train_mle", out, seed=profile.mle.seed, inputs={"train.jsonl": train},
                        base_model=profile.base_model) as summary:
-        summary.update(mle.train_mle(Path(data.path) / "train.jsonl", out, profile.mle,
-                                     profile.base_model))
+        summary.update(mle.train_mle(train, out, profile.mle, profile.base_model,
+                                     allow_pickle=profile.allow_pickle,
+                                     trust_remote_code=profile.trust_remote_code))
 
 
 def train_ppo(config: str, data: Input[Dataset], reward_model: Input[Model],
@@ -170,19 +190,23 @@ def train_ppo(config: str, data: Input[Dataset], reward_model: Input[Model],
     """Policy and value adapters trained by PPO against the frozen reward model (paper §3.3)."""
     from pathlib import Path
 
-    from lastmile import ppo, runinfo
+    from lastmile import checkpoint, ppo, runinfo
     from lastmile.config import profile_from_json
 
     profile = profile_from_json(config)
     out = Path(ppo_model.path)
+    profile.ppo.checkpoint_dir = checkpoint.task_scope(profile.ppo.checkpoint_dir, "train_ppo",
+                                                       ppo_model.uri)
     start_from = None
     if profile.ppo.init_policy_from_mle and mle_model is not None:
         start_from = Path(mle_model.path) / "adapter"
-    with runinfo.stage("train_ppo", out, seed=profile.ppo.seed,
+    train = Path(data.path) / "train.jsonl"
+    with runinfo.stage("train_ppo", out, seed=profile.ppo.seed, inputs={"train.jsonl": train},
                        base_model=profile.base_model) as summary:
-        summary.update(ppo.train_ppo(Path(data.path) / "train.jsonl",
-                                     Path(reward_model.path) / "adapter", out, profile.ppo,
-                                     profile.base_model, mle_adapter_dir=start_from))
+        summary.update(ppo.train_ppo(train, Path(reward_model.path) / "adapter", out,
+                                     profile.ppo, profile.base_model, mle_adapter_dir=start_from,
+                                     allow_pickle=profile.allow_pickle,
+                                     trust_remote_code=profile.trust_remote_code))
 
 
 def generate(config: str, data: Input[Dataset], variant: str, predictions: Output[Dataset],
@@ -197,23 +221,35 @@ def generate(config: str, data: Input[Dataset], variant: str, predictions: Outpu
     profile = profile_from_json(config)
     out = Path(predictions.path)
     adapter_dir = str(Path(adapter.path) / "adapter") if adapter is not None else None
-    with runinfo.stage(f"generate_{variant}", out, base_model=profile.base_model) as summary:
-        summary.update(gen.generate_predictions(Path(data.path) / "test.jsonl",
-                                                out / "predictions.jsonl", variant,
-                                                profile.base_model, adapter_dir, profile.generate))
+    test_path, written = Path(data.path) / "test.jsonl", out / "predictions.jsonl"
+    # Each variant's predictions are labelled by variant: the report groups files by label and
+    # would flag five different "predictions.jsonl" contents as a mismatch.
+    with runinfo.stage(f"generate_{variant}", out, inputs={"test.jsonl": test_path},
+                       outputs={f"{variant}/predictions.jsonl": written},
+                       base_model=profile.base_model) as summary:
+        summary.update(gen.generate_predictions(
+            test_path, written, variant, profile.base_model, adapter_dir, profile.generate,
+            allow_pickle=profile.allow_pickle, trust_remote_code=profile.trust_remote_code))
 
 
 def postprocess(predictions: Input[Dataset], cleaned: Output[Dataset]):
     """The paper's light clean-up: drop a "Sure, ..." first line, cut at the first newline."""
+    import json
     from pathlib import Path
 
     from lastmile import postprocess as post
     from lastmile import runinfo
 
     out = Path(cleaned.path)
-    with runinfo.stage("postprocess", out) as summary:
-        summary.update(post.postprocess_predictions(Path(predictions.path) / "predictions.jsonl",
-                                                    out / "predictions.jsonl"))
+    source, written = Path(predictions.path) / "predictions.jsonl", out / "predictions.jsonl"
+    # Files are labelled by variant (see generate); generate's summary names it.
+    upstream = Path(predictions.path) / "summary.json"
+    variant = json.loads(upstream.read_text()).get("variant") if upstream.is_file() else None
+    read = f"{variant}/predictions.jsonl" if variant else "predictions.jsonl"
+    wrote = f"{variant}_cleaned/predictions.jsonl" if variant else "cleaned/predictions.jsonl"
+    with runinfo.stage("postprocess", out, inputs={read: source},
+                       outputs={wrote: written}) as summary:
+        summary.update(post.postprocess_predictions(source, written))
 
 
 def score(config: str, base: Input[Dataset], mle: Input[Dataset], rl: Input[Dataset],
@@ -228,9 +264,12 @@ def score(config: str, base: Input[Dataset], mle: Input[Dataset], rl: Input[Data
 
     profile = profile_from_json(config)
     out = Path(scores.path)
-    inputs = [Path(a.path) / "predictions.jsonl" for a in (base, mle, rl, base_cleaned, mle_cleaned)]
-    with runinfo.stage("score", out) as summary:
-        result = scoring.score_file(inputs, out / "scores.json", profile.score)
+    variants = {"base": base, "mle": mle, "rl": rl, "base_cleaned": base_cleaned,
+                "mle_cleaned": mle_cleaned}
+    inputs = {f"{name}/predictions.jsonl": Path(a.path) / "predictions.jsonl"
+              for name, a in variants.items()}
+    with runinfo.stage("score", out, inputs=inputs) as summary:
+        result = scoring.score_file(list(inputs.values()), out / "scores.json", profile.score)
         summary["variants"] = sorted(result["models"])
     for name, value in results.metric_items(result).items():
         metrics.log_metric(name, value)

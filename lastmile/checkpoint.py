@@ -19,7 +19,20 @@ hashes match their files are ever loaded, so a run killed mid-write resumes from
 one. The last `KEEP` (2) are kept. No pickle: tensors in safetensors, everything else JSON.
 Stages delete the directory once their final adapter is written (`clear`).
 
-One writer per directory: two runs sharing an out_dir are not supported.
+Object storage. A `checkpoint_dir` that is an ``s3://`` prefix keeps the layout above under
+that prefix, so a task restarted on another node (a KFP retry: the pod and its disk are new)
+resumes too. Checkpoints are still written locally first (`<out_dir>/checkpoints`, or a
+directory under the cache when no out_dir is known) and each complete one is then uploaded,
+its files first and COMPLETE last; the remote ones are pruned to the last `KEEP` (COMPLETE
+deleted first, so a reader never finds a marker without its files). On start the newest
+remote checkpoint that has its COMPLETE is downloaded (when it is newer than any local one),
+verified against it like a local one, and resumed; a remote step without COMPLETE (an
+interrupted upload) is never read. `clear` deletes the remote checkpoints too. A failed upload
+(store unreachable after the storage layer's retries) is logged and training goes on: that
+checkpoint is local only.
+
+One writer per directory: two runs sharing an out_dir (or a prefix) are not supported; the
+pipeline's stages give each task its own prefix (`task_scope`).
 """
 
 from __future__ import annotations
@@ -30,8 +43,9 @@ import logging
 import os
 import random
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Sequence, Union
 
 import torch
 
@@ -46,9 +60,67 @@ PREFIX = "step-"
 
 # ----------------------------------------------------------------------------- files
 
-def resolve_dir(out_dir: str | os.PathLike, explicit: str | os.PathLike | None) -> Path:
-    """The stage's checkpoint directory: `explicit` when given, else out_dir/checkpoints."""
+@dataclass(frozen=True)
+class RemoteDir:
+    """Checkpoints written to `local` and mirrored to the s3:// prefix `uri` (see the module
+    docstring). As a path (os.fspath) it is the local directory."""
+
+    local: Path
+    uri: str  # s3://bucket/prefix/, with the trailing slash
+
+    def __fspath__(self) -> str:
+        return str(self.local)
+
+
+#: What stages pass around as a checkpoint directory: a local path, a RemoteDir, an s3:// URI.
+Root = Union[str, os.PathLike, RemoteDir, None]
+
+
+def is_remote(value) -> bool:
+    return isinstance(value, RemoteDir) or (isinstance(value, str) and value.startswith("s3://"))
+
+
+def _as_prefix(uri: str) -> str:
+    return uri if uri.endswith("/") else uri + "/"
+
+
+def resolve_dir(out_dir: str | os.PathLike, explicit: str | os.PathLike | None
+                ) -> Path | RemoteDir:
+    """The stage's checkpoint directory: `explicit` when given, else out_dir/checkpoints. An
+    s3:// `explicit` gives a RemoteDir staged locally in out_dir/checkpoints."""
+    if explicit and is_remote(str(explicit)):
+        return RemoteDir(Path(out_dir) / "checkpoints", _as_prefix(str(explicit)))
     return Path(explicit) if explicit else Path(out_dir) / "checkpoints"
+
+
+def staging_dir(uri: str) -> Path:
+    """Local staging for an s3:// checkpoint directory given without an out_dir (e.g. a
+    `train_loop` called directly): under $LASTMILE_CACHE/checkpoints, one per prefix."""
+    base = os.environ.get("LASTMILE_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "lastmile")
+    return Path(base) / "checkpoints" / hashlib.sha256(_as_prefix(uri).encode()).hexdigest()[:16]
+
+
+def _split(root: Root) -> tuple[Path | None, str | None]:
+    """(local directory, remote prefix or None) of a checkpoint root."""
+    if root is None:
+        return None, None
+    if isinstance(root, RemoteDir):
+        return Path(root.local), _as_prefix(root.uri)
+    if is_remote(root):
+        return staging_dir(str(root)), _as_prefix(str(root))
+    return Path(root), None
+
+
+def task_scope(checkpoint_dir: str | None, stage: str, task_uri: str) -> str | None:
+    """`checkpoint_dir`, narrowed to one task when it is an s3:// prefix:
+    `<prefix>/<stage>-<hash of the task's output URI>/`. A KFP retry runs the same task with
+    the same output URI, so it finds its checkpoints; another run, or another stage sharing
+    the prefix, never does. Local directories (and None) are returned unchanged."""
+    if not checkpoint_dir or not is_remote(checkpoint_dir):
+        return checkpoint_dir
+    digest = hashlib.sha256(task_uri.encode()).hexdigest()[:16]
+    return f"{_as_prefix(checkpoint_dir)}{stage}-{digest}/"
 
 
 def _write(path: Path, data: bytes) -> dict:
@@ -124,12 +196,14 @@ def _read_verified(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
     return from_bytes(blobs[TENSORS]), json.loads(blobs[META])
 
 
-def load_latest(root: str | os.PathLike | None
-                ) -> tuple[Path, dict[str, torch.Tensor], dict] | None:
-    """The newest complete, verified checkpoint under `root` (None when there is none)."""
-    if root is None or not Path(root).is_dir():
+def load_latest(root: Root) -> tuple[Path, dict[str, torch.Tensor], dict] | None:
+    """The newest complete, verified checkpoint under `root` (None when there is none).
+
+    Local only: for a remote root, `pull` brings the newest remote one here first."""
+    root, _ = _split(root)
+    if root is None or not root.is_dir():
         return None
-    for path in reversed(_complete_dirs(Path(root))):
+    for path in reversed(_complete_dirs(root)):
         try:
             tensors, meta = _read_verified(path)
         except (OSError, ValueError, KeyError) as e:
@@ -139,17 +213,132 @@ def load_latest(root: str | os.PathLike | None
     return None
 
 
-def clear(root: str | os.PathLike | None) -> None:
-    """Delete the checkpoints (after the final adapter is written); the directory too if empty."""
-    if root is None or not Path(root).is_dir():
+def clear(root: Root) -> None:
+    """Delete the checkpoints (after the final adapter is written); the directory too if empty.
+    A remote root's checkpoints are deleted from the store as well."""
+    root, remote = _split(root)
+    if remote is not None:
+        try:
+            listing = _remote_steps(remote)
+            _delete_remote(remote, sorted(listing), listing)
+        except Exception as e:  # noqa: BLE001 - the stage's work is done; leftovers are harmless
+            if not _transient(e):
+                raise
+            log.warning("could not delete the checkpoints under %s (%s); they stay there",
+                        remote, e)
+    if root is None or not root.is_dir():
         return
-    root = Path(root)
     for path in [*root.glob(f"{PREFIX}*"), *root.glob(".tmp-*")]:
         shutil.rmtree(path, ignore_errors=True)
     try:
         root.rmdir()
     except OSError:  # something else lives there: leave it
         pass
+
+
+# ----------------------------------------------------------------------------- object storage
+
+def _transient(exc: BaseException) -> bool:
+    """A store that cannot be reached (after lastmile.storage's own retries)."""
+    from .storage import StorageError
+
+    return isinstance(exc, StorageError) and exc.kind in ("unreachable", "server")
+
+
+def _step_name(step: int) -> str:
+    return f"{PREFIX}{step:06d}"
+
+
+def _remote_steps(uri: str) -> dict[int, set[str]]:
+    """{step: its object names} for every step-NNNNNN/ under the prefix `uri`."""
+    from . import storage
+
+    found: dict[int, set[str]] = {}
+    for rel in storage.list_objects(uri):
+        name, _, file = rel.partition("/")
+        number = name[len(PREFIX):]
+        if name.startswith(PREFIX) and number.isdigit() and file and "/" not in file:
+            found.setdefault(int(number), set()).add(file)
+    return found
+
+
+def _delete_remote(uri: str, steps: Sequence[int],
+                   listing: dict[int, set[str]] | None = None) -> None:
+    """Delete remote checkpoints, each one's COMPLETE first: a reader never sees a marker whose
+    files are gone."""
+    from . import storage
+
+    listing = _remote_steps(uri) if listing is None else listing
+    for step in steps:
+        files = listing.get(step, set())
+        ordered = sorted(files, key=lambda f: (f != COMPLETE, f))
+        storage.delete_objects(uri, [f"{_step_name(step)}/{f}" for f in ordered])
+
+
+def upload(path: str | os.PathLike, uri: str, keep: int = KEEP) -> str:
+    """Mirror the complete local checkpoint `path` to `<uri>/<its name>/` (files first,
+    COMPLETE last), then prune the remote checkpoints to the newest `keep` complete ones.
+    Returns the checkpoint's URI."""
+    from . import storage
+
+    path, uri = Path(path), _as_prefix(uri)
+    marker = json.loads((path / COMPLETE).read_text())
+    target = f"{uri}{path.name}/"
+    for name in marker["files"]:
+        storage.upload_file(path / name, target + name)
+    storage.upload_file(path / COMPLETE, target + COMPLETE)
+    steps = _remote_steps(uri)
+    complete = sorted(s for s, files in steps.items() if COMPLETE in files)
+    kept = set(complete[-keep:]) if keep > 0 else set()
+    # Older than the newest complete one and not kept: superseded, or torn uploads (a step
+    # past the newest is a torn upload a resumed run will write again: left alone).
+    stale = [s for s in steps if s not in kept and complete and s < complete[-1]]
+    _delete_remote(uri, sorted(stale), steps)
+    return target
+
+
+def pull(uri: str, local: str | os.PathLike) -> Path | None:
+    """Download the newest remote checkpoint that has its COMPLETE into `local`, unless a
+    local one is as new; returns its local path (None: nothing downloaded).
+
+    Downloaded into `.tmp-step-...`, verified against COMPLETE (sizes, sha256) and renamed
+    into place; one that does not verify is discarded and the next older one is tried.
+    """
+    from . import storage
+
+    uri, local = _as_prefix(uri), Path(local)
+    steps = _remote_steps(uri)
+    have = _complete_dirs(local) if local.is_dir() else []
+    newest_local = int(have[-1].name[len(PREFIX):]) if have else -1
+    for step in sorted((s for s, files in steps.items() if COMPLETE in files), reverse=True):
+        if step <= newest_local:
+            return None
+        name = _step_name(step)
+        tmp = local / f".tmp-{name}-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        try:
+            storage.fetch_file(f"{uri}{name}/{COMPLETE}", tmp / COMPLETE)
+            for file in json.loads((tmp / COMPLETE).read_text())["files"]:
+                if "/" in file or file in ("", ".", "..", COMPLETE):
+                    raise ValueError(f"{COMPLETE} lists {file!r}")
+                storage.fetch_file(f"{uri}{name}/{file}", tmp / file)
+            _read_verified(tmp)
+        except (OSError, ValueError, KeyError, TypeError, storage.StorageError) as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if isinstance(e, storage.StorageError) and e.kind not in ("no-such-key", "changed"):
+                raise
+            log.warning("remote checkpoint %s%s is unusable (%s); trying an older one", uri,
+                        name, e)
+            continue
+        final = local / name
+        if final.exists():  # only an unreadable one can be here (it was not counted above)
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+        _fsync_dir(local)
+        log.info("downloaded checkpoint %s%s into %s", uri, name, final)
+        return final
+    return None
 
 
 # ----------------------------------------------------------------------------- state
@@ -230,26 +419,33 @@ class Checkpointer:
     written under another key raises instead of silently mixing two runs.
     """
 
-    def __init__(self, root: str | os.PathLike | None, every: int,
+    def __init__(self, root: Root, every: int,
                  params: Sequence[torch.nn.Parameter], optimizer, scheduler, run: dict,
                  generators: dict[str, torch.Generator] | None = None, keep: int = KEEP):
         if every < 0:
             raise ValueError(f"checkpoint_every must be >= 0 (0 = off), got {every}")
-        self.root = Path(root) if root is not None and every > 0 else None
+        # root: where checkpoints are written; remote: the s3:// prefix they are mirrored to.
+        self.root, self.remote = _split(root) if every > 0 else (None, None)
         self.every, self.keep = every, keep
         self.params, self.optimizer, self.scheduler = list(params), optimizer, scheduler
         self.run = json.loads(json.dumps(run))  # as it reads back from meta.json
         self.generators = generators or {}
 
     def resume(self) -> tuple[int, dict]:
-        """(step, extras) of the latest complete checkpoint, state restored; (0, {}) if none."""
+        """(step, extras) of the latest complete checkpoint, state restored; (0, {}) if none.
+
+        With a remote prefix the newest complete remote checkpoint is downloaded first (when
+        newer than the local ones): a task restarted on a fresh node resumes from it."""
+        if self.remote is not None:
+            pull(self.remote, self.root)
         found = load_latest(self.root)
         if found is None:
             return 0, {}
         path, tensors, meta = found
         if meta["run"] != self.run:
             raise ValueError(f"checkpoint {path} belongs to another run ({meta['run']} != "
-                             f"{self.run}); delete {self.root} or set another checkpoint_dir")
+                             f"{self.run}); delete {self.remote or self.root} or set another "
+                             "checkpoint_dir")
         self._restore_params(path, tensors)
         load_optimizer_state(self.optimizer, tensors, meta["optimizer"])
         self.scheduler.load_state_dict(meta["scheduler"])
@@ -280,5 +476,14 @@ class Checkpointer:
         rng_tensors, rng_meta = rng_state(self.generators)
         meta = {"run": self.run, "optimizer": optim_meta, "rng": rng_meta,
                 "scheduler": self.scheduler.state_dict(), "extras": extras}
-        return save(self.root, step, {**tensors, **optim_tensors, **rng_tensors}, meta,
+        path = save(self.root, step, {**tensors, **optim_tensors, **rng_tensors}, meta,
                     self.keep)
+        if self.remote is not None:
+            try:
+                upload(path, self.remote, self.keep)
+            except Exception as e:  # noqa: BLE001 - only an unreachable store is tolerated
+                if not _transient(e):
+                    raise
+                log.warning("checkpoint %s not uploaded to %s (%s): it is local only; "
+                            "training goes on", path.name, self.remote, e)
+        return path

@@ -136,6 +136,9 @@ class GenerateConfig:
 class ScoreConfig:
     bleurt_checkpoint: str | None = None  # hub id or local path; None: not computed
     semantic_similarity: bool = True
+    # A BLEURT checkpoint whose only weights are pickle files (pytorch_model.bin) runs code
+    # when loaded: refused unless the user trusts its source and opts in.
+    bleurt_allow_pickle: bool = False
 
 
 @dataclass
@@ -149,6 +152,10 @@ class Profile:
     ppo: PPOConfig = field(default_factory=PPOConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
     score: ScoreConfig = field(default_factory=ScoreConfig)
+    # Loading the base model (modeling.load_base): pickle-only weights (.bin/.pt/.ckpt) and a
+    # model's own Python code both run code from the model's source; off unless opted in.
+    allow_pickle: bool = False
+    trust_remote_code: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -240,6 +247,9 @@ PIPELINE_PARAMETERS: dict[str, str] = {
     "ppo_reference_fraction": "ppo.reference_fraction",
     "max_new_tokens": "generate.max_new_tokens",
     "bleurt_checkpoint": "score.bleurt_checkpoint",
+    "allow_pickle": "allow_pickle",
+    "trust_remote_code": "trust_remote_code",
+    "bleurt_allow_pickle": "score.bleurt_allow_pickle",
 }
 _CAPS = {"data.max_train", "data.max_test", "reward.max_steps", "mle.max_steps",
          "ppo.max_updates"}

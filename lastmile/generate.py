@@ -23,7 +23,7 @@ import torch
 
 from .config import GenerateConfig
 from .io import atomic_path, read_jsonl
-from .modeling import AdapterModel, encode_prompts, load_base
+from .modeling import AdapterModel, encode_prompts, is_quantized, load_base
 from .train_utils import chunked, default_device, progress
 
 log = logging.getLogger(__name__)
@@ -125,8 +125,9 @@ def load_variant(base_source: str, adapter_dir: str | os.PathLike | None, merge:
 
     `adapter` is the name to pass to generation: None for the base, and also when the LoRA
     weights are merged into the base (W + s·BA), which makes generation as fast as the base
-    and changes results only by float rounding. `allow_pickle` / `trust_remote_code`: see
-    `modeling.load_base` (both off unless the caller asks).
+    and changes results only by float rounding. A quantized base (GPTQ: packed weights) has
+    nothing to merge into, so its adapter stays unmerged whatever `merge` says.
+    `allow_pickle` / `trust_remote_code`: see `modeling.load_base` (both off unless asked).
     """
     base, tokenizer = load_base(base_source, allow_pickle=allow_pickle,
                                 trust_remote_code=trust_remote_code)
@@ -134,6 +135,9 @@ def load_variant(base_source: str, adapter_dir: str | os.PathLike | None, merge:
     if adapter_dir is None:
         return model, tokenizer, None
     model.load_adapter(VARIANT_ADAPTER, adapter_dir, trainable=False)
+    if merge and is_quantized(base):
+        log.info("%s is quantized: generating with the adapter unmerged", base_source)
+        merge = False
     if not merge:
         return model, tokenizer, VARIANT_ADAPTER
     return AdapterModel(model.peft.merge_and_unload()), tokenizer, None

@@ -110,18 +110,21 @@ def train_mle_adapter(model: AdapterModel, tokenizer, rows: Sequence[dict], cfg:
 
 
 def train_mle(train_path: str | os.PathLike, out_dir: str | os.PathLike, cfg: MLEConfig,
-              base_source: str) -> dict:
+              base_source: str, *, allow_pickle: bool = False,
+              trust_remote_code: bool = False) -> dict:
     """The train_mle stage: out_dir/adapter, out_dir/train_log.jsonl; returns the summary.
 
     Checkpoints go to `cfg.checkpoint_dir` or out_dir/checkpoints; a rerun with the same
     out_dir resumes from the latest; they are deleted once the adapter is written.
+    `allow_pickle` / `trust_remote_code`: see `modeling.load_base` (both off unless asked).
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     rows = list(read_jsonl(train_path))
     validate_rows(rows, str(train_path))
     started = time.perf_counter()
-    base, tokenizer = load_base(base_source)
+    base, tokenizer = load_base(base_source, allow_pickle=allow_pickle,
+                                trust_remote_code=trust_remote_code)
     model = AdapterModel(base)
     model.add_adapter(ADAPTER, cfg.lora, head=False, seed=cfg.seed, trainable=True)
     model.to(default_device())

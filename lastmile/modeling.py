@@ -331,7 +331,35 @@ def tiny_llama(vocab_size: int, seed: int = 0, **overrides) -> nn.Module:
     return model
 
 
-def load_base(source: str = EMBEDDED_BASE, dtype: torch.dtype = torch.float32, *,
+def is_quantized(model) -> bool:
+    """Whether `model` (a causal LM, or an AdapterModel holding one) has quantized weights
+    (GPTQ, bitsandbytes, ...): packed integer weights with no dense `weight` to merge a LoRA
+    into. Such a base runs its LoRA layers unmerged (`ppo.merged_weights` and
+    `generate.load_variant` check this)."""
+    if isinstance(model, AdapterModel):
+        model = model.base
+    if getattr(model, "is_quantized", False) or getattr(model, "hf_quantizer", None) is not None:
+        return True
+    return bool(getattr(getattr(model, "config", None), "quantization_config", None))
+
+
+def _declares_quantization(path: str, trust_remote_code: bool) -> bool:
+    """Whether the config at `path` names a quantization method (read before loading)."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:  # from_pretrained below reports the real problem
+        log.debug("cannot read the config of %s: %s", path, e)
+        return False
+    return bool(getattr(config, "quantization_config", None))
+
+
+#: Compute dtype of a quantized base (GPTQ kernels run in fp16); others load in float32.
+QUANTIZED_DTYPE = torch.float16
+
+
+def load_base(source: str = EMBEDDED_BASE, dtype: torch.dtype | None = None, *,
               allow_pickle: bool = False, trust_remote_code: bool = False):
     """Load the frozen base and its tokenizer. Returns (model, tokenizer).
 
@@ -339,6 +367,9 @@ def load_base(source: str = EMBEDDED_BASE, dtype: torch.dtype = torch.float32, *
     with only pickle weights (.bin/.pt/.pth/.ckpt) is refused unless `allow_pickle=True`, and
     a hub id loads its safetensors files only. `trust_remote_code` (off unless asked) lets
     a model's own Python code run, for architectures transformers does not ship.
+
+    `dtype` None: float32, except a checkpoint whose config names a quantization method
+    (e.g. GPTQ), which loads in float16 (`QUANTIZED_DTYPE`), the dtype its kernels compute in.
     """
     tok = load_tokenizer(source, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
     if source == TINY_BASE:
@@ -348,8 +379,12 @@ def load_base(source: str = EMBEDDED_BASE, dtype: torch.dtype = torch.float32, *
     else:
         from transformers import AutoModelForCausalLM
 
+        path = resolve_base(source, allow_pickle)
+        if dtype is None:
+            quantized = source != EMBEDDED_BASE and _declares_quantization(path, trust_remote_code)
+            dtype = QUANTIZED_DTYPE if quantized else torch.float32
         model = AutoModelForCausalLM.from_pretrained(
-            resolve_base(source, allow_pickle), dtype=dtype, trust_remote_code=trust_remote_code,
+            path, dtype=dtype, trust_remote_code=trust_remote_code,
             use_safetensors=None if allow_pickle or source == EMBEDDED_BASE else True)
     model.generation_config.pad_token_id = tok.pad_token_id
     model.eval()
@@ -445,7 +480,8 @@ class ScalarHead(nn.Module):
         nn.init.zeros_(self.proj.bias)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:  # [..., H] -> [...]
-        return self.proj(hidden).squeeze(-1)
+        # The head stays float32; a float16 base (quantized) hands float16 states.
+        return self.proj(hidden.to(self.proj.weight.dtype)).squeeze(-1)
 
 
 class AdapterModel(nn.Module):

@@ -68,7 +68,8 @@ import torch
 from . import checkpoint
 from .config import PPOConfig
 from .io import read_jsonl, write_json
-from .modeling import AdapterModel, SequenceBatch, collate, encode_outputs, encode_prompts, load_base
+from .modeling import (AdapterModel, SequenceBatch, collate, encode_outputs, encode_prompts,
+                       is_quantized, load_base)
 from .train_utils import (NonFiniteGuard, StepLog, default_device, epoch_batches, nonfinite,
                           progress, seed_everything, skipped_row, step_schedule)
 
@@ -216,6 +217,12 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> t
     return logits
 
 
+def can_merge(model: AdapterModel) -> bool:
+    """Whether `merged_weights` applies: not on a quantized base (GPTQ's packed qweight has no
+    dense W to add s·BA to), which samples and scores with its LoRA layers unmerged."""
+    return not is_quantized(model)
+
+
 def _lora_layers(model: AdapterModel, adapter: str) -> list:
     from peft.tuners.lora import LoraLayer
 
@@ -239,7 +246,12 @@ def merged_weights(model: AdapterModel, adapter: str | None,
     `dtype` bfloat16 (sampling at precision "bfloat16") casts every base weight, which halves
     the weight traffic of decoding; attention then runs "eager", because the CPU SDPA kernel is
     several times slower than eager for bf16 single-token steps.
+
+    Not for a quantized base (`can_merge`): its callers take the unmerged path there.
     """
+    if not can_merge(model):
+        raise ValueError("merged_weights: the base is quantized (no dense weights to merge a "
+                         "LoRA into); run the adapter unmerged (merge=False)")
     params: list[tuple[torch.nn.Parameter, torch.nn.Module | None]] = []
     seen: set[int] = set()
     if adapter is not None:
@@ -287,6 +299,7 @@ def sample_outputs(model: AdapterModel, prompt_ids: Sequence[Sequence[int]], ada
 
     A KV-cached decoding loop over the causal LM (left padding; positions follow the mask).
     `min_new_tokens` forbids EOS before that many tokens (the benchmark forces full length).
+    A quantized base always samples through the unmerged LoRA (`can_merge`), in its own dtype.
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -302,8 +315,8 @@ def sample_outputs(model: AdapterModel, prompt_ids: Sequence[Sequence[int]], ada
     positions = (mask.cumsum(-1) - 1).clamp(min=0)  # [B, P]
     done = torch.zeros(len(prompt_ids), dtype=torch.bool, device=device)
     steps: list[torch.Tensor] = []
-    weights = (merged_weights(model, adapter, dtype) if merge or dtype != torch.float32
-               else model.use(adapter))
+    weights = (merged_weights(model, adapter, dtype)
+               if (merge or dtype != torch.float32) and can_merge(model) else model.use(adapter))
     with weights:
         cache = DynamicCache(config=model.base.config)
         out = model.base(input_ids=ids, attention_mask=mask, position_ids=positions,
@@ -403,7 +416,10 @@ class PPOTrainer:
             raise ValueError(f"micro_batch_size must be >= 1 or None, got {micro_batch_size}")
         self.model, self.tokenizer, self.cfg = model, tokenizer, cfg
         self.micro_batch_size = micro_batch_size
-        self.merge = merge
+        # A quantized base has no dense weights to merge into: sample and score unmerged.
+        self.merge = merge and can_merge(model)
+        if merge and not self.merge:
+            log.info("quantized base: PPO samples and scores the reward with unmerged LoRA")
         self.precision = precision
         self.fast = fast and cfg.ppo_epochs == 1 and cfg.minibatches == 1 and cfg.kl_coef == 0
         self.device = model.lm_head.weight.device
@@ -692,14 +708,16 @@ def read_train_rows(path: str | os.PathLike) -> list[dict]:
 
 
 def build_model(base_source: str, reward_adapter_dir: str | os.PathLike, cfg: PPOConfig,
-                mle_adapter_dir: str | os.PathLike | None = None):
+                mle_adapter_dir: str | os.PathLike | None = None, *,
+                allow_pickle: bool = False, trust_remote_code: bool = False):
     """The one base with "reward" (frozen, loaded), "policy" and "value" (trainable)."""
     reward_dir = Path(reward_adapter_dir)
     if not (reward_dir / "adapter_config.json").exists():
         raise FileNotFoundError(f"reward_adapter_dir {reward_dir}: no adapter_config.json")
     if cfg.init_policy_from_mle and mle_adapter_dir is None:
         raise ValueError("PPOConfig.init_policy_from_mle is set but no mle_adapter_dir given")
-    base, tokenizer = load_base(base_source)
+    base, tokenizer = load_base(base_source, allow_pickle=allow_pickle,
+                                trust_remote_code=trust_remote_code)
     model = AdapterModel(base)
     model.load_adapter(REWARD, reward_dir, trainable=False)
     if REWARD not in model.heads:
@@ -749,7 +767,8 @@ def train_ppo(train_path: str | os.PathLike, reward_adapter_dir: str | os.PathLi
               out_dir: str | os.PathLike, cfg: PPOConfig, base_source: str,
               mle_adapter_dir: str | os.PathLike | None = None, *,
               micro_batch_size: int | None = DEFAULT_MICRO_BATCH,
-              precision: str = "float32") -> dict:
+              precision: str = "float32", allow_pickle: bool = False,
+              trust_remote_code: bool = False) -> dict:
     """The train_ppo stage. Writes out_dir/adapter (policy), out_dir/value_adapter,
     out_dir/ppo_log.jsonl (one row per update) and out_dir/ppo_summary.json; returns the
     summary. `precision` is the frozen base's compute precision (see `PPOTrainer`).
@@ -760,6 +779,7 @@ def train_ppo(train_path: str | os.PathLike, reward_adapter_dir: str | os.PathLi
     summary's `resumed_from_step` is its update) and continues exactly as an uninterrupted
     run. The checkpoints are deleted once the adapters are written. Non-finite updates are
     skipped; `cfg.max_bad_updates` in a row raise FloatingPointError (no adapter written).
+    `allow_pickle` / `trust_remote_code`: see `modeling.load_base` (both off unless asked).
     """
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
@@ -769,7 +789,9 @@ def train_ppo(train_path: str | os.PathLike, reward_adapter_dir: str | os.PathLi
     _check_config(cfg)
     started = time.perf_counter()
     seed_everything(cfg.seed)
-    model, tokenizer = build_model(base_source, reward_adapter_dir, cfg, mle_adapter_dir)
+    model, tokenizer = build_model(base_source, reward_adapter_dir, cfg, mle_adapter_dir,
+                                   allow_pickle=allow_pickle,
+                                   trust_remote_code=trust_remote_code)
     model.to(default_device())
     load_seconds = time.perf_counter() - started
 

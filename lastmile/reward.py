@@ -289,19 +289,22 @@ def held_out_reward_rows(test_rows: Sequence[dict], cfg: RewardConfig, tokenizer
 
 def train_reward_model(rm_path: str | os.PathLike, out_dir: str | os.PathLike,
                        cfg: RewardConfig, base_source: str,
-                       eval_rows: list[dict] | None = None) -> dict:
+                       eval_rows: list[dict] | None = None, *, allow_pickle: bool = False,
+                       trust_remote_code: bool = False) -> dict:
     """The train_reward stage: train, save out_dir/adapter, evaluate into rm_eval.json.
 
     Writes out_dir/train_log.jsonl (one row per step) and, when `eval_rows` (held-out true
     examples: id, input, output, prompt) are given, out_dir/rm_eval.json. Returns the summary.
     Checkpoints go to `cfg.checkpoint_dir` or out_dir/checkpoints; a rerun with the same
     out_dir resumes from the latest; they are deleted once the adapter is written.
+    `allow_pickle` / `trust_remote_code`: see `modeling.load_base` (both off unless asked).
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     rows = read_reward_rows(rm_path)
     started = time.perf_counter()
-    base, tokenizer = load_base(base_source)
+    base, tokenizer = load_base(base_source, allow_pickle=allow_pickle,
+                                trust_remote_code=trust_remote_code)
     model = AdapterModel(base)
     add_reward_adapter(model, cfg)
     model.to(default_device())

@@ -11,7 +11,9 @@ work wherever a local path does:
     weights are refused unless asked for, since unpickling runs code;
   * `fetch_file`      - one object to a local path (e.g. a BLEURT checkpoint archive);
   * `publish`         - a run's adapters, scores and report under `<prefix>/<run_name>/`;
-    `read_published`, `read_manifest` and `list_runs` read them back.
+    `read_published`, `read_manifest` and `list_runs` read them back;
+  * `list_objects`, `upload_file`, `delete_objects` - small blocks for callers with their own
+    layout under a prefix (training checkpoints: `lastmile.checkpoint`).
 
 Guarantees (docs/storage.md has the user-facing version):
   * Streaming: objects go to disk in 1 MiB chunks (uploads through `fput_object`), so a
@@ -24,6 +26,8 @@ Guarantees (docs/storage.md has the user-facing version):
     of the wrong size) is discarded, and partials of dead processes are deleted.
   * Atomic publish: every file is uploaded first, then a `_COMPLETE` object holding the
     manifest (paths, sizes, ETags) is written last; readers ignore runs without it.
+  * Disk space: a download checks the free space of its destination first
+    (`io.ensure_free_space`), so a full disk fails at once with the sizes and the fix.
   * Secrets: credentials come from the environment only and never appear in a log line, an
     error message or a repr (`redact`).
 
@@ -55,6 +59,8 @@ import certifi
 import urllib3
 from minio import Minio
 from minio.error import InvalidResponseError, S3Error, ServerError
+
+from .io import ensure_free_space
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +101,7 @@ DEFAULT_ENDPOINT = "s3.amazonaws.com"
 TASK_DATA_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".csv", ".parquet")
 WEIGHT_SUFFIXES = (".safetensors", ".gguf")
 #: Weights stored with pickle: loading them can execute arbitrary code.
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle")
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 #: Object written last by `publish`; its body is the run's manifest.
 MARKER = "_COMPLETE"
 MANIFEST_FORMAT = "lastmile-run/1"
@@ -449,6 +455,8 @@ def fetch_file(uri: str, dest: str | os.PathLike, *, config: S3Config | None = N
     dest = Path(dest)
     if dest.is_dir():
         dest = dest / PurePosixPath(s3.key).name
+    ensure_free_space(dest.parent, obj.size, f"{s3} in {dest.parent}",
+                      hint="choose a destination on a larger disk")
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_name(f"{dest.name}{_partial_suffix()}")
     try:
@@ -575,6 +583,42 @@ def list_runs(uri_prefix: str, *, config: S3Config | None = None) -> list[str]:
     return sorted(runs)
 
 
+# ----------------------------------------------------------------------------- small objects
+#
+# Building blocks for callers that keep their own layout under a prefix (training checkpoints,
+# `lastmile.checkpoint`): list, upload one file, delete. Same retries and errors as above.
+
+def list_objects(uri_prefix: str, *, config: S3Config | None = None) -> dict[str, int]:
+    """{path below the prefix: size} of every object under `uri_prefix`; {} when it is empty
+    (unlike fetch_*, an empty prefix is not an error here). A missing bucket raises."""
+    cfg, s3, client = _open(uri_prefix, config)
+    prefix = s3.as_prefix()
+    return {o.key[len(prefix.key):]: o.size for o in _list(client, cfg, prefix)}
+
+
+def upload_file(path: str | os.PathLike, uri: str, *, config: S3Config | None = None) -> str:
+    """Upload the local file `path` to the key `uri` (streamed); returns its ETag."""
+    cfg, s3, client = _open(uri, config)
+    if s3.is_prefix:
+        raise StorageError(f"{s3}: names a prefix; upload_file writes one key", kind="config",
+                           uri=str(s3))
+    path = Path(path)
+    if not path.is_file():
+        raise StorageError(f"upload: {path} is not a file", kind="local", uri=str(s3))
+    return _upload(client, cfg, S3Uri(s3.bucket, ""), path, s3.key)["etag"]
+
+
+def delete_objects(uri_prefix: str, paths: list[str], *,
+                   config: S3Config | None = None) -> None:
+    """Delete `paths` (below `uri_prefix`) in the order given; a missing one is not an error."""
+    cfg, s3, client = _open(uri_prefix, config)
+    prefix = s3.as_prefix()
+    for rel in paths:
+        target = prefix.child(rel)
+        _retrying(lambda: client.remove_object(target.bucket, target.key), cfg, target,
+                  "deleting")
+
+
 # ----------------------------------------------------------------------------- selection
 
 @dataclass(frozen=True)
@@ -662,6 +706,10 @@ def _materialize(client: Minio, cfg: S3Config, bucket: str, entry: Path,
         return entry
     entry.parent.mkdir(parents=True, exist_ok=True)
     _discard_stale(entry)
+    # Before any byte moves: a full disk fails at once, naming the sizes, not mid-download.
+    ensure_free_space(entry.parent, sum(o.size for o, _ in files),
+                      f"{len(files)} object(s) from s3://{bucket} in {entry.parent}",
+                      hint="set LASTMILE_CACHE to a larger disk")
     tmp = entry.with_name(entry.name + _partial_suffix())
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()

@@ -148,6 +148,35 @@ def test_adapter_variant_merged_equals_unmerged(tokenizer, tmp_path):
     assert {json.loads(x)["variant"] for x in (tmp_path / "p.jsonl").open()} == {"mle"}
 
 
+def test_quantized_base_keeps_its_adapter_unmerged(tokenizer, tmp_path, monkeypatch):
+    """merge_and_unload cannot fold a LoRA into packed (GPTQ) weights: a quantized base gets
+    the adapter by name, and generates what the unmerged adapter does."""
+    model = AdapterModel(load_base("tiny-random")[0])
+    model.add_adapter("policy", LoraSpec(r=4, alpha=8), seed=0)
+    with torch.no_grad():
+        gen = torch.Generator().manual_seed(1)
+        for p in model.adapter_parameters("policy"):
+            p.add_(torch.randn(p.shape, generator=gen) * 0.2)
+    model.save_adapter("policy", tmp_path / "adapter")
+
+    real = generate.load_base
+
+    def quantized_base(source, **kwargs):
+        base, tok = real(source, **kwargs)
+        base.is_quantized = True  # as transformers marks a GPTQ checkpoint
+        return base, tok
+
+    monkeypatch.setattr(generate, "load_base", quantized_base)
+    loaded, _, name = generate.load_variant("tiny-random", tmp_path / "adapter", merge=True)
+    assert name == generate.VARIANT_ADAPTER and loaded.peft is not None  # not merged
+    cfg = GenerateConfig(max_new_tokens=6, batch_size=4)
+    prompts = _prompts(tokenizer)
+    assert generate._generate_ids(loaded, tokenizer, prompts, name, cfg) == \
+        generate._generate_ids(model, tokenizer, prompts, "policy", cfg)
+    base, _, name = generate.load_variant("tiny-random", None)
+    assert name is None  # the base variant: nothing to merge either way
+
+
 def test_variant_and_input_errors(tokenizer, tmp_path):
     cfg = GenerateConfig(max_new_tokens=2)
     with pytest.raises(ValueError, match="needs adapter_dir"):

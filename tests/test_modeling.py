@@ -337,3 +337,123 @@ def test_remote_code_is_not_run_unless_asked(tokenizer, tmp_path, monkeypatch):
     load_base(str(path))
     load_base(str(path), trust_remote_code=True)
     assert seen == [False, True]
+
+
+# ----------------------------------------------------------------------------- quantized bases
+
+def test_is_quantized_reads_the_flag_the_quantizer_or_the_config(tokenizer):
+    from types import SimpleNamespace
+
+    from lastmile.modeling import is_quantized
+
+    base = tiny_llama(len(tokenizer))
+    assert not is_quantized(base) and not is_quantized(AdapterModel(base))
+    base.is_quantized = True  # what transformers sets when a quantizer loaded the weights
+    assert is_quantized(base) and is_quantized(AdapterModel(base))
+    assert is_quantized(SimpleNamespace(hf_quantizer=object(), config=None))
+    gptq = SimpleNamespace(config=SimpleNamespace(quantization_config={"quant_method": "gptq"}))
+    assert is_quantized(gptq)
+    assert not is_quantized(SimpleNamespace(hf_quantizer=None,
+                                            config=SimpleNamespace(quantization_config=None)))
+
+
+def _config_dir(path: Path, tokenizer, quantization: dict | None) -> str:
+    import json
+
+    tiny_llama(len(tokenizer)).config.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    if quantization is not None:
+        config = json.loads((path / "config.json").read_text())
+        config["quantization_config"] = quantization
+        (path / "config.json").write_text(json.dumps(config))
+    return str(path)
+
+
+def test_a_quantized_checkpoint_loads_in_float16_others_in_float32(tokenizer, tmp_path,
+                                                                   monkeypatch):
+    """GPTQ kernels compute in float16; forcing float32 on them is what load_base did."""
+    import transformers
+
+    asked = []
+
+    def spy(path, **kwargs):  # no GPTQ backend here: record the dtype, hand back a tiny model
+        asked.append(kwargs["dtype"])
+        return tiny_llama(len(tokenizer))
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", spy)
+    gptq = _config_dir(tmp_path / "gptq", tokenizer,
+                       {"quant_method": "gptq", "bits": 4, "group_size": 128})
+    plain = _config_dir(tmp_path / "plain", tokenizer, None)
+    load_base(gptq)
+    load_base(plain)
+    load_base(gptq, dtype=torch.bfloat16)  # an explicit dtype is the caller's
+    assert asked == [torch.float16, torch.float32, torch.bfloat16]
+
+
+class _Packed(torch.nn.Module):
+    """A stand-in for GPTQ's QuantLinear: the same product, but no dense `weight` to merge a
+    LoRA into (the real one holds packed int32 `qweight`)."""
+
+    def __init__(self, linear: torch.nn.Linear):
+        super().__init__()
+        self.register_buffer("qweight", linear.weight.detach().clone())
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+
+    def forward(self, x, *args, **kwargs):
+        return torch.nn.functional.linear(x, self.qweight)
+
+
+def _ppo_model(tokenizer, quantized: bool) -> AdapterModel:
+    from peft.tuners.lora import LoraLayer
+
+    model = AdapterModel(tiny_llama(len(tokenizer), seed=4))
+    model.add_adapter("reward", SMALL, head=True, seed=1, trainable=False)
+    model.add_adapter("policy", LoraSpec(r=8, alpha=16), seed=2)
+    model.add_adapter("value", LoraSpec(r=8, alpha=16), head=True, seed=3)
+    for i, name in enumerate(("reward", "policy", "value")):
+        _perturb(model, name, seed=10 + i)
+    if quantized:
+        for layer in [m for m in model.base.modules() if isinstance(m, LoraLayer)]:
+            layer.base_layer = _Packed(layer.base_layer)
+        model.base.is_quantized = True
+    return model
+
+
+def test_quantized_base_samples_and_scores_with_unmerged_lora(tokenizer):
+    """PPO's merged fast path needs dense weights; on a quantized base the trainer and
+    sample_outputs take the unmerged path instead, with the same tokens and rewards."""
+    from lastmile import ppo
+    from lastmile.config import PPOConfig
+
+    dense, packed = _ppo_model(tokenizer, False), _ppo_model(tokenizer, True)
+    assert ppo.can_merge(dense) and not ppo.can_merge(packed)
+    with pytest.raises(ValueError, match="quantized"):
+        with ppo.merged_weights(packed, "policy"):
+            pass
+
+    prompts = [[1, 2, 3, 4, 5], [7, 8]]
+
+    def sample(model, merge, **kw):
+        return ppo.sample_outputs(model, prompts, "policy", max_new_tokens=6,
+                                  eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id,
+                                  generator=torch.Generator().manual_seed(0), merge=merge, **kw)
+
+    want = sample(dense, False)
+    assert sample(packed, True) == want  # merge asked for, unmerged taken
+    assert sample(packed, True, dtype=torch.bfloat16) == want  # no bf16 copy of packed weights
+
+    trainer = ppo.PPOTrainer(packed, tokenizer, PPOConfig(), 1, merge=True)
+    assert trainer.merge is False and ppo.PPOTrainer(dense, tokenizer, PPOConfig(), 1).merge
+    outputs = [[9, 10, tokenizer.eos_token_id], [11]]
+    got = trainer.rollout("reference", prompts, outputs, outputs)
+    ref = ppo.PPOTrainer(dense, tokenizer, PPOConfig(), 1, merge=False).rollout(
+        "reference", prompts, outputs, outputs)
+    torch.testing.assert_close(got.rm_rewards, ref.rm_rewards)
+    assert got.rm_rewards[got.mask].abs().min() > 0
+
+
+def test_scalar_head_takes_float16_states():
+    head = modeling.ScalarHead(8)
+    hidden = torch.randn(2, 3, 8)
+    torch.testing.assert_close(head(hidden.half()), head(hidden.half().float()))
+    assert head(hidden.half()).dtype == torch.float32

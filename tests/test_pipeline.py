@@ -216,6 +216,26 @@ def test_strict_and_test_fraction_reach_the_configuration():
         config.resolve("smoke", strict="maybe")
 
 
+def test_unsafe_loading_is_off_by_default_and_opted_into_by_parameter(compiled):
+    _, spec, _ = compiled
+    params = spec["root"]["inputDefinitions"]["parameters"]
+    for name in ("allow_pickle", "trust_remote_code", "bleurt_allow_pickle"):
+        assert params[name]["defaultValue"] is False, name
+    smoke = config.resolve("smoke")
+    assert not (smoke.allow_pickle or smoke.trust_remote_code or smoke.score.bleurt_allow_pickle)
+    profile = config.resolve("smoke", allow_pickle="true", trust_remote_code=True,
+                             bleurt_allow_pickle="1")
+    assert profile.allow_pickle is True and profile.trust_remote_code is True
+    assert profile.score.bleurt_allow_pickle is True
+    assert config.resolve("smoke", allow_pickle="false").allow_pickle is False
+    # Through the JSON the stages read, and the flat arguments that reproduce it.
+    again = config.profile_from_json(config.profile_to_json(profile))
+    assert again.allow_pickle and again.trust_remote_code and again.score.bleurt_allow_pickle
+    assert config.pipeline_arguments(profile)["allow_pickle"] is True
+    with pytest.raises(ValueError, match="allow_pickle expects true or false"):
+        config.resolve("smoke", allow_pickle="maybe")
+
+
 def test_kubernetes_settings_in_platform_spec(compiled):
     _, spec, platform = compiled
     executors = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]

@@ -7,12 +7,16 @@ A second child runs the stage again into the same out_dir (it must resume from t
 complete checkpoint) and then once more into a fresh out_dir (the uninterrupted reference).
 The adapters must be bit-identical: same process layout, same CPU kernels, and every piece of
 state (weights, AdamW, scheduler, torch/Python/NumPy RNGs, PPO's sampling generator) restored.
+
+With an s3:// checkpoint_dir (a real SeaweedFS server) the local disk is deleted between the
+runs, as on a KFP retry that lands on a new pod: the rerun resumes from the object store.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -23,6 +27,7 @@ import pytest
 import torch
 
 from lastmile import checkpoint
+from s3server import s3_server  # noqa: F401 - the fixture (SeaweedFS, once per session)
 
 # The child: run one stage into each out dir in turn; HANG (first run only) stops it at a
 # chosen point and writes HANG_FILE, where the parent kills it. Prints one summary per run.
@@ -241,3 +246,145 @@ def test_a_checkpoint_of_another_run_is_not_resumed(tmp_path):
         other.resume()
     assert checkpoint.Checkpointer(tmp_path, 0, params, optimizer, scheduler,
                                    {"steps": 5}).resume() == (0, {})  # off: nothing read
+
+
+# ----------------------------------------------------------------------------- object storage
+
+@pytest.fixture
+def s3_checkpoints(s3_server, monkeypatch, tmp_path, request):
+    """An s3:// checkpoint prefix in a fresh bucket of the test's SeaweedFS server."""
+    import re
+
+    from lastmile import storage
+
+    for pair in storage.CREDENTIAL_VARS:
+        for name in pair:
+            monkeypatch.delenv(name, raising=False)
+    for name in (storage.CREDENTIALS_DIR_VAR, *storage.SESSION_TOKEN_VARS,
+                 *storage.ENDPOINT_VARS, storage.SECURE_VAR):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in s3_server.env().items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("LASTMILE_S3_RETRIES", "2")
+    monkeypatch.setenv("LASTMILE_S3_BACKOFF", "0.05")
+    monkeypatch.setenv("LASTMILE_CACHE", str(tmp_path / "cache"))
+    bucket = re.sub(r"[^a-z0-9-]+", "-", request.node.name.lower())[:40].strip("-") + "-ckpt"
+    s3_server.client().make_bucket(bucket)
+    return f"s3://{bucket}/runs/ckpt/"
+
+
+def _remote(uri: str) -> dict[str, int]:
+    from lastmile import storage
+
+    return storage.list_objects(uri)
+
+
+def _tear(uri: str, source_step: int, torn_step: int, tmp_path: Path) -> None:
+    """A remote step-<torn_step>/ holding the files of step <source_step> but no COMPLETE:
+    what an upload killed before its marker leaves."""
+    from lastmile import storage
+
+    for name in (checkpoint.TENSORS, checkpoint.META):
+        local = tmp_path / f"torn-{name}"
+        storage.fetch_file(f"{uri}step-{source_step:06d}/{name}", local)
+        storage.upload_file(local, f"{uri}step-{torn_step:06d}/{name}")
+
+
+def test_s3_checkpoints_upload_complete_last_prune_and_resume_on_a_fresh_disk(
+        s3_checkpoints, tmp_path):
+    from lastmile.config import OptimConfig
+    from lastmile.train_utils import make_optimizer
+
+    uri = s3_checkpoints
+    root = checkpoint.resolve_dir(tmp_path / "out", uri)
+    assert root == checkpoint.RemoteDir(tmp_path / "out" / "checkpoints", uri)
+    assert checkpoint.task_scope(uri[:-1], "train_mle", "minio://a/run1/mle") == \
+        checkpoint.task_scope(uri, "train_mle", "minio://a/run1/mle") != \
+        checkpoint.task_scope(uri, "train_mle", "minio://a/run2/mle")
+    assert checkpoint.task_scope(uri, "train_mle", "x").startswith(uri + "train_mle-")
+    assert checkpoint.task_scope("/local/dir", "train_mle", "x") == "/local/dir"
+
+    def trainer(seed: float):
+        params = [torch.nn.Parameter(torch.full((3,), seed))]
+        optimizer, scheduler = make_optimizer(params, OptimConfig(), 8)
+        return params, checkpoint.Checkpointer(root, 1, params, optimizer, scheduler,
+                                               {"steps": 8})
+
+    params, ckpt = trainer(0.0)
+    assert ckpt.resume() == (0, {})
+    for step in (1, 2, 3):
+        with torch.no_grad():
+            params[0].fill_(float(step))
+        ckpt.save(step, {"at": step})
+    files = {checkpoint.TENSORS, checkpoint.META, checkpoint.COMPLETE}
+    assert set(_remote(uri)) == {f"step-{s:06d}/{f}" for s in (2, 3) for f in files}
+
+    # A torn upload past the newest complete one is never read; a fresh disk resumes step 3.
+    _tear(uri, 3, 4, tmp_path)
+    shutil.rmtree(tmp_path / "out")
+    params, ckpt = trainer(-1.0)
+    assert ckpt.resume() == (3, {"at": 3})
+    assert torch.equal(params[0].detach(), torch.full((3,), 3.0))
+    assert sorted(p.name for p in root.local.iterdir()) == ["step-000003"]
+
+    # A remote checkpoint whose bytes do not match its COMPLETE: the older one is used.
+    from lastmile import storage
+
+    bad = tmp_path / "bad"
+    bad.write_bytes(b"not the tensors")
+    storage.upload_file(bad, f"{uri}step-000003/{checkpoint.TENSORS}")
+    shutil.rmtree(tmp_path / "out")
+    params, ckpt = trainer(-1.0)
+    assert ckpt.resume() == (2, {"at": 2})
+    assert torch.equal(params[0].detach(), torch.full((3,), 2.0))
+
+    checkpoint.clear(root)  # the stage is done: local and remote checkpoints go
+    assert _remote(uri) == {} and not root.local.exists()
+
+
+def test_s3_checkpoint_resumes_mle_on_a_fresh_disk_like_an_uninterrupted_run(
+        s3_checkpoints, tokenizer, tmp_path, monkeypatch):
+    """Training stopped after step 6 (checkpoints 2 and 4 uploaded), its local disk lost (a
+    KFP retry lands on a new pod): the rerun downloads step 4, ignores a torn step 6, and ends
+    bit-identical to a run that was never interrupted."""
+    from lastmile import mle
+    from lastmile.config import LoraSpec, MLEConfig, OptimConfig
+    from lastmile.io import write_jsonl
+
+    uri = s3_checkpoints
+    write_jsonl(tmp_path / "train.jsonl", _rows(tokenizer, 16))  # batch 2: 8 steps
+
+    def config(checkpoint_dir):
+        return MLEConfig(lora=LoraSpec(r=4, alpha=8), batch_size=2, checkpoint_every=2,
+                         checkpoint_dir=checkpoint_dir, optim=OptimConfig(learning_rate=1e-2))
+
+    class Preempted(Exception):
+        pass
+
+    save = checkpoint.Checkpointer.save
+
+    def preempted_at_6(self, step, extras):
+        if step == 6:
+            raise Preempted
+        return save(self, step, extras)
+
+    monkeypatch.setattr(checkpoint.Checkpointer, "save", preempted_at_6)
+    resumed = tmp_path / "resumed"
+    with pytest.raises(Preempted):
+        mle.train_mle(tmp_path / "train.jsonl", resumed, config(uri), "tiny-random")
+    monkeypatch.setattr(checkpoint.Checkpointer, "save", save)
+    assert {k.split("/")[0] for k in _remote(uri)} == {"step-000002", "step-000004"}
+
+    _tear(uri, 4, 6, tmp_path)
+    shutil.rmtree(resumed)  # the pod's disk is gone
+    summary = mle.train_mle(tmp_path / "train.jsonl", resumed, config(uri), "tiny-random")
+    fresh = mle.train_mle(tmp_path / "train.jsonl", tmp_path / "fresh", config(None),
+                          "tiny-random")
+    assert summary["train"]["resumed_from_step"] == 4
+    assert fresh["train"]["resumed_from_step"] is None
+    assert summary["train"]["steps"] == fresh["train"]["steps"] == 8
+    assert _log(resumed / "train_log.jsonl") == _log(tmp_path / "fresh" / "train_log.jsonl")
+    _assert_same_files(resumed / "adapter", tmp_path / "fresh" / "adapter",
+                       ["adapter_model.safetensors"])
+    assert _remote(uri) == {}  # deleted once the adapter is written, the torn step too
+    assert not (resumed / "checkpoints").exists()

@@ -293,6 +293,60 @@ def test_fetch_file(s3_env, bucket, tmp_path):
         storage.fetch_file(f"s3://{bucket}/ckpt/", tmp_path)
 
 
+def _disk_free(monkeypatch, free: int, asked: list) -> None:
+    """shutil.disk_usage reporting `free` bytes, recording the paths it was asked about."""
+    import collections
+    import shutil
+
+    usage = collections.namedtuple("usage", "total used free")
+
+    def fake(path):
+        asked.append(Path(path))
+        return usage(10 * free + 1, 9 * free + 1, free)
+
+    monkeypatch.setattr(shutil, "disk_usage", fake)
+
+
+def test_full_disk_fails_before_any_download_naming_sizes_and_the_fix(s3_env, bucket, tmp_path,
+                                                                       monkeypatch):
+    from lastmile.io import DiskSpaceError
+
+    put_model(s3_env, bucket, "big/", b"W" * (3 << 20))  # + config + tokenizer: ~3 MiB
+    s3_env.put(bucket, "ckpt/bleurt.zip", b"PK" + bytes(2 << 20))
+    asked: list = []
+    _disk_free(monkeypatch, 1 << 20, asked)
+    cache = tmp_path / "cache"
+    before = storage.transfer_stats()
+    with pytest.raises(DiskSpaceError, match=r"3 object\(s\) from s3://.* need 3\.0 MiB, "
+                       r"1\.0 MiB free .*\(set LASTMILE_CACHE to a larger disk\)"):
+        storage.fetch_model(f"s3://{bucket}/big/", cache)
+    assert asked and all(cache in [a, *a.parents] for a in asked)  # the cache's disk
+    with pytest.raises(DiskSpaceError, match=r"bleurt\.zip .*need 2\.0 MiB, 1\.0 MiB free"):
+        storage.fetch_file(f"s3://{bucket}/ckpt/bleurt.zip", tmp_path / "x" / "b.zip")
+    assert moved(before).bytes_downloaded == 0  # refused before any byte moved
+    assert not list(cache.rglob("*.safetensors")) and not (tmp_path / "x").exists()
+
+    _disk_free(monkeypatch, 4 << 20, asked)  # enough: both go through
+    local = storage.fetch_model(f"s3://{bucket}/big/", cache)
+    assert (local / "model.safetensors").stat().st_size == 3 << 20
+    assert storage.fetch_file(f"s3://{bucket}/ckpt/bleurt.zip",
+                              tmp_path / "x" / "b.zip").stat().st_size == (2 << 20) + 2
+    before = storage.transfer_stats()
+    _disk_free(monkeypatch, 0, asked)  # a cache hit needs no space
+    assert storage.fetch_model(f"s3://{bucket}/big/", cache) == local
+    assert moved(before).cache_hits == 3
+
+
+def test_ckpt_counts_as_pickle(s3_env, bucket):
+    s3_env.put(bucket, "lightning/config.json", b"{}")
+    s3_env.put(bucket, "lightning/model.ckpt", b"\x80\x04pickle")
+    with pytest.raises(StorageError, match="model.ckpt holds pickle-based"):
+        storage.fetch_model(f"s3://{bucket}/lightning/")
+    s3_env.put(bucket, "lightning/model.safetensors", b"safe")
+    local = storage.fetch_model(f"s3://{bucket}/lightning/")
+    assert (local / "model.safetensors").exists() and not (local / "model.ckpt").exists()
+
+
 # ----------------------------------------------------------------------------- publish
 
 def make_run_dir(root: Path) -> Path:
