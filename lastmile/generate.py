@@ -23,7 +23,7 @@ import torch
 
 from .config import GenerateConfig
 from .io import atomic_path, read_jsonl
-from .modeling import AdapterModel, encode_prompts, is_quantized, load_base
+from .modeling import AdapterModel, encode_prompts, is_quantized, left_pad, load_base
 from .train_utils import chunked, default_device, progress
 
 log = logging.getLogger(__name__)
@@ -37,17 +37,6 @@ VARIANT_ADAPTER = "variant"
 
 # ----------------------------------------------------------------------------- sampling
 
-def left_pad(prompt_ids: Sequence[Sequence[int]], pad_id: int
-             ) -> tuple[torch.Tensor, torch.Tensor]:
-    """input_ids [B, P] and attention_mask [B, P], padded on the left."""
-    width = max(len(p) for p in prompt_ids)
-    ids = torch.full((len(prompt_ids), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(prompt_ids), width), dtype=torch.long)
-    for i, p in enumerate(prompt_ids):
-        if p:
-            ids[i, width - len(p):] = torch.tensor(p, dtype=torch.long)
-            mask[i, width - len(p):] = 1
-    return ids, mask
 
 
 @torch.no_grad()

@@ -33,7 +33,7 @@ import struct
 import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import torch
 from torch import nn
@@ -440,6 +440,19 @@ def encode_outputs(tokenizer, outputs: list[str], max_tokens: int,
             ids = ids + [eos]
         result.append(ids)
     return result
+
+
+def left_pad(prompt_ids: Sequence[Sequence[int]], pad_id: int
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """input_ids [B, P] and attention_mask [B, P], padded on the left (generation, sampling)."""
+    width = max(len(p) for p in prompt_ids)
+    ids = torch.full((len(prompt_ids), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompt_ids), width), dtype=torch.long)
+    for i, p in enumerate(prompt_ids):
+        if p:
+            ids[i, width - len(p):] = torch.tensor(p, dtype=torch.long)
+            mask[i, width - len(p):] = 1
+    return ids, mask
 
 
 def collate(prompt_ids: list[list[int]], output_ids: list[list[int]], pad_id: int) -> SequenceBatch:

@@ -69,7 +69,7 @@ from . import checkpoint
 from .config import PPOConfig
 from .io import read_jsonl, write_json
 from .modeling import (AdapterModel, SequenceBatch, collate, encode_outputs, encode_prompts,
-                       is_quantized, load_base)
+                       is_quantized, left_pad, load_base)
 from .train_utils import (NonFiniteGuard, StepLog, default_device, epoch_batches, nonfinite,
                           progress, seed_everything, skipped_row, step_schedule)
 
@@ -191,16 +191,6 @@ def batch_kinds(n_batches: int, reference_fraction: float) -> list[str]:
 
 # ============================================================================ sampling
 
-def left_pad(prompt_ids: Sequence[Sequence[int]], pad_id: int
-             ) -> tuple[torch.Tensor, torch.Tensor]:
-    """input_ids [B, P] and attention_mask [B, P], padded on the left for generation."""
-    width = max(len(p) for p in prompt_ids)
-    ids = torch.full((len(prompt_ids), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(prompt_ids), width), dtype=torch.long)
-    for i, p in enumerate(prompt_ids):
-        ids[i, width - len(p):] = torch.tensor(list(p), dtype=torch.long)
-        mask[i, width - len(p):] = 1
-    return ids, mask
 
 
 def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:

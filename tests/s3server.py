@@ -15,6 +15,7 @@ from __future__ import annotations
 import ctypes
 import io
 import json
+import re
 import os
 import secrets
 import shutil
@@ -28,6 +29,8 @@ from pathlib import Path
 import pytest
 import urllib3
 from minio import Minio
+
+from lastmile import storage
 
 PORT_NAMES = ("master", "master.grpc", "volume", "volume.grpc", "filer", "filer.grpc",
               "s3", "s3.grpc")
@@ -216,3 +219,39 @@ def s3_server(tmp_path_factory):
         yield server
     finally:
         server.stop()
+
+
+# --------------------------------------------------------------- per-test fixtures
+
+OTHER_CREDENTIAL_VARS = [n for pair in storage.CREDENTIAL_VARS for n in pair] + [
+    storage.CREDENTIALS_DIR_VAR, *storage.SESSION_TOKEN_VARS, *storage.ENDPOINT_VARS,
+    storage.SECURE_VAR]
+
+
+@pytest.fixture
+def s3_env(s3_server, monkeypatch, tmp_path):
+    """The server's endpoint and keys in the environment, short retries, a fresh cache."""
+    for name in OTHER_CREDENTIAL_VARS:
+        monkeypatch.delenv(name, raising=False)
+    for name, value in s3_server.env().items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("LASTMILE_S3_RETRIES", "2")
+    monkeypatch.setenv("LASTMILE_S3_BACKOFF", "0.05")
+    monkeypatch.setenv("LASTMILE_S3_CONNECT_TIMEOUT", "1")
+    monkeypatch.setenv("LASTMILE_S3_READ_TIMEOUT", "10")
+    monkeypatch.setenv("LASTMILE_CACHE", str(tmp_path / "cache"))
+    return s3_server
+
+
+_bucket_numbers = iter(range(10_000))
+
+
+@pytest.fixture
+def bucket(s3_env, request):
+    """A new bucket for one test."""
+    name = re.sub(r"[^a-z0-9-]+", "-", request.node.name.lower())[:40].strip("-")
+    name = f"{name}-{next(_bucket_numbers)}"
+    s3_env.client().make_bucket(name)
+    return name
+
+

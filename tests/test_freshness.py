@@ -11,7 +11,7 @@ import re
 import pytest
 
 from lastmile import config, freshness, results, storage
-from s3server import s3_server  # noqa: F401 - the fixture
+from s3server import bucket, s3_env, s3_server  # noqa: F401 - the fixtures
 
 CONFIG = config.profile_to_json(config.get_profile("smoke"))
 DATA = "a" * 64
@@ -133,32 +133,6 @@ def test_stage_run_layout_leaves_checkpoints_out(tmp_path):
 
 
 # ----------------------------------------------------------------------------- object store
-
-@pytest.fixture
-def s3_env(s3_server, monkeypatch, tmp_path):
-    names = [n for pair in storage.CREDENTIAL_VARS for n in pair] + [
-        storage.CREDENTIALS_DIR_VAR, *storage.SESSION_TOKEN_VARS, *storage.ENDPOINT_VARS,
-        storage.SECURE_VAR]
-    for name in names:
-        monkeypatch.delenv(name, raising=False)
-    for name, value in s3_server.env().items():
-        monkeypatch.setenv(name, value)
-    monkeypatch.setenv("LASTMILE_S3_RETRIES", "1")
-    monkeypatch.setenv("LASTMILE_S3_BACKOFF", "0.05")
-    monkeypatch.setenv("LASTMILE_CACHE", str(tmp_path / "cache"))
-    return s3_server
-
-
-_buckets = iter(range(10_000))
-
-
-@pytest.fixture
-def bucket(s3_env, request):
-    name = re.sub(r"[^a-z0-9-]+", "-", request.node.name.lower())[:40].strip("-")
-    name = f"{name}-{next(_buckets)}"
-    s3_env.client().make_bucket(name)
-    return name
-
 
 def test_publish_then_check_finds_nothing_new_then_new_data(bucket, tmp_path):
     prefix = f"s3://{bucket}/runs/"

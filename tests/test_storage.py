@@ -18,39 +18,8 @@ import pytest
 
 from lastmile import storage
 from lastmile.storage import S3Config, StorageError
-from s3server import free_ports, s3_server  # noqa: F401 - the fixture
-
-OTHER_CREDENTIAL_VARS = [n for pair in storage.CREDENTIAL_VARS for n in pair] + [
-    storage.CREDENTIALS_DIR_VAR, *storage.SESSION_TOKEN_VARS, *storage.ENDPOINT_VARS,
-    storage.SECURE_VAR]
-
-
-@pytest.fixture
-def s3_env(s3_server, monkeypatch, tmp_path):
-    """The server's endpoint and keys in the environment, short retries, a fresh cache."""
-    for name in OTHER_CREDENTIAL_VARS:
-        monkeypatch.delenv(name, raising=False)
-    for name, value in s3_server.env().items():
-        monkeypatch.setenv(name, value)
-    monkeypatch.setenv("LASTMILE_S3_RETRIES", "2")
-    monkeypatch.setenv("LASTMILE_S3_BACKOFF", "0.05")
-    monkeypatch.setenv("LASTMILE_S3_CONNECT_TIMEOUT", "1")
-    monkeypatch.setenv("LASTMILE_S3_READ_TIMEOUT", "10")
-    monkeypatch.setenv("LASTMILE_CACHE", str(tmp_path / "cache"))
-    return s3_server
-
-
-_bucket_count = iter(range(10_000))
-
-
-@pytest.fixture
-def bucket(s3_env, request):
-    """A new bucket for one test."""
-    name = re.sub(r"[^a-z0-9-]+", "-", request.node.name.lower())[:40].strip("-")
-    name = f"{name}-{next(_bucket_count)}"
-    s3_env.client().make_bucket(name)
-    return name
-
+from s3server import (OTHER_CREDENTIAL_VARS, bucket, free_ports, s3_env,  # noqa: F401
+                      s3_server)  # the fixtures: a real SeaweedFS server, its env, a bucket
 
 def moved(before: storage.TransferStats) -> storage.TransferStats:
     return storage.transfer_stats() - before
