@@ -89,6 +89,15 @@ def s3_bucket(s3_server, monkeypatch):
     return s3_server, bucket
 
 
+def _assert_no_secret(secret: str, logs: str, run_dir: Path) -> None:
+    """The run used credentials: the secret key is in no log line and no file it wrote."""
+    assert "lastmile" in logs  # the steps' output was captured at all
+    assert secret not in logs
+    for path in run_dir.rglob("*"):
+        if path.is_file() and path.suffix in (".json", ".jsonl", ".md", ".html", ".txt", ".log"):
+            assert secret not in path.read_text(errors="replace"), path
+
+
 def _upload_smoke_data(server, bucket: str, rows: dict[str, int]) -> None:
     """The first rows of the bundled data set, one object per split, under data/."""
     for split, n in rows.items():
@@ -98,7 +107,7 @@ def _upload_smoke_data(server, bucket: str, rows: dict[str, int]) -> None:
 
 
 @pytest.mark.e2e
-def test_smoke_pipeline_from_s3_publishes_then_skips_unchanged_data(s3_bucket, tmp_path, capsys):
+def test_smoke_pipeline_from_s3_publishes_then_skips_unchanged_data(s3_bucket, tmp_path, capfd):
     import pipeline
     from lastmile import freshness, storage
 
@@ -109,7 +118,9 @@ def test_smoke_pipeline_from_s3_publishes_then_skips_unchanged_data(s3_bucket, t
     out = tmp_path / "first"
     assert pipeline.main(["run", "--profile", "smoke", "--data", data, "--publish", runs,
                           "--out", str(out)]) == 0
-    printed = capsys.readouterr().out
+    captured = capfd.readouterr()  # every step's log too: kfp.local runs them as subprocesses
+    printed = captured.out
+    _assert_no_secret(server.secret_key, captured.out + captured.err, out)
     scores = _check_report(out)
     (name,) = storage.list_runs(runs)
     assert freshness.RUN_NAME.match(name)
@@ -138,7 +149,9 @@ def test_smoke_pipeline_from_s3_publishes_then_skips_unchanged_data(s3_bucket, t
     assert pipeline.main(["run", "--profile", "smoke", "--data", data, "--publish", runs,
                           "--out", str(again)]) == 0
     seconds = time.monotonic() - started
-    printed = capsys.readouterr().out
+    captured = capfd.readouterr()
+    printed = captured.out
+    _assert_no_secret(server.secret_key, captured.out + captured.err, again)
     assert f"no new data: no new data under {data} since run {name}" in printed
     assert "force=true" in printed
     assert (again / "no-new-data.md").is_file() and not (again / "report.html").exists()
