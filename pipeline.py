@@ -7,8 +7,9 @@
     python pipeline.py schedule --host URL --cron EXPR [...]           a recurring run (retraining)
 
 DAG (DESIGN.md): filter -> check for new data -> [if new: negatives -> reward -> PPO; MLE
-beside them; base / MLE / RL generate -> post-process (base, MLE) -> score -> report ->
-(if publish_to) publish] [else: no new data, the run ends]. No method logic lives here.
+beside them; plan shards -> for each shard: base / MLE / RL generate -> post-process (base,
+MLE) -> score -> gather shards -> report -> (if publish_to) publish] [else: no new data, the
+run ends]. No method logic lives here.
 """
 
 # No `from __future__ import annotations`: KFP reads the pipeline's annotations as types.
@@ -159,6 +160,7 @@ def build_pipeline(image: str = components.DEFAULT_IMAGE,
         ppo_length_penalty: float = _PAPER["ppo_length_penalty"],
         ppo_reference_fraction: float = _PAPER["ppo_reference_fraction"],
         max_new_tokens: int = _PAPER["max_new_tokens"],
+        num_shards: int = _PAPER["num_shards"],
         bleurt_checkpoint: str = _PAPER["bleurt_checkpoint"],
         allow_pickle: bool = _PAPER["allow_pickle"],
         trust_remote_code: bool = _PAPER["trust_remote_code"],
@@ -176,6 +178,7 @@ def build_pipeline(image: str = components.DEFAULT_IMAGE,
             ppo_batch_size=ppo_batch_size, ppo_max_updates=ppo_max_updates,
             ppo_temperature=ppo_temperature, ppo_length_penalty=ppo_length_penalty,
             ppo_reference_fraction=ppo_reference_fraction, max_new_tokens=max_new_tokens,
+            num_shards=num_shards,
             bleurt_checkpoint=bleurt_checkpoint, allow_pickle=allow_pickle,
             trust_remote_code=trust_remote_code, bleurt_allow_pickle=bleurt_allow_pickle,
             init_policy_from_mle=init_policy_from_mle)).output
@@ -202,27 +205,38 @@ def build_pipeline(image: str = components.DEFAULT_IMAGE,
                       retries)
             ppo.set_display_name("train PPO policy")
 
-            predictions = {}
-            for variant, adapter in (("base", None), ("mle", mle.outputs["mle_model"]),
-                                     ("rl", ppo.outputs["ppo_model"])):
-                kwargs = {"adapter": adapter} if adapter is not None else {}
-                task = gpu(c.generate(config=cfg, data=data.outputs["data"], variant=variant,
-                                      **kwargs))
-                task.set_display_name(f"generate {variant}")
-                predictions[variant] = task.outputs["predictions"]
-            for variant in ("base", "mle"):
-                task = cpu(c.postprocess(predictions=predictions[variant]))
-                task.set_display_name(f"post-process {variant}")
-                predictions[f"{variant}_cleaned"] = task.outputs["cleaned"]
-
-            scores = cpu(c.score(config=cfg, **predictions))
-            scores.set_display_name("score")
+            # Generation and scoring fan out over shards of the test rows (lastmile.shards):
+            # one task per shard and variant, each its own GPU on a cluster; `gather` puts
+            # the shards back in order, as one unsharded run would have written them.
+            plan = cpu(c.plan_shards(config=cfg, data=data.outputs["data"]))
+            plan.set_display_name("plan shards")
+            with dsl.ParallelFor(plan.output, name="shards") as shard:
+                shard_outputs = {}
+                for variant, adapter in (("base", None), ("mle", mle.outputs["mle_model"]),
+                                         ("rl", ppo.outputs["ppo_model"])):
+                    kwargs = {"adapter": adapter} if adapter is not None else {}
+                    task = gpu(c.generate(config=cfg, data=data.outputs["data"],
+                                          variant=variant, shard=shard, **kwargs))
+                    task.set_display_name(f"generate {variant}")
+                    shard_outputs[variant] = task.outputs["predictions"]
+                for variant in ("base", "mle"):
+                    task = cpu(c.postprocess(predictions=shard_outputs[variant]))
+                    task.set_display_name(f"post-process {variant}")
+                    shard_outputs[f"{variant}_cleaned"] = task.outputs["cleaned"]
+                shard_scores = cpu(c.score(config=cfg, shard=shard, **shard_outputs))
+                shard_scores.set_display_name("score")
+            gathered = cpu(c.gather(
+                config=cfg, example_shards=dsl.Collected(shard_scores.outputs["examples"]),
+                **{f"{name}_shards": dsl.Collected(output)
+                   for name, output in shard_outputs.items()}))
+            gathered.set_display_name("gather shards")
+            predictions = {name: gathered.outputs[name] for name in shard_outputs}
             report = cpu(c.report(config=cfg, data=data.outputs["data"],
                                   negatives=negatives.outputs["negatives"],
                                   reward_model=reward.outputs["reward_model"],
                                   mle_model=mle.outputs["mle_model"],
                                   ppo_model=ppo.outputs["ppo_model"],
-                                  scores=scores.outputs["scores"], **predictions))
+                                  scores=gathered.outputs["scores"], **predictions))
             report.set_display_name("report")
 
             with dsl.If(publish_to != "", name="publish results"):

@@ -19,8 +19,8 @@ from . import stages
 DEFAULT_IMAGE = os.environ.get("LASTMILE_IMAGE", "ghcr.io/lastmile-ml/lastmile:0.1.0")
 
 STAGES = ("resolve_config", "filter_data", "check_new_data", "synthesize_negatives",
-          "train_reward", "train_mle", "train_ppo", "generate", "postprocess", "score", "report",
-          "no_new_data", "publish")
+          "train_reward", "train_mle", "train_ppo", "plan_shards", "generate", "postprocess",
+          "score", "gather", "report", "no_new_data", "publish")
 
 
 def build(image: str = DEFAULT_IMAGE) -> SimpleNamespace:

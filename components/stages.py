@@ -9,7 +9,7 @@ Artifacts are directories: a Dataset/Model output's path is created as a folder 
 stage's files and its `summary.json` (lastmile/runinfo.py).
 """
 
-from typing import Optional
+from typing import List, Optional
 
 from kfp.dsl import HTML, Artifact, Dataset, Input, Markdown, Metrics, Model, Output
 
@@ -40,6 +40,7 @@ def resolve_config(
     ppo_length_penalty: float,
     ppo_reference_fraction: float,
     max_new_tokens: int,
+    num_shards: int,
     bleurt_checkpoint: str,
     allow_pickle: bool,
     trust_remote_code: bool,
@@ -209,9 +210,25 @@ def train_ppo(config: str, data: Input[Dataset], reward_model: Input[Model],
                                      trust_remote_code=profile.trust_remote_code))
 
 
+def plan_shards(config: str, data: Input[Dataset]) -> list:
+    """The shard indices generation and scoring fan out over (lastmile.shards.plan)."""
+    from pathlib import Path
+
+    from lastmile import shards
+    from lastmile.config import profile_from_json
+    from lastmile.io import read_jsonl
+
+    profile = profile_from_json(config)
+    n_test = sum(1 for _ in read_jsonl(Path(data.path) / "test.jsonl"))
+    ranges = shards.plan(n_test, profile.generate)
+    print(f"{n_test} test rows in {len(ranges)} shard(s): {ranges}", flush=True)
+    return list(range(len(ranges)))
+
+
 def generate(config: str, data: Input[Dataset], variant: str, predictions: Output[Dataset],
-             adapter: Optional[Input[Model]] = None):
-    """Greedy generation (<= 100 new tokens) on the test split with one model variant."""
+             adapter: Optional[Input[Model]] = None, shard: int = -1):
+    """Greedy generation (<= 100 new tokens) on one shard of the test split (-1: all of it)
+    with one model variant."""
     from pathlib import Path
 
     from lastmile import generate as gen
@@ -229,7 +246,8 @@ def generate(config: str, data: Input[Dataset], variant: str, predictions: Outpu
                        base_model=profile.base_model) as summary:
         summary.update(gen.generate_predictions(
             test_path, written, variant, profile.base_model, adapter_dir, profile.generate,
-            allow_pickle=profile.allow_pickle, trust_remote_code=profile.trust_remote_code))
+            shard=shard if shard >= 0 else None, allow_pickle=profile.allow_pickle,
+            trust_remote_code=profile.trust_remote_code))
 
 
 def postprocess(predictions: Input[Dataset], cleaned: Output[Dataset]):
@@ -242,35 +260,76 @@ def postprocess(predictions: Input[Dataset], cleaned: Output[Dataset]):
 
     out = Path(cleaned.path)
     source, written = Path(predictions.path) / "predictions.jsonl", out / "predictions.jsonl"
-    # Files are labelled by variant (see generate); generate's summary names it.
+    # Files are labelled by variant (see generate); generate's summary names it, and the
+    # shard it covered, which the cleaned file covers too.
     upstream = Path(predictions.path) / "summary.json"
-    variant = json.loads(upstream.read_text()).get("variant") if upstream.is_file() else None
+    upstream = json.loads(upstream.read_text()) if upstream.is_file() else {}
+    variant = upstream.get("variant")
     read = f"{variant}/predictions.jsonl" if variant else "predictions.jsonl"
     wrote = f"{variant}_cleaned/predictions.jsonl" if variant else "cleaned/predictions.jsonl"
     with runinfo.stage("postprocess", out, inputs={read: source},
                        outputs={wrote: written}) as summary:
         summary.update(post.postprocess_predictions(source, written))
+        if "shard" in upstream:
+            summary["shard"] = upstream["shard"]
 
 
 def score(config: str, base: Input[Dataset], mle: Input[Dataset], rl: Input[Dataset],
-          base_cleaned: Input[Dataset], mle_cleaned: Input[Dataset],
-          scores: Output[Dataset], metrics: Output[Metrics]):
-    """ROUGE, length-adjusted ROUGE, BLEURT, semantic similarity, excess length (Tables 1-2)."""
+          base_cleaned: Input[Dataset], mle_cleaned: Input[Dataset], shard: int,
+          examples: Output[Dataset]):
+    """Per-example ROUGE, la-ROUGE, BLEURT, semantic similarity, excess length of one shard;
+    `gather` turns every shard's into Tables 1-2."""
     from pathlib import Path
 
     from lastmile import metrics as scoring
-    from lastmile import results, runinfo
+    from lastmile import runinfo, shards
     from lastmile.config import profile_from_json
+    from lastmile.io import read_json
 
     profile = profile_from_json(config)
-    out = Path(scores.path)
+    out = Path(examples.path)
     variants = {"base": base, "mle": mle, "rl": rl, "base_cleaned": base_cleaned,
                 "mle_cleaned": mle_cleaned}
     inputs = {f"{name}/predictions.jsonl": Path(a.path) / "predictions.jsonl"
               for name, a in variants.items()}
+    record = read_json(Path(base.path) / "summary.json").get("shard")
+    if record is None or record["index"] != shard:
+        raise ValueError(f"score shard {shard}: the base predictions are not that shard's "
+                         f"({record})")
     with runinfo.stage("score", out, inputs=inputs) as summary:
-        result = scoring.score_file(list(inputs.values()), out / "scores.json", profile.score)
-        summary["variants"] = sorted(result["models"])
+        summary["n"] = scoring.score_examples_file(list(inputs.values()),
+                                                   out / shards.EXAMPLE_SCORES, profile.score)
+        summary["shard"] = record
+
+
+def gather(config: str, base_shards: Input[List[Dataset]], mle_shards: Input[List[Dataset]],
+           rl_shards: Input[List[Dataset]], base_cleaned_shards: Input[List[Dataset]],
+           mle_cleaned_shards: Input[List[Dataset]], example_shards: Input[List[Dataset]],
+           base: Output[Dataset], mle: Output[Dataset], rl: Output[Dataset],
+           base_cleaned: Output[Dataset], mle_cleaned: Output[Dataset],
+           scores: Output[Dataset], metrics: Output[Metrics]):
+    """Every shard's predictions and per-example scores, in shard order: the five prediction
+    files and scores.json (Tables 1-2) of an unsharded run; every score as a KFP metric."""
+    import time
+    from pathlib import Path
+
+    from lastmile import results, shards
+    from lastmile.config import profile_from_json
+    from lastmile.io import write_json
+
+    profile = profile_from_json(config)
+    started = time.perf_counter()
+    for collected, out in ((base_shards, base), (mle_shards, mle), (rl_shards, rl),
+                           (base_cleaned_shards, base_cleaned),
+                           (mle_cleaned_shards, mle_cleaned)):
+        shards.gather_predictions([a.path for a in collected], out.path)
+    folders = [a.path for a in example_shards]
+    out = Path(scores.path)
+    result = shards.gather_example_scores(folders, out / "scores.json", profile.score)
+    summary = shards.merge_summaries([shards.read_summary(f) for _, f in shards.ordered(folders)])
+    summary["gather_seconds"] = round(time.perf_counter() - started, 3)
+    summary["variants"] = sorted(result["models"])
+    write_json(out / "summary.json", summary)
     for name, value in results.metric_items(result).items():
         metrics.log_metric(name, value)
 

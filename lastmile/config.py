@@ -130,6 +130,13 @@ class GenerateConfig:
     batch_size: int = 16
     do_sample: bool = False  # greedy: deterministic, comparable across variants
     temperature: float = 1.0
+    # Rows are sorted by length inside windows of this many batches (less padding); a window
+    # is also the unit of sharding, so a sharded run forms exactly the batches of an unsharded
+    # one (lastmile.shards).
+    window_batches: int = 8
+    # Generation and scoring fan out over this many tasks (dsl.ParallelFor; each its own GPU
+    # on a cluster); never more than there are windows of test rows.
+    num_shards: int = 1
 
 
 @dataclass
@@ -203,6 +210,9 @@ def _smoke() -> Profile:
     p.ppo.max_updates = 2
     p.ppo.max_new_tokens = 12
     p.generate.max_new_tokens = 12
+    # Windows of 4 rows, so the 8 test rows can make 2 shards (num_shards=2 in the e2e test).
+    p.generate.batch_size = 4
+    p.generate.window_batches = 1
     p.reward.eval_examples = 8
     return p
 
@@ -264,6 +274,7 @@ PIPELINE_PARAMETERS: dict[str, str] = {
     "ppo_length_penalty": "ppo.length_penalty",
     "ppo_reference_fraction": "ppo.reference_fraction",
     "max_new_tokens": "generate.max_new_tokens",
+    "num_shards": "generate.num_shards",
     "bleurt_checkpoint": "score.bleurt_checkpoint",
     "allow_pickle": "allow_pickle",
     "trust_remote_code": "trust_remote_code",
@@ -333,6 +344,9 @@ def resolve(profile_name: str, **arguments: Any) -> Profile:
         if dotted in _CAPS and value is not None and int(value) < 0:
             raise ValueError(f"pipeline parameter {name} must be >= 0 (0 = no cap), got {value}")
         _set(profile, dotted, value)
+    if profile.generate.num_shards < 1:
+        raise ValueError(f"pipeline parameter num_shards must be >= 1, got "
+                         f"{profile.generate.num_shards}")
     return profile
 
 

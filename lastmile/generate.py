@@ -9,10 +9,14 @@ and differences between variants come from the weights alone. Sampling stays ava
 Prompts are left-padded (positions follow the attention mask, so padding does not move them),
 grouped by length into batches for speed, and the outputs are put back in input order.
 Generation stops at EOS (<|im_end|>); text is decoded without special tokens.
+
+A run may be one shard of the test rows (`lastmile.shards`): a contiguous run of whole
+windows, so its batches are those of an unsharded run.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import time
@@ -21,6 +25,7 @@ from typing import Iterator, Sequence
 
 import torch
 
+from . import shards
 from .config import GenerateConfig
 from .io import atomic_path, read_jsonl
 from .modeling import AdapterModel, encode_prompts, is_quantized, left_pad, load_base
@@ -28,9 +33,6 @@ from .train_utils import chunked, default_device, progress
 
 log = logging.getLogger(__name__)
 
-#: How many test rows are held at once (sorted by length inside, written in input order):
-#: memory stays flat as the test set grows.
-WINDOW_BATCHES = 8
 #: The name a loaded variant's adapter gets (before merging).
 VARIANT_ADAPTER = "variant"
 
@@ -157,27 +159,36 @@ def _count_rows(path: str | os.PathLike) -> int:
 
 def generate_predictions(test_path: str | os.PathLike, out_path: str | os.PathLike, variant: str,
                          base_source: str, adapter_dir: str | None, cfg: GenerateConfig, *,
-                         allow_pickle: bool = False, trust_remote_code: bool = False) -> dict:
-    """Predictions for every test row as JSON Lines {id, input, reference, prediction, variant}.
+                         shard: int | None = None, allow_pickle: bool = False,
+                         trust_remote_code: bool = False) -> dict:
+    """Predictions for the test rows as JSON Lines {id, input, reference, prediction, variant}.
 
-    Rows are read and written in windows of `WINDOW_BATCHES` batches (sorted by length inside
-    a window, written in input order); the file appears under `out_path` only when complete.
+    Rows are read and written in windows of `cfg.window_batches` batches (sorted by length
+    inside a window, written in input order); the file appears under `out_path` only when
+    complete. `shard` (0-based): only that shard's rows (`shards.plan`); None: every row.
     """
     _check_variant(variant, adapter_dir)
     if cfg.batch_size < 1:
         raise ValueError(f"GenerateConfig.batch_size must be >= 1, got {cfg.batch_size}")
+    total = _count_rows(test_path)
+    if total == 0:
+        raise ValueError(f"{test_path}: no test rows")
+    ranges = shards.plan(total, cfg) if shard is not None else [(0, total)]
+    record = shards.shard_record(shard if shard is not None else 0, ranges)
+    start, stop = record["rows"]
     started = time.perf_counter()
     model, tokenizer, adapter = load_variant(base_source, adapter_dir, allow_pickle=allow_pickle,
                                              trust_remote_code=trust_remote_code)
     model.to(default_device())
     load_seconds = time.perf_counter() - started
-    total = _count_rows(test_path)
     n = new_tokens = hit_budget = 0
     gen_seconds = 0.0
-    bar = progress(total, f"generate {variant}", unit="row")
+    label = f"generate {variant}" + (f" [{shard + 1}/{len(ranges)}]" if shard is not None else "")
+    bar = progress(stop - start, label, unit="row")
+    rows = itertools.islice(_read_test_rows(test_path), start, stop)
     try:
         with atomic_path(out_path) as tmp, open(tmp, "w", encoding="utf-8") as f:
-            for window in chunked(_read_test_rows(test_path), cfg.batch_size * WINDOW_BATCHES):
+            for window in chunked(rows, cfg.batch_size * cfg.window_batches):
                 t0 = time.perf_counter()
                 ids = _generate_ids(model, tokenizer, [r["prompt"] for r in window], adapter,
                                      cfg)
@@ -193,14 +204,15 @@ def generate_predictions(test_path: str | os.PathLike, out_path: str | os.PathLi
                 bar.update(len(window))
     finally:
         bar.close()
-    if n == 0:
-        raise ValueError(f"{test_path}: no test rows")
-    return {"variant": variant, "n": n, "seconds": round(gen_seconds, 3),
-            "load_seconds": round(load_seconds, 3),
-            "tokens_per_second": round(new_tokens / gen_seconds, 2) if gen_seconds else None,
-            "mean_new_tokens": new_tokens / n, "hit_budget_share": hit_budget / n,
-            "max_new_tokens": cfg.max_new_tokens, "batch_size": cfg.batch_size,
-            "do_sample": cfg.do_sample, "adapter": adapter_dir is not None}
+    summary = {"variant": variant, "n": n, "seconds": round(gen_seconds, 3),
+               "load_seconds": round(load_seconds, 3),
+               "tokens_per_second": round(new_tokens / gen_seconds, 2) if gen_seconds else None,
+               "mean_new_tokens": new_tokens / n, "hit_budget_share": hit_budget / n,
+               "max_new_tokens": cfg.max_new_tokens, "batch_size": cfg.batch_size,
+               "do_sample": cfg.do_sample, "adapter": adapter_dir is not None}
+    if shard is not None:
+        summary[shards.SHARD_KEY] = record
+    return summary
 
 
 def _json_line(row: dict) -> str:

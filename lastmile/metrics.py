@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
 from .config import ScoreConfig
-from .io import is_valid_unicode, write_json
+from .io import atomic_path, is_valid_unicode, write_json
 
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL")
 PARTS = ("precision", "recall", "f1")
@@ -222,50 +222,79 @@ LEXICAL_KEYS = (
 )
 
 
+MODEL_KEYS = ("bleurt", "semantic_similarity")
+EXAMPLE_KEYS = tuple(LEXICAL_KEYS) + MODEL_KEYS
+
+
 @dataclass
 class _Sums:
     """Running sums for one variant; means are taken at the end."""
 
     n: int = 0
-    lexical: dict[str, float] = field(default_factory=lambda: dict.fromkeys(LEXICAL_KEYS, 0.0))
-    bleurt: float = 0.0
-    semantic: float = 0.0
+    sums: dict[str, float] = field(default_factory=lambda: dict.fromkeys(EXAMPLE_KEYS, 0.0))
 
-    def means(self, bleurt: bool, semantic: bool) -> dict[str, Any]:
+    def add(self, example: dict[str, Any], model_keys: Sequence[str]) -> None:
+        self.n += 1
+        for key in LEXICAL_KEYS:
+            self.sums[key] += example[key]
+        for key in model_keys:
+            self.sums[key] += example[key]
+
+    def means(self, model_keys: Sequence[str]) -> dict[str, Any]:
         out: dict[str, Any] = {"n": self.n}
-        out.update({k: v / self.n for k, v in self.lexical.items()})
-        out["bleurt"] = self.bleurt / self.n if bleurt else None
-        out["semantic_similarity"] = self.semantic / self.n if semantic else None
+        out.update({k: self.sums[k] / self.n for k in LEXICAL_KEYS})
+        out.update({k: (self.sums[k] / self.n if k in model_keys else None) for k in MODEL_KEYS})
         return out
 
 
-class _ModelScores:
-    """Buffers (variant, prediction, reference) and scores them a batch at a time."""
+def _model_scorers(cfg: ScoreConfig) -> tuple[BleurtScorer | None, Embedder | None]:
+    """The model-based scorers cfg asks for, loaded before any row is read (a bad checkpoint
+    fails fast, before any work)."""
+    bleurt = (get_bleurt(cfg.bleurt_checkpoint, bleurt_allow_pickle(cfg))
+              if cfg.bleurt_checkpoint else None)
+    embedder = get_embedder() if cfg.semantic_similarity else None
+    return bleurt, embedder
 
-    def __init__(self, sums: dict[str, _Sums], bleurt: BleurtScorer | None,
-                 embedder: Embedder | None, batch_size: int = BATCH_SIZE):
-        self.sums, self.bleurt, self.embedder = sums, bleurt, embedder
-        self.batch_size = batch_size
-        self.buffer: list[tuple[str, str, str]] = []
 
-    def add(self, variant: str, pred: str, ref: str) -> None:
-        if self.bleurt is None and self.embedder is None:
-            return
-        self.buffer.append((variant, pred, ref))
-        if len(self.buffer) >= self.batch_size:
-            self.flush()
+def model_keys(cfg: ScoreConfig) -> tuple[str, ...]:
+    """The model-based scores cfg computes ("bleurt", "semantic_similarity" or neither)."""
+    return tuple(k for k, on in zip(MODEL_KEYS, (bool(cfg.bleurt_checkpoint),
+                                                 cfg.semantic_similarity)) if on)
 
-    def flush(self) -> None:
-        if not self.buffer:
-            return
-        variants, preds, refs = zip(*self.buffer)
-        if self.bleurt is not None:
-            for v, s in zip(variants, self.bleurt.score(list(preds), list(refs))):
-                self.sums[v].bleurt += s
-        if self.embedder is not None:
-            for v, s in zip(variants, self.embedder.similarity(list(preds), list(refs))):
-                self.sums[v].semantic += s
-        self.buffer.clear()
+
+def _with_model_scores(batch: list[tuple[dict, str, str]], bleurt: BleurtScorer | None,
+                       embedder: Embedder | None) -> list[dict]:
+    """Fill "bleurt" / "semantic_similarity" of a batch of examples, one forward per model."""
+    if batch and (bleurt is not None or embedder is not None):
+        _, preds, refs = map(list, zip(*batch))
+        if bleurt is not None:
+            for (example, _, _), s in zip(batch, bleurt.score(preds, refs)):
+                example["bleurt"] = s
+        if embedder is not None:
+            for (example, _, _), s in zip(batch, embedder.similarity(preds, refs)):
+                example["semantic_similarity"] = s
+    return [example for example, _, _ in batch]
+
+
+def example_scores(located: Iterable[tuple[str, Any]], cfg: ScoreConfig
+                   ) -> Iterator[dict[str, Any]]:
+    """Per-example scores {"variant", "id", <EXAMPLE_KEYS>} in input order.
+
+    Rows arrive with a location label for error messages. Model-based scores are computed a
+    buffer of `BATCH_SIZE` rows at a time, so memory stays flat; a score cfg does not ask
+    for is null.
+    """
+    bleurt, embedder = _model_scorers(cfg)
+    buffer: list[tuple[dict, str, str]] = []
+    for where, row in located:
+        variant, pred, ref = _check_row(row, where)
+        example = {"variant": variant, "id": row.get("id"), **lexical_scores(pred, ref),
+                   **dict.fromkeys(MODEL_KEYS)}
+        buffer.append((example, pred, ref))
+        if len(buffer) >= BATCH_SIZE:
+            yield from _with_model_scores(buffer, bleurt, embedder)
+            buffer = []
+    yield from _with_model_scores(buffer, bleurt, embedder)
 
 
 def _check_row(row: Any, where: str) -> tuple[str, str, str]:
@@ -289,35 +318,31 @@ def _check_row(row: Any, where: str) -> tuple[str, str, str]:
     return variant, row["prediction"], row["reference"]
 
 
-def _score_located(located: Iterable[tuple[str, Any]], cfg: ScoreConfig, source: str) -> dict:
-    """Core of `score_predictions`: rows arrive with a location label for error messages."""
-    # Load the models before reading rows, so a bad checkpoint fails fast, before any work.
-    bleurt = (get_bleurt(cfg.bleurt_checkpoint, bleurt_allow_pickle(cfg))
-              if cfg.bleurt_checkpoint else None)
-    embedder = get_embedder() if cfg.semantic_similarity else None
+def aggregate(examples: Iterable[dict[str, Any]], cfg: ScoreConfig, source: str) -> dict:
+    """Corpus scores (means per variant) from per-example scores, with the notes."""
+    keys = model_keys(cfg)
     sums: dict[str, _Sums] = {}
-    pending = _ModelScores(sums, bleurt, embedder)
-    for where, row in located:
-        variant, pred, ref = _check_row(row, where)
-        acc = sums.setdefault(variant, _Sums())
-        acc.n += 1
-        for key, value in lexical_scores(pred, ref).items():
-            acc.lexical[key] += value
-        pending.add(variant, pred, ref)
-    pending.flush()
+    for example in examples:
+        sums.setdefault(example["variant"], _Sums()).add(example, keys)
     if not sums:
         raise ScoreInputError(f"{source}: no predictions to score")
 
     notes = ["ROUGE: rouge-score 0.1.2 (Porter stemmer), means over examples; "
              "la-ROUGE per paper §4.1 with words = whitespace-delimited entities; "
              "la-F1 = harmonic mean of la-precision and la-recall"]
-    notes.append(f"BLEURT: {cfg.bleurt_checkpoint}" if bleurt else BLEURT_NOT_COMPUTED)
-    notes.append(f"semantic similarity: {SEMANTIC_MODEL}" if embedder else SEMANTIC_NOT_COMPUTED)
+    notes.append(f"BLEURT: {cfg.bleurt_checkpoint}" if "bleurt" in keys else BLEURT_NOT_COMPUTED)
+    notes.append(f"semantic similarity: {SEMANTIC_MODEL}" if "semantic_similarity" in keys
+                 else SEMANTIC_NOT_COMPUTED)
     return {
-        "models": {v: s.means(bleurt is not None, embedder is not None) for v, s in sums.items()},
+        "models": {v: s.means(keys) for v, s in sums.items()},
         "bleurt_checkpoint": cfg.bleurt_checkpoint,
         "notes": notes,
     }
+
+
+def _score_located(located: Iterable[tuple[str, Any]], cfg: ScoreConfig, source: str) -> dict:
+    """Core of `score_predictions`: rows arrive with a location label for error messages."""
+    return aggregate(example_scores(located, cfg), cfg, source)
 
 
 def score_predictions(rows: Iterable[dict], cfg: ScoreConfig | None = None) -> dict:
@@ -345,17 +370,75 @@ def _numbered_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
                 raise ScoreInputError(f"{where}: not valid JSON ({e.msg})") from None
 
 
-def score_file(in_path: str | os.PathLike | Sequence[str | os.PathLike],
-               out_path: str | os.PathLike, cfg: ScoreConfig | None = None) -> dict:
-    """Score JSON Lines of predictions (id, input, reference, prediction, variant) — one file
-    or several read in order — and write the result to `out_path` atomically; returns it.
-    Errors name FILE:LINE."""
-    paths = [Path(p) for p in (in_path if isinstance(in_path, (list, tuple)) else [in_path])]
+def _located_files(paths: Sequence[Path]) -> Iterator[tuple[str, Any]]:
     for path in paths:
         if not path.is_file():
             raise ScoreInputError(f"{path}: no such file")
-    located = itertools.chain.from_iterable(_numbered_jsonl(path) for path in paths)
-    scores = _score_located(located, cfg or ScoreConfig(), ", ".join(map(str, paths)))
+    return itertools.chain.from_iterable(_numbered_jsonl(path) for path in paths)
+
+
+def _paths(in_path) -> list[Path]:
+    return [Path(p) for p in (in_path if isinstance(in_path, (list, tuple)) else [in_path])]
+
+
+def score_file(in_path: str | os.PathLike | Sequence[str | os.PathLike],
+               out_path: str | os.PathLike, cfg: ScoreConfig | None = None,
+               examples_path: str | os.PathLike | None = None) -> dict:
+    """Score JSON Lines of predictions (id, input, reference, prediction, variant) — one file
+    or several read in order — and write the result to `out_path` atomically; returns it.
+    With `examples_path`, the per-example scores go there too (JSON Lines, input order).
+    Errors name FILE:LINE."""
+    cfg = cfg or ScoreConfig()
+    paths = _paths(in_path)
+    examples = example_scores(_located_files(paths), cfg)
+    source = ", ".join(map(str, paths))
+    if examples_path is None:
+        scores = aggregate(examples, cfg, source)
+    else:
+        with atomic_path(examples_path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+            scores = aggregate(_written(examples, f), cfg, source)
+    write_json(out_path, scores)
+    return scores
+
+
+def _written(examples: Iterable[dict], f) -> Iterator[dict]:
+    for example in examples:
+        f.write(json.dumps(example) + "\n")
+        yield example
+
+
+def score_examples_file(in_path: str | os.PathLike | Sequence[str | os.PathLike],
+                        examples_path: str | os.PathLike, cfg: ScoreConfig | None = None) -> int:
+    """Per-example scores only (a shard's share of the `score` stage); returns the rows."""
+    cfg = cfg or ScoreConfig()
+    n = 0
+    with atomic_path(examples_path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        for example in example_scores(_located_files(_paths(in_path)), cfg):
+            f.write(json.dumps(example) + "\n")
+            n += 1
+    return n
+
+
+def _read_examples(paths: Sequence[Path], keys: Sequence[str]) -> Iterator[dict]:
+    for where, example in _located_files(paths):
+        if not isinstance(example, dict) or not isinstance(example.get("variant"), str):
+            raise ScoreInputError(f"{where}: not a per-example score row (no 'variant')")
+        missing = [k for k in (*LEXICAL_KEYS, *keys)
+                   if not isinstance(example.get(k), (int, float))]
+        if missing:
+            raise ScoreInputError(f"{where}: per-example score row lacks {missing} (scored "
+                                  "with another configuration?)")
+        yield example
+
+
+def aggregate_example_files(paths: Sequence[str | os.PathLike], out_path: str | os.PathLike,
+                            cfg: ScoreConfig | None = None) -> dict:
+    """scores.json from per-example score files read in order (the gather of sharded
+    scoring): the same sums, in the same order, as scoring the predictions in one go."""
+    cfg = cfg or ScoreConfig()
+    paths = [Path(p) for p in paths]
+    scores = aggregate(_read_examples(paths, model_keys(cfg)), cfg,
+                       ", ".join(map(str, paths)))
     write_json(out_path, scores)
     return scores
 

@@ -422,19 +422,37 @@ def _fmt_rows(value: Any) -> str:
     return str(value)
 
 
+def _rows_processed(s: Mapping[str, Any]) -> int | None:
+    """The rows a stage worked through: rows in, else a generation's or training's rows."""
+    for key in ("rows_in", "n", "rows", "examples"):
+        if isinstance(s.get(key), int) and not isinstance(s.get(key), bool) and s[key] > 0:
+            return s[key]
+    return None
+
+
+def _tasks(s: Mapping[str, Any]) -> str:
+    """" ×3" for a stage that ran as 3 shards or 3 training processes, else ""."""
+    n = max(int(s.get("shards") or 1), int(s.get("processes") or 1))
+    return f" ×{n}" if n > 1 else ""
+
+
 def timing_table(summaries: Mapping[str, dict]) -> Table:
-    """stage, seconds, rows in/out, and the summed total. Rows in falls back to a training
-    stage's "rows", rows out to a generation stage's "n"."""
+    """stage, seconds, seconds per row, rows in/out, and the summed total (see
+    `_timing_section`). Rows in falls back to a training stage's "rows", rows out to a
+    generation stage's "n"."""
     rows, total = [], 0.0
     for stage, s in summaries.items():
         seconds = s.get("seconds")
+        processed = _rows_processed(s)
+        per_row = ""
         if _is_number(seconds):
             total += seconds
-        rows.append([stage, f"{seconds:.1f}" if _is_number(seconds) else "",
-                     _fmt_rows(s.get("rows_in", s.get("rows"))),
+            per_row = f"{seconds / processed:.3g}" if processed else ""
+        rows.append([stage + _tasks(s), f"{seconds:.1f}" if _is_number(seconds) else "",
+                     per_row, _fmt_rows(s.get("rows_in", s.get("rows"))),
                      _fmt_rows(s.get("rows_out", s.get("n")))])
-    rows.append(["total", f"{total:.1f}", "", ""])
-    return Table(["stage", "seconds", "rows in", "rows out"], rows)
+    rows.append(["total", f"{total:.1f}", "", "", ""])
+    return Table(["stage", "seconds", "s / row", "rows in", "rows out"], rows)
 
 
 def _distinct(summaries: Mapping[str, dict], key: str) -> str:
@@ -817,7 +835,11 @@ def _timing_section(summaries: dict[str, dict]) -> list[Block]:
         return [Heading("Stage timings"), Para("No stage summaries given.", muted=True)]
     return [Heading("Stage timings"), timing_table(summaries),
             Para("Total is the sum of the stages' times; stages that ran side by side (the MLE "
-                 "baseline beside the reward model and PPO) overlap in wall time.", muted=True)]
+                 "baseline beside the reward model and PPO) overlap in wall time. A stage "
+                 "marked ×N ran as N shards or processes: its seconds add up all of them (the "
+                 "cost in task-seconds; its wall time is about 1/N of that). s / row is how "
+                 "cost grows with the data: seconds per row the stage worked through.",
+                 muted=True)]
 
 
 def build_report(out_dir: str | Path, scores: dict,

@@ -46,9 +46,31 @@ def _check_report(out: Path) -> dict:
     return scores
 
 
+def _check_shards_equal_one_unsharded_run(out: Path) -> None:
+    """Generation and scoring ran as 2 shards (ParallelFor); the gathered predictions are
+    what one unsharded generation with the same models writes: same ids, order and text."""
+    from lastmile import generate
+    from lastmile.config import get_profile
+
+    (run,) = (out / "kfp").glob("lastmile-*")
+    test_path = next(run.glob("filter-data/data")) / "test.jsonl"
+    test_ids = [json.loads(line)["id"] for line in test_path.open()]
+    for stage in ("generate_base", "generate_rl", "postprocess_mle", "score"):
+        summary = json.loads((out / "summaries" / f"{stage}.json").read_text())
+        assert summary["shards"] == 2 and len(summary["shard_seconds"]) == 2, stage
+    cfg = get_profile("smoke").generate
+    for variant, adapter in (("base", None), ("rl", next(run.glob("train-ppo/ppo_model")))):
+        unsharded = out / f"unsharded-{variant}.jsonl"
+        generate.generate_predictions(test_path, unsharded, variant, "tiny-random",
+                                      adapter and str(adapter / "adapter"), cfg)
+        gathered = (out / "predictions" / f"{variant}.jsonl").read_text()
+        assert [json.loads(line)["id"] for line in gathered.splitlines()] == test_ids
+        assert gathered == unsharded.read_text(), variant
+
+
 def _score_metrics(out: Path) -> dict:
-    """The KFP metrics the score step logged (kfp.local records them in its executor output)."""
-    (path,) = (out / "kfp").glob("lastmile-*/score/executor_output.json")
+    """The KFP metrics the gather step logged (kfp.local records them in its executor output)."""
+    (path,) = (out / "kfp").glob("lastmile-*/gather/executor_output.json")
     (metrics,) = json.loads(path.read_text())["artifacts"]["metrics"]["artifacts"]
     return metrics["metadata"]
 
@@ -59,9 +81,11 @@ def test_smoke_pipeline_end_to_end(tmp_path, capsys):
 
     out = tmp_path / "run"
     assert pipeline.main(["run", "--profile", "smoke", "--out", str(out),
-                          "--param", "test_fraction=0.2", "--param", "strict=false"]) == 0
+                          "--param", "test_fraction=0.2", "--param", "strict=false",
+                          "--param", "num_shards=2"]) == 0
     assert f"report: {out / 'report.html'}" in capsys.readouterr().out
     scores = _check_report(out)
+    _check_shards_equal_one_unsharded_run(out)
     # Every number of scores.json is a KFP metric, named <variant>_<key>.
     metrics = _score_metrics(out)
     expected = {f"{v}_{k}" for v, values in scores["models"].items() for k, x in values.items()

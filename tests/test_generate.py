@@ -9,7 +9,7 @@ import torch
 
 from lastmile import generate
 from lastmile.config import GenerateConfig, LoraSpec
-from lastmile.io import write_jsonl
+from lastmile.io import write_json, write_jsonl
 from lastmile.modeling import AdapterModel, encode_prompts, load_base, tiny_llama
 
 TEXTS = ["libfoo parses things", "a much longer description of a package that does many "
@@ -108,10 +108,9 @@ def _test_file(tokenizer, path, n=5):
     return rows
 
 
-def test_predictions_file_fields_and_summary(tokenizer, tmp_path, monkeypatch):
-    monkeypatch.setattr(generate, "WINDOW_BATCHES", 1)  # several windows for 5 rows
+def test_predictions_file_fields_and_summary(tokenizer, tmp_path):
     rows = _test_file(tokenizer, tmp_path / "test.jsonl")
-    cfg = GenerateConfig(max_new_tokens=4, batch_size=2)
+    cfg = GenerateConfig(max_new_tokens=4, batch_size=2, window_batches=1)  # several windows
     summary = generate.generate_predictions(tmp_path / "test.jsonl", tmp_path / "p.jsonl", "base",
                                             "tiny-random", None, cfg)
     out = [json.loads(x) for x in (tmp_path / "p.jsonl").read_text().splitlines()]
@@ -195,15 +194,14 @@ def test_variant_and_input_errors(tokenizer, tmp_path):
     assert not (tmp_path / "p.jsonl").exists()
 
 
-def test_generation_memory_stays_flat_as_the_test_set_grows(tokenizer, tmp_path, monkeypatch):
+def test_generation_memory_stays_flat_as_the_test_set_grows(tokenizer, tmp_path):
     """Peak Python allocation of generate_predictions for N and 4N test rows, each carrying a
     32 KB input (the document, copied into the predictions): rows are held one window at a
     time, so the peak does not grow with N; holding them all would add 3N x 32 KB (~6 MB)."""
     import gc
     import tracemalloc
 
-    monkeypatch.setattr(generate, "WINDOW_BATCHES", 2)
-    cfg = GenerateConfig(max_new_tokens=1, batch_size=8)
+    cfg = GenerateConfig(max_new_tokens=1, batch_size=8, window_batches=2)
     prompt = _prompts(tokenizer, ["a package"])[0]
     filler = "lorem ipsum dolor sit amet " * 1200  # ~32 KB
 
@@ -229,3 +227,31 @@ def test_generation_memory_stays_flat_as_the_test_set_grows(tokenizer, tmp_path,
     (peak_small, _), (peak_large, summary) = peak(small), peak(large)
     assert summary["n"] == 256 and len((tmp_path / "p.jsonl").read_text().splitlines()) == 256
     assert peak_large < peak_small + 1_500_000, (peak_small, peak_large)
+
+
+def test_shards_gathered_equal_one_unsharded_run(tokenizer, tmp_path):
+    """Three shards of 9 rows (batches of 2, windows of 2 batches: 3 windows), gathered,
+    are the unsharded file byte for byte: same ids, order and greedy text."""
+    from lastmile import shards
+
+    _test_file(tokenizer, tmp_path / "test.jsonl", n=9)
+    cfg = GenerateConfig(max_new_tokens=5, batch_size=2, window_batches=2, num_shards=3)
+    whole = generate.generate_predictions(tmp_path / "test.jsonl", tmp_path / "all.jsonl",
+                                          "base", "tiny-random", None, cfg)
+    assert "shard" not in whole
+    folders = []
+    for k in (2, 0, 1):  # any order: the gather sorts by the shard record
+        folder = tmp_path / f"shard{k}"
+        summary = generate.generate_predictions(tmp_path / "test.jsonl",
+                                                folder / "predictions.jsonl", "base",
+                                                "tiny-random", None, cfg, shard=k)
+        assert summary["shard"] == {"index": k, "count": 3, "rows": [4 * k, min(4 * k + 4, 9)]}
+        write_json(folder / "summary.json", summary)
+        folders.append(folder)
+    merged = shards.gather_predictions(folders, tmp_path / "gathered")
+    assert (tmp_path / "gathered" / "predictions.jsonl").read_bytes() == (
+        tmp_path / "all.jsonl").read_bytes()
+    assert merged["n"] == 9 and merged["shards"] == 3 and len(merged["shard_seconds"]) == 3
+    with pytest.raises(ValueError, match="shard 3 does not exist"):
+        generate.generate_predictions(tmp_path / "test.jsonl", tmp_path / "x.jsonl", "base",
+                                      "tiny-random", None, cfg, shard=3)

@@ -20,7 +20,10 @@ TRAINING = ("train-reward", "train-mle", "train-ppo")
 GENERATION = ("generate", "generate-2", "generate-3")
 STAGES = {"resolve-config", "filter-data", "check-new-data", "synthesize-negatives",
           "train-reward", "train-mle", "train-ppo", "generate", "generate-2", "generate-3",
-          "postprocess", "postprocess-2", "score", "report", "publish", "no-new-data"}
+          "postprocess", "postprocess-2", "score", "plan-shards", "gather", "report", "publish",
+          "no-new-data"}
+#: Run once per shard (dsl.ParallelFor over plan-shards' output), gathered by `gather`.
+SHARDED = set(GENERATION) | {"postprocess", "postprocess-2", "score"}
 #: Everything that runs only when check-new-data says something is new.
 GATED = STAGES - {"resolve-config", "filter-data", "check-new-data", "no-new-data"}
 NEW_DATA = "inputs.parameter_values['pipelinechannel--check-new-data-Output'] == true"
@@ -57,8 +60,12 @@ def _tasks(spec) -> dict[str, dict]:
     return {name: task for dag in _dags(spec).values() for name, task in dag["tasks"].items()}
 
 
+def _is_control(name: str) -> bool:
+    return name.startswith(("condition-", "for-loop-"))
+
+
 def _stages(spec) -> dict[str, dict]:
-    return {name: task for name, task in _tasks(spec).items() if not name.startswith("condition-")}
+    return {name: task for name, task in _tasks(spec).items() if not _is_control(name)}
 
 
 def _producer_of_channel(channel: str, names: set[str]) -> str | None:
@@ -70,7 +77,7 @@ def _producer_of_channel(channel: str, names: set[str]) -> str | None:
 
 def _upstream(task: dict, names: set[str]) -> set[str]:
     """The stage tasks whose outputs `task` consumes, through condition DAGs too."""
-    deps = {d for d in task.get("dependentTasks", []) if not d.startswith("condition-")}
+    deps = {d for d in task.get("dependentTasks", []) if not _is_control(d)}
     inputs = task.get("inputs", {})
     for arg in [*inputs.get("artifacts", {}).values(), *inputs.get("parameters", {}).values()]:
         producer = (arg.get("taskOutputArtifact") or arg.get("taskOutputParameter") or {}).get(
@@ -78,7 +85,11 @@ def _upstream(task: dict, names: set[str]) -> set[str]:
         channel = arg.get("componentInputArtifact") or arg.get("componentInputParameter")
         if producer is None and channel:
             producer = _producer_of_channel(channel, names)
-        if producer and not producer.startswith("condition-"):
+        elif producer and _is_control(producer):  # collected from a ParallelFor: the key names it
+            key = (arg.get("taskOutputArtifact") or arg.get("taskOutputParameter") or {}).get(
+                "outputArtifactKey") or ""
+            producer = _producer_of_channel(key, names)
+        if producer and not _is_control(producer):
             deps.add(producer)
     return deps - {"resolve-config"}
 
@@ -118,14 +129,38 @@ def test_dependency_edges(compiled):
     assert up["train-mle"] == {"filter-data"}  # runs beside reward and PPO
     variants = {tasks[g]["inputs"]["parameters"]["variant"]["runtimeValue"]["constant"]: g
                 for g in GENERATION}
-    assert up[variants["base"]] == {"filter-data"}
+    assert up[variants["base"]] == {"filter-data", "plan-shards"}
     assert "train-mle" in up[variants["mle"]]
     assert "train-ppo" in up[variants["rl"]]
     assert {up["postprocess"].pop(), up["postprocess-2"].pop()} == {variants["base"], variants["mle"]}
     assert set(GENERATION) | {"postprocess", "postprocess-2"} <= up["score"]
-    assert "score" in up["report"]
+    assert up["plan-shards"] == {"filter-data"}
+    assert {"plan-shards"} <= up["score"] and all("plan-shards" in up[g] for g in GENERATION)
+    assert SHARDED <= up["gather"]
+    assert "gather" in up["report"] and not SHARDED & up["report"]
     assert {"report", "train-mle", "train-ppo", "check-new-data"} <= up["publish"]
     assert up["no-new-data"] == {"check-new-data"}
+
+
+def test_generation_and_scoring_fan_out_over_shards_and_are_gathered(compiled):
+    _, spec, _ = compiled
+    dags = _dags(spec)
+    (loop,) = [t for dag in dags.values() for name, t in dag["tasks"].items()
+               if name.startswith("for-loop-")]
+    assert loop["parameterIterator"]["items"]["inputParameter"] == (
+        "pipelinechannel--plan-shards-Output")
+    inside = set(dags[loop["componentRef"]["name"]]["tasks"])
+    assert inside == SHARDED
+    gather = _stages(spec)["gather"]
+    collected = gather["inputs"]["artifacts"]
+    assert set(collected) == {"base_shards", "mle_shards", "rl_shards", "base_cleaned_shards",
+                              "mle_cleaned_shards", "example_shards"}
+    assert all(a["taskOutputArtifact"]["producerTask"].startswith("for-loop-")
+               for a in collected.values())
+    for name in SHARDED:  # each shard's tasks learn which shard they are
+        params = _stages(spec)[name]["inputs"].get("parameters", {})
+        if name.startswith(("generate", "score")):
+            assert params["shard"]["componentInputParameter"].endswith("-loop-item"), name
 
 
 def test_ppo_does_not_wait_for_mle(compiled, tmp_path):
@@ -166,7 +201,8 @@ def test_gpu_requests_on_training_and_generation(compiled):
         resources = executor["container"]["resources"]
         assert resources["accelerator"]["resourceCount"] == "1", name
         assert resources["accelerator"]["resourceType"] == "nvidia.com/gpu", name
-    for name in ("filter-data", "check-new-data", "score", "report", "publish", "no-new-data"):
+    for name in ("filter-data", "check-new-data", "plan-shards", "score", "gather", "report",
+                 "publish", "no-new-data"):
         executor = executors[f"exec-{tasks[name]['componentRef']['name'][5:]}"]
         assert "accelerator" not in executor["container"].get("resources", {}), name
 

@@ -181,9 +181,9 @@ def test_examples_first_five_ids_sorted_with_every_variant(full):
 def test_stage_timing_and_reproducibility(full):
     md = full["markdown"].read_text()
     timing = _section(md, "## Stage timings", "## Reproducibility")
-    assert "| filter\\_data | 2.5 | 900 | train 700 · test 100 |" in timing
-    assert "| train\\_reward | 120.4 | 4,200 |  |" in timing
-    assert "| generate\\_rl | 33.0 |  | 100 |" in timing
+    assert "| filter\\_data | 2.5 | 0.00278 | 900 | train 700 · test 100 |" in timing
+    assert "| train\\_reward | 120.4 | 0.0287 | 4,200 |  |" in timing
+    assert "| generate\\_rl | 33.0 | 0.33 |  | 100 |" in timing
     assert "| total | 155.9 |" in timing
     repro = md[md.index("## Reproducibility"):]
     for fact in ("| profile | demo |", "| data sha256 | abc123 |", "| base-model hash | f00dfeed |",
@@ -327,6 +327,7 @@ def test_build_report_from_stages_gathers_the_run(tmp_path):
     timing = _section(md, "## Stage timings", "## Reproducibility")
     stage_rows = [line.split(" | ")[0].strip("| ").replace("\\", "") for line in
                   timing.splitlines() if line.startswith("| ") and "---" not in line][1:-1]
+    stage_rows = [row.split(" ×")[0] for row in stage_rows]
     assert stage_rows == ["train_reward", "train_ppo", "generate_base", "generate_mle",
                           "generate_rl", "postprocess_base", "postprocess_mle", "score"]
     assert "| profile | smoke |" in md and "tiny-random" in md
