@@ -47,6 +47,9 @@ class ClusterSettings:
     """Where tasks run on a cluster; compile-time choices, never in effect for local runs."""
 
     accelerator_type: str = "nvidia.com/gpu"
+    # GPUs of each training task (reward, MLE, PPO); with train_processes=0 (the paper
+    # profile) the stage runs one data-parallel process per GPU. Generation shards take one.
+    train_gpus: int = 1
     gpu_cpu_request: str = "4"
     gpu_memory_request: str = "24Gi"
     gpu_memory_limit: str = "48Gi"
@@ -90,9 +93,9 @@ def build_pipeline(image: str = components.DEFAULT_IMAGE,
     """
     c = components.build(image)
 
-    def gpu(task, retries: int = 0):
+    def gpu(task, retries: int = 0, gpus: int = 1):
         if cluster is not None:
-            task.set_accelerator_type(cluster.accelerator_type).set_accelerator_limit(1)
+            task.set_accelerator_type(cluster.accelerator_type).set_accelerator_limit(gpus)
             task.set_cpu_request(cluster.gpu_cpu_request)
             task.set_memory_request(cluster.gpu_memory_request)
             task.set_memory_limit(cluster.gpu_memory_limit)
@@ -127,6 +130,18 @@ def build_pipeline(image: str = components.DEFAULT_IMAGE,
         return task
 
     retries = cluster.training_retries if cluster is not None else 0
+    train_gpus = cluster.train_gpus if cluster is not None else 1
+
+    def train(task):
+        task = gpu(task, retries, train_gpus)
+        if cluster is not None and train_gpus > 1:
+            # One process per GPU (train_processes=0): NCCL and torch multiprocessing share
+            # memory through /dev/shm, which is 64 MiB in a pod unless mounted.
+            from kfp import kubernetes
+
+            kubernetes.empty_dir_mount(task, volume_name="dshm", mount_path="/dev/shm",
+                                       medium="Memory")
+        return task
 
     @dsl.pipeline(name="lastmile",
                   description="RL fine-tuning without human feedback beside an MLE baseline, "
@@ -164,6 +179,7 @@ def build_pipeline(image: str = components.DEFAULT_IMAGE,
         bleurt_checkpoint: str = _PAPER["bleurt_checkpoint"],
         allow_pickle: bool = _PAPER["allow_pickle"],
         trust_remote_code: bool = _PAPER["trust_remote_code"],
+        train_processes: int = _PAPER["train_processes"],
         bleurt_allow_pickle: bool = _PAPER["bleurt_allow_pickle"],
     ) -> str:
         cfg = cpu(c.resolve_config(
@@ -181,7 +197,7 @@ def build_pipeline(image: str = components.DEFAULT_IMAGE,
             num_shards=num_shards,
             bleurt_checkpoint=bleurt_checkpoint, allow_pickle=allow_pickle,
             trust_remote_code=trust_remote_code, bleurt_allow_pickle=bleurt_allow_pickle,
-            init_policy_from_mle=init_policy_from_mle)).output
+            train_processes=train_processes, init_policy_from_mle=init_policy_from_mle)).output
         # Task data live outside the pipeline (a file, a prefix that grows): never cached.
         data = cpu(c.filter_data(config=cfg, data_source=data_source), cached=False)
         data.set_display_name("filter data")
@@ -194,15 +210,14 @@ def build_pipeline(image: str = components.DEFAULT_IMAGE,
         with dsl.If(check.outputs["Output"] == True, name="new data"):  # noqa: E712 (KFP)
             negatives = cpu(c.synthesize_negatives(config=cfg, data=data.outputs["data"]))
             negatives.set_display_name("synthesize negatives")
-            reward = gpu(c.train_reward(config=cfg, data=data.outputs["data"],
-                                        negatives=negatives.outputs["negatives"]), retries)
+            reward = train(c.train_reward(config=cfg, data=data.outputs["data"],
+                                          negatives=negatives.outputs["negatives"]))
             reward.set_display_name("train reward model")
-            mle = gpu(c.train_mle(config=cfg, data=data.outputs["data"]), retries)
+            mle = train(c.train_mle(config=cfg, data=data.outputs["data"]))
             mle.set_display_name("train MLE baseline")
             start_from = {"mle_model": mle.outputs["mle_model"]} if init_policy_from_mle else {}
-            ppo = gpu(c.train_ppo(config=cfg, data=data.outputs["data"],
-                                  reward_model=reward.outputs["reward_model"], **start_from),
-                      retries)
+            ppo = train(c.train_ppo(config=cfg, data=data.outputs["data"],
+                                    reward_model=reward.outputs["reward_model"], **start_from))
             ppo.set_display_name("train PPO policy")
 
             # Generation and scoring fan out over shards of the test rows (lastmile.shards):
@@ -342,9 +357,12 @@ def _params(pairs: list[str]) -> dict:
 
 
 def _cluster_from_args(args) -> ClusterSettings:
+    if args.train_gpus < 1:
+        raise SystemExit(f"--train-gpus must be >= 1, got {args.train_gpus}")
     settings = ClusterSettings(s3_secret=args.s3_secret or None, cache_pvc=args.cache_pvc or None,
                                s3_endpoint=args.s3_endpoint or None,
-                               accelerator_type=args.accelerator_type)
+                               accelerator_type=args.accelerator_type,
+                               train_gpus=args.train_gpus)
     for item in args.node_selector or []:
         key, _, value = item.partition("=")
         settings.node_selector[key] = value
@@ -381,6 +399,9 @@ def main(argv: list[str] | None = None) -> int:
     def cluster_flags(p):
         p.add_argument("--image", default=components.DEFAULT_IMAGE, help="container image of every step")
         p.add_argument("--accelerator-type", default="nvidia.com/gpu")
+        p.add_argument("--train-gpus", type=int, default=1, metavar="N",
+                       help="GPUs per training task (reward, MLE, PPO); the paper profile "
+                            "(train_processes=0) runs one data-parallel process per GPU")
         p.add_argument("--node-selector", action="append", metavar="KEY=VALUE")
         p.add_argument("--toleration", action="append", metavar="KEY[=VALUE]:EFFECT")
         p.add_argument("--s3-secret", default="lastmile-s3-credentials",

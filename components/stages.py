@@ -44,6 +44,7 @@ def resolve_config(
     bleurt_checkpoint: str,
     allow_pickle: bool,
     trust_remote_code: bool,
+    train_processes: int,
     bleurt_allow_pickle: bool,
     init_policy_from_mle: bool = False,
 ) -> str:
@@ -162,7 +163,8 @@ def train_reward(config: str, data: Input[Dataset], negatives: Input[Dataset],
         held_out = list(read_jsonl(test_path))
         summary.update(reward.train_reward_model(
             rm_path, out, profile.reward, profile.base_model, held_out,
-            allow_pickle=profile.allow_pickle, trust_remote_code=profile.trust_remote_code))
+            allow_pickle=profile.allow_pickle, trust_remote_code=profile.trust_remote_code,
+            processes=profile.train_processes))
     for category, accuracy in summary.get("eval", {}).get("accuracy", {}).items():
         metrics.log_metric(f"rm_accuracy_{category}", float(accuracy))
 
@@ -183,7 +185,8 @@ def train_mle(config: str, data: Input[Dataset], mle_model: Output[Model]):
                        base_model=profile.base_model) as summary:
         summary.update(mle.train_mle(train, out, profile.mle, profile.base_model,
                                      allow_pickle=profile.allow_pickle,
-                                     trust_remote_code=profile.trust_remote_code))
+                                     trust_remote_code=profile.trust_remote_code,
+                                     processes=profile.train_processes))
 
 
 def train_ppo(config: str, data: Input[Dataset], reward_model: Input[Model],
@@ -207,7 +210,8 @@ def train_ppo(config: str, data: Input[Dataset], reward_model: Input[Model],
         summary.update(ppo.train_ppo(train, Path(reward_model.path) / "adapter", out,
                                      profile.ppo, profile.base_model, mle_adapter_dir=start_from,
                                      allow_pickle=profile.allow_pickle,
-                                     trust_remote_code=profile.trust_remote_code))
+                                     trust_remote_code=profile.trust_remote_code,
+                                     processes=profile.train_processes))
 
 
 def plan_shards(config: str, data: Input[Dataset]) -> list:

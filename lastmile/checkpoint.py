@@ -6,8 +6,8 @@ Layout, under a stage's checkpoint directory (default `<out_dir>/checkpoints`, o
     step-000050/
         tensors.safetensors   trainable parameters (adapter LoRA weights and scalar heads, in
                               the order the stage lists them), AdamW state tensors, RNG states
-                              (torch CPU [+ CUDA], every named torch.Generator, e.g. PPO's
-                              sampler)
+                              (torch CPU [+ CUDA], every named torch.Generator the stage
+                              passes)
         meta.json             step (the data position: steps 1..step are done), the run key,
                               AdamW param groups, scheduler state, Python and NumPy RNG states,
                               the stage's extras (its step-log rows, the bad-update streak)
@@ -32,7 +32,10 @@ interrupted upload) is never read. `clear` deletes the remote checkpoints too. A
 checkpoint is local only.
 
 One writer per directory: two runs sharing an out_dir (or a prefix) are not supported; the
-pipeline's stages give each task its own prefix (`task_scope`).
+pipeline's stages give each task its own prefix (`task_scope`). A data-parallel run
+(`lastmile.distributed`, one node) is one writer too: its main rank saves (every rank holds
+the same state) and downloads a remote checkpoint; every rank then restores from the local
+copy.
 """
 
 from __future__ import annotations
@@ -48,6 +51,8 @@ from pathlib import Path
 from typing import Sequence, Union
 
 import torch
+
+from . import distributed
 
 log = logging.getLogger(__name__)
 
@@ -414,9 +419,9 @@ class Checkpointer:
     """Save and restore one training loop's state every `every` steps (0 or no root: off).
 
     params: the trainable tensors (adapters and heads) in a fixed order; optimizer, scheduler
-    and generators (named torch.Generator, e.g. a sampler's) are restored in place. `run` is a
-    JSON key of what the loop will do (stage, steps, seed, data ...): resuming a checkpoint
-    written under another key raises instead of silently mixing two runs.
+    and generators (named torch.Generator, if the loop draws from any) are restored in place.
+    `run` is a JSON key of what the loop will do (stage, steps, seed, data ...): resuming a
+    checkpoint written under another key raises instead of silently mixing two runs.
     """
 
     def __init__(self, root: Root, every: int,
@@ -435,9 +440,11 @@ class Checkpointer:
         """(step, extras) of the latest complete checkpoint, state restored; (0, {}) if none.
 
         With a remote prefix the newest complete remote checkpoint is downloaded first (when
-        newer than the local ones): a task restarted on a fresh node resumes from it."""
-        if self.remote is not None:
+        newer than the local ones): a task restarted on a fresh node resumes from it.
+        Distributed: the main rank downloads, then every rank reads the same local files."""
+        if self.remote is not None and distributed.world().is_main:
             pull(self.remote, self.root)
+        distributed.barrier()
         found = load_latest(self.root)
         if found is None:
             return 0, {}
@@ -469,7 +476,8 @@ class Checkpointer:
         return self.root is not None and (step % self.every == 0 or step == last)
 
     def save(self, step: int, extras: dict) -> Path | None:
-        if self.root is None:
+        """Write the state (main rank only: the other ranks hold the same state)."""
+        if self.root is None or not distributed.world().is_main:
             return None
         tensors = {f"param.{i:05d}": p for i, p in enumerate(self.params)}
         optim_tensors, optim_meta = optimizer_state(self.optimizer)

@@ -163,6 +163,10 @@ class Profile:
     # model's own Python code both run code from the model's source; off unless opted in.
     allow_pickle: bool = False
     trust_remote_code: bool = False
+    # Data-parallel processes of the reward, MLE and PPO stages (lastmile.distributed): the
+    # same batches and, up to float rounding, the same adapters as one process. 0 = one per
+    # visible GPU (at least 1); 1 = a single process without torch.distributed.
+    train_processes: int = 1
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -170,7 +174,9 @@ class Profile:
 
 def _paper() -> Profile:
     """The paper's sizes: for a GPU node (xsum-sized data, 7B GPTQ base where available)."""
-    return Profile(name="paper", data=DataConfig(max_train=15000, max_test=3000))
+    # A training task uses every GPU it is given (one process each; one process on a CPU).
+    return Profile(name="paper", data=DataConfig(max_train=15000, max_test=3000),
+                   train_processes=0)
 
 
 def _demo() -> Profile:
@@ -278,6 +284,7 @@ PIPELINE_PARAMETERS: dict[str, str] = {
     "bleurt_checkpoint": "score.bleurt_checkpoint",
     "allow_pickle": "allow_pickle",
     "trust_remote_code": "trust_remote_code",
+    "train_processes": "train_processes",
     "bleurt_allow_pickle": "score.bleurt_allow_pickle",
 }
 _CAPS = {"data.max_train", "data.max_test", "reward.max_steps", "mle.max_steps",
@@ -344,6 +351,9 @@ def resolve(profile_name: str, **arguments: Any) -> Profile:
         if dotted in _CAPS and value is not None and int(value) < 0:
             raise ValueError(f"pipeline parameter {name} must be >= 0 (0 = no cap), got {value}")
         _set(profile, dotted, value)
+    if profile.train_processes < 0:
+        raise ValueError(f"pipeline parameter train_processes must be >= 0 (0 = one per "
+                         f"visible GPU), got {profile.train_processes}")
     if profile.generate.num_shards < 1:
         raise ValueError(f"pipeline parameter num_shards must be >= 1, got "
                          f"{profile.generate.num_shards}")

@@ -8,7 +8,8 @@ A scheduled run must not retrain on identical data. After `filter_data`, the pip
     counts as new data;
   * `base_model_hash` - `lastmile.modeling.base_fingerprint` of the base weights;
   * `config_sha256`   - SHA-256 of the resolved configuration (profile plus every pipeline
-    parameter, the base model's name included).
+    parameter, the base model's name included), less the settings that spread the same work
+    over more tasks without changing its result (`SCALE_OUT_SETTINGS`).
 
 and compares it with the fingerprint stored in the manifest of the latest run published under
 `publish_to` (`lastmile.results.publish_run` writes it there). Equal fingerprints: nothing is
@@ -43,9 +44,23 @@ def _sha256(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
+#: Configuration paths that change how many tasks or processes do the work, not its result
+#: (shards gather to the unsharded files; N training processes give one process's adapters up
+#: to float rounding): a run that only raises them has nothing new to train on.
+SCALE_OUT_SETTINGS = (("train_processes",), ("generate", "num_shards"))
+
+
 def config_sha256(config_json: str) -> str:
-    """Of the resolved configuration, independent of key order and whitespace."""
-    return _sha256(json.dumps(json.loads(config_json), sort_keys=True, separators=(",", ":")))
+    """Of the resolved configuration less `SCALE_OUT_SETTINGS`, independent of key order and
+    whitespace."""
+    config = json.loads(config_json)
+    for path in SCALE_OUT_SETTINGS:
+        parent = config
+        for key in path[:-1]:
+            parent = parent.get(key, {}) if isinstance(parent, dict) else {}
+        if isinstance(parent, dict):
+            parent.pop(path[-1], None)
+    return _sha256(json.dumps(config, sort_keys=True, separators=(",", ":")))
 
 
 def fingerprint(data_sha256: str, base_model: str, base_model_hash: str, config_json: str,

@@ -20,7 +20,7 @@ from typing import Sequence
 
 import torch
 
-from . import checkpoint
+from . import checkpoint, distributed
 from .config import MLEConfig
 from .io import read_jsonl
 from .modeling import AdapterModel, collate, encode_outputs, encode_prompts, load_base
@@ -110,14 +110,24 @@ def train_mle_adapter(model: AdapterModel, tokenizer, rows: Sequence[dict], cfg:
 
 
 def train_mle(train_path: str | os.PathLike, out_dir: str | os.PathLike, cfg: MLEConfig,
-              base_source: str, *, allow_pickle: bool = False,
-              trust_remote_code: bool = False) -> dict:
+              base_source: str, *, allow_pickle: bool = False, trust_remote_code: bool = False,
+              processes: int = 1) -> dict:
     """The train_mle stage: out_dir/adapter, out_dir/train_log.jsonl; returns the summary.
 
     Checkpoints go to `cfg.checkpoint_dir` or out_dir/checkpoints; a rerun with the same
     out_dir resumes from the latest; they are deleted once the adapter is written.
     `allow_pickle` / `trust_remote_code`: see `modeling.load_base` (both off unless asked).
+    `processes`: data-parallel training processes (0: one per visible GPU; the same batches
+    and, up to float rounding, the same adapter: `lastmile.distributed`).
     """
+    return distributed.launch(_train_mle, processes, train_path, out_dir, cfg, base_source,
+                              allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+
+
+def _train_mle(train_path: str | os.PathLike, out_dir: str | os.PathLike, cfg: MLEConfig,
+               base_source: str, *, allow_pickle: bool, trust_remote_code: bool) -> dict:
+    """`train_mle` in this process, as one rank of the current world (or alone)."""
+    world = distributed.world()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     rows = list(read_jsonl(train_path))
@@ -132,7 +142,9 @@ def train_mle(train_path: str | os.PathLike, out_dir: str | os.PathLike, cfg: ML
     checkpoints = checkpoint.resolve_dir(out, cfg.checkpoint_dir)
     train = train_mle_adapter(model, tokenizer, rows, cfg, log_path=out / "train_log.jsonl",
                               checkpoint_dir=checkpoints)
-    model.save_adapter(ADAPTER, out / "adapter")
-    checkpoint.clear(checkpoints)
+    if world.is_main:
+        model.save_adapter(ADAPTER, out / "adapter")
+        checkpoint.clear(checkpoints)
     return {"rows": len(rows), "load_seconds": round(loaded, 3), "train": train,
-            "adapter": "adapter", "lora": {"r": cfg.lora.r, "alpha": cfg.lora.alpha}}
+            "adapter": "adapter", "lora": {"r": cfg.lora.r, "alpha": cfg.lora.alpha},
+            "processes": world.size}

@@ -47,6 +47,19 @@ groups, policy and value; each group's gradient norm is clipped separately to
 `optim.max_grad_norm`, so the value loss's scale (returns reach hundreds with the length
 penalty) cannot shrink the policy's step. Adam is invariant to a constant loss scale per
 parameter, so the value loss needs no coefficient: the objective is L_policy + L_value.
+
+Sampling is Gumbel-max (argmax of logits / temperature, filtered by top-k / top-p, plus Gumbel
+noise): an exact draw from the filtered softmax. Each row of an outer batch draws its noise
+from its own stream, keyed by (seed, update, row) (`row_generators`), so its tokens depend
+neither on the other rows of its forward nor on any generator state: a batch sampled whole or
+split over processes draws the same tokens, and a resumed run draws what an uninterrupted one
+would have.
+
+Data parallelism (`lastmile.distributed`). As N processes, each rank samples, scores and
+differentiates a contiguous share of every outer batch's rows. Everything normalised over the
+batch (the token count of E_t, whitening, the logged means) sums numerators and denominators
+over ranks, and the gradients are summed before clipping, so each rank takes the step one
+process would; the main rank writes the log, checkpoints and adapters.
 """
 
 from __future__ import annotations
@@ -65,7 +78,7 @@ from typing import Iterator, Sequence
 
 import torch
 
-from . import checkpoint
+from . import checkpoint, distributed
 from .config import PPOConfig
 from .io import read_jsonl, write_json
 from .modeling import (AdapterModel, SequenceBatch, collate, encode_outputs, encode_prompts,
@@ -143,10 +156,19 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (x * mask).sum() / mask.sum().clamp(min=1.0)
 
 
+def batch_masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """`masked_mean` over the whole outer batch: this rank's rows and every other rank's
+    (numerator and denominator summed over ranks; `masked_mean` itself in one process)."""
+    mask = mask.to(x.dtype)
+    total = distributed.all_reduce_sum((x * mask).sum())
+    return total / distributed.all_reduce_sum(mask.sum()).clamp(min=1.0)
+
+
 def whiten(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
-    """Zero mean, unit variance over the masked entries (optional advantage whitening)."""
-    mean = masked_mean(x, mask)
-    var = masked_mean((x - mean) ** 2, mask)
+    """Zero mean, unit variance over the masked entries of the whole outer batch (optional
+    advantage whitening; statistics over every rank's rows)."""
+    mean = batch_masked_mean(x, mask)
+    var = batch_masked_mean((x - mean) ** 2, mask)
     return (x - mean) * torch.rsqrt(var + eps) * mask.to(x.dtype)
 
 
@@ -191,6 +213,43 @@ def batch_kinds(n_batches: int, reference_fraction: float) -> list[str]:
 
 # ============================================================================ sampling
 
+
+
+#: Which sampler drew the outputs (part of a checkpoint's run key: a run resumes only with it).
+SAMPLER = "gumbel-max, one stream per (seed, update, row)"
+
+
+def row_generators(seed: int, update: int, positions: Sequence[int],
+                   device: torch.device | str = "cpu") -> list[torch.Generator]:
+    """One random stream per row of outer batch `update`, keyed by (seed, update, position).
+
+    A row's tokens then depend on its own key, not on which rows share its forward, how the
+    batch is split over processes, or what was drawn before (nothing to checkpoint).
+    """
+    generators = []
+    for position in positions:
+        key = hashlib.sha256(f"lastmile-ppo/{seed}/{update}/{position}".encode()).digest()
+        generator = torch.Generator(device=device)
+        generator.manual_seed(int.from_bytes(key[:8], "little") >> 1)
+        generators.append(generator)
+    return generators
+
+
+def gumbel_noise(rows: int, vocab: int, generator, device: torch.device) -> torch.Tensor:
+    """[rows, vocab] standard Gumbel noise, -log(E) with E ~ Exp(1).
+
+    argmax(logits + noise) is an exact sample of softmax(logits) (-inf logits never win).
+    `generator`: a list with one torch.Generator per row (each row's noise from its own
+    stream), one generator for the whole batch, or None (torch's global one).
+    """
+    if isinstance(generator, (list, tuple)):
+        if len(generator) != rows:
+            raise ValueError(f"{len(generator)} generators for {rows} rows")
+        draws = torch.stack([torch.empty(vocab, device=device).exponential_(generator=g)
+                             for g in generator])
+    else:
+        draws = torch.empty(rows, vocab, device=device).exponential_(generator=generator)
+    return -torch.log(draws)
 
 
 def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
@@ -283,11 +342,14 @@ def merged_weights(model: AdapterModel, adapter: str | None,
 def sample_outputs(model: AdapterModel, prompt_ids: Sequence[Sequence[int]], adapter: str | None,
                    *, max_new_tokens: int, eos_id: int, pad_id: int, temperature: float = 1.0,
                    top_k: int = 0, top_p: float = 1.0, min_new_tokens: int = 0,
-                   generator: torch.Generator | None = None, merge: bool = True,
-                   dtype: torch.dtype = torch.float32) -> list[list[int]]:
+                   generator: torch.Generator | Sequence[torch.Generator] | None = None,
+                   merge: bool = True, dtype: torch.dtype = torch.float32) -> list[list[int]]:
     """Sampled output ids per prompt: up to and including EOS, or `max_new_tokens` without it.
 
     A KV-cached decoding loop over the causal LM (left padding; positions follow the mask).
+    Each token is Gumbel-max over the filtered logits / temperature (`gumbel_noise`);
+    `generator` is one per row (`row_generators`: tokens independent of the batching), one
+    for the batch, or None.
     `min_new_tokens` forbids EOS before that many tokens (the benchmark forces full length).
     A quantized base always samples through the unmerged LoRA (`can_merge`), in its own dtype.
     """
@@ -316,8 +378,9 @@ def sample_outputs(model: AdapterModel, prompt_ids: Sequence[Sequence[int]], ada
             logits = out.logits[:, -1].float() / temperature  # [B, V]
             if step < min_new_tokens:
                 logits[:, eos_id] = float("-inf")
-            logits = filter_logits(logits, top_k, top_p)
-            token = torch.multinomial(torch.softmax(logits, -1), 1, generator=generator)[:, 0]
+            logits = filter_logits(logits, top_k, top_p)  # [B, V]
+            noise = gumbel_noise(logits.shape[0], logits.shape[1], generator, device)
+            token = (logits + noise).argmax(-1)  # [B], a draw from softmax(logits)
             token = torch.where(done, torch.full_like(token, pad_id), token)  # [B]
             steps.append(token)
             done |= token == eos_id
@@ -345,10 +408,21 @@ class Rollout:
     rewards: torch.Tensor  # [B, T] r_{t+1} of Eq. 2: rm_rewards + penalty (- KL term)
     reference_lengths: torch.Tensor  # [B] tokens, EOS included
     kl: torch.Tensor | None = None  # [B, T] log pi - log pi_base, when kl_coef > 0
+    # Distributed: the B rows are this rank's share of the outer batch.
+    positions: list[int] | None = None  # each row's place in the outer batch (None: 0..B-1)
+    batch_rows: int | None = None  # rows of the whole outer batch (None: B)
 
     @property
     def output_lengths(self) -> torch.Tensor:
         return self.batch.output_lengths
+
+    @property
+    def places(self) -> list[int]:
+        return list(range(self.mask.shape[0])) if self.positions is None else self.positions
+
+    @property
+    def n_rows(self) -> int:
+        return self.mask.shape[0] if self.batch_rows is None else self.batch_rows
 
 
 def to_output_space(flat: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -425,29 +499,53 @@ class PPOTrainer:
             lr=cfg.optim.learning_rate, weight_decay=cfg.optim.weight_decay)
         self.scheduler = get_cosine_schedule_with_warmup(self.optimizer, cfg.optim.warmup_steps,
                                                          steps)
-        self.generator = torch.Generator(device=self.device).manual_seed(cfg.seed)
+        self.sample_calls = 0  # outer-batch number of `sample` calls that name none
 
     # -- trajectories ------------------------------------------------------------------
-    def sample(self, prompt_ids: Sequence[Sequence[int]], min_new_tokens: int = 0
+    def sample(self, prompt_ids: Sequence[Sequence[int]], min_new_tokens: int = 0, *,
+               update: int | None = None, positions: Sequence[int] | None = None
                ) -> list[list[int]]:
-        """Outputs drawn from the current policy (temperature, top-k, top-p from the config)."""
+        """Outputs drawn from the current policy (temperature, top-k, top-p from the config).
+
+        Row i draws from the stream of (seed, `update`, positions[i]) (`row_generators`), so
+        the rows of outer batch `update` get the same tokens however they are split over
+        calls or processes. `update` None: this trainer's count of such calls; `positions`
+        None: 0..B-1.
+        """
+        if not prompt_ids:  # a rank whose share of a short batch is empty
+            return []
+        if update is None:
+            self.sample_calls += 1
+            update = self.sample_calls
+        positions = range(len(prompt_ids)) if positions is None else positions
+        generators = row_generators(self.cfg.seed, update, positions, self.device)
         cfg = self.cfg
         return sample_outputs(self.model, prompt_ids, POLICY, max_new_tokens=cfg.max_new_tokens,
                               eos_id=self.tokenizer.eos_token_id,
                               pad_id=self.tokenizer.pad_token_id, temperature=cfg.temperature,
                               top_k=cfg.top_k, top_p=cfg.top_p, min_new_tokens=min_new_tokens,
-                              generator=self.generator, merge=self.merge,
+                              generator=generators, merge=self.merge,
                               dtype=PRECISIONS[self.precision])
 
     @torch.no_grad()
     def rollout(self, kind: str, prompt_ids: Sequence[Sequence[int]],
                 output_ids: Sequence[Sequence[int]],
-                reference_ids: Sequence[Sequence[int]]) -> Rollout:
-        """Score outputs: reward model at each output token + length penalty (- KL term)."""
+                reference_ids: Sequence[Sequence[int]], *,
+                positions: Sequence[int] | None = None,
+                batch_rows: int | None = None) -> Rollout:
+        """Score outputs: reward model at each output token + length penalty (- KL term).
+
+        Distributed: the rows are this rank's share of the outer batch, at `positions` of its
+        `batch_rows` rows (None: the rows are the whole batch).
+        """
         if kind not in (SAMPLED, REFERENCE):
             raise ValueError(f"batch kind must be {SAMPLED!r} or {REFERENCE!r}, got {kind!r}")
         if any(len(o) == 0 for o in output_ids):
             raise ValueError("rollout: every output needs at least one token")
+        where = {"positions": None if positions is None else list(positions),
+                 "batch_rows": batch_rows}
+        if not output_ids:
+            return self._empty_rollout(kind, **where)
         batch = collate(list(prompt_ids), list(output_ids), self.tokenizer.pad_token_id)
         batch = batch.to(self.device)
         mask = output_space_mask(batch.output_lengths)  # [B, T]
@@ -463,16 +561,27 @@ class PPOTrainer:
         ref_lengths = torch.tensor([len(r) for r in reference_ids], device=self.device)
         penalty = length_penalty(batch.output_lengths, ref_lengths, mask.shape[1],
                                  self.cfg.length_penalty).to(self.device)
-        rollout = Rollout(kind, batch, mask, rm, penalty, rm + penalty, ref_lengths)
+        rollout = Rollout(kind, batch, mask, rm, penalty, rm + penalty, ref_lengths, **where)
         if self.cfg.kl_coef:
             rollout.kl = self._policy_logprobs(rollout, POLICY) - self._policy_logprobs(
                 rollout, None)
             rollout.rewards = rollout.rewards - self.cfg.kl_coef * rollout.kl
         return rollout
 
+    def _empty_rollout(self, kind: str, positions, batch_rows) -> Rollout:
+        """No rows (a rank whose share of a short outer batch is empty): [0, 1] tensors, so
+        the rank joins every sum over ranks with nothing to add."""
+        ids = torch.zeros(0, 1, dtype=torch.long, device=self.device)
+        lengths = torch.zeros(0, dtype=torch.long, device=self.device)
+        batch = SequenceBatch(ids, ids, ids.bool(), lengths, lengths)
+        zeros = torch.zeros(0, 1, device=self.device)
+        return Rollout(kind, batch, ids.bool(), zeros, zeros, zeros, lengths,
+                       kl=zeros if self.cfg.kl_coef else None, positions=positions,
+                       batch_rows=batch_rows)
+
     # -- forward pieces ------------------------------------------------------------------
     def _micro_batches(self, n: int) -> list[list[int]]:
-        size = self.micro_batch_size or n
+        size = self.micro_batch_size or max(n, 1)
         return [list(range(i, min(i + size, n))) for i in range(0, n, size)]
 
     def _autocast(self):
@@ -516,8 +625,17 @@ class PPOTrainer:
         advantages, returns = gae(rollout.rewards, values, rollout.mask, self.cfg.gamma,
                                   self.cfg.lam)
         if self.cfg.whiten_advantages:
-            advantages = whiten(advantages, rollout.mask)
+            advantages = whiten(advantages, rollout.mask)  # over the whole outer batch
         return advantages, returns
+
+    @staticmethod
+    def _tokens(rollout: Rollout, rows: Sequence[int]) -> int:
+        """Output tokens of `rows` and of every other rank's rows: E_t's denominator."""
+        return int(distributed.all_reduce_sum(float(rollout.mask[list(rows)].sum())))
+
+    def _sync_gradients(self) -> None:
+        """Sum the gradients over ranks: every rank then holds the whole batch's."""
+        distributed.all_reduce_gradients(self.policy_params + self.value_params)
 
     def _value_backward(self, rollout: Rollout, rows: Sequence[int], returns: torch.Tensor,
                         total_tokens: int) -> tuple[float, torch.Tensor]:
@@ -561,7 +679,7 @@ class PPOTrainer:
         """
         self.optimizer.zero_grad(set_to_none=True)
         rows = list(range(rollout.mask.shape[0]))
-        total = int(rollout.mask.sum())
+        total = self._tokens(rollout, rows)
         if self.fast:
             # Eq. 4 targets need no values, so the value pass comes first and its detached
             # outputs are the V(s_t) of Eq. 2 (the parameters have not moved yet).
@@ -575,14 +693,19 @@ class PPOTrainer:
             advantages, returns = self._advantages(rollout, values)
             v_loss, _ = self._value_backward(rollout, rows, returns, total)
             stats = self._policy_backward(rollout, rows, advantages, old_logprobs, total)
-        stats.update(value_loss=v_loss, **self._value_stats(rollout, values, advantages, returns))
+        stats = distributed.sum_stats(dict(stats, value_loss=v_loss))  # each rank's share
+        self._sync_gradients()
+        stats.update(self._value_stats(rollout, values, advantages, returns))
         return stats
 
     def _value_stats(self, rollout: Rollout, values, advantages, returns) -> dict:
-        first = rollout.mask[:, 0]
-        return {"value_mean": float(masked_mean(values, rollout.mask)),
-                "advantage_mean": float(masked_mean(advantages, rollout.mask)),
-                "return_mean": float(returns[:, 0][first].mean()) if bool(first.any()) else 0.0}
+        """Means over the whole outer batch: V(s_t) and A_t per token, the return per row."""
+        first = rollout.mask[:, 0]  # [B]: rows with an output (all)
+        starts = distributed.sum_stats({"rows": float(first.sum()),
+                                        "returns": float(returns[:, 0][first].sum())})
+        return {"value_mean": float(batch_masked_mean(values, rollout.mask)),
+                "advantage_mean": float(batch_masked_mean(advantages, rollout.mask)),
+                "return_mean": starts["returns"] / starts["rows"] if starts["rows"] else 0.0}
 
     def clip_gradients(self) -> dict:
         """Clip each group's gradient norm; the norms before clipping."""
@@ -611,7 +734,9 @@ class PPOTrainer:
         Adds "lr", the norms and "nonfinite" ({name: value}, {} when the step was taken).
         """
         stats.update(self.clip_gradients())
-        watched = {"reward": float(rollout.rewards[rollout.mask].sum())}  # any bad r_t shows
+        # Any bad r_t of any rank shows in the sum over ranks, which every rank reads.
+        reward = distributed.all_reduce_sum(float(rollout.rewards[rollout.mask].sum()))
+        watched = {"reward": reward}
         watched.update({k: stats[k] for k in WATCHED if k in stats})
         stats["nonfinite"] = nonfinite(watched)
         stats["lr"] = self.scheduler.get_last_lr()[0]
@@ -633,8 +758,9 @@ class PPOTrainer:
         values = self._values(rollout)
         old_logprobs = self._policy_logprobs(rollout, POLICY)
         advantages, returns = self._advantages(rollout, values)
-        n = rollout.mask.shape[0]
-        advantage_mean = float(masked_mean(advantages, rollout.mask))
+        n = rollout.n_rows  # minibatches are drawn from the whole outer batch's rows
+        local = {place: i for i, place in enumerate(rollout.places)}  # batch row -> our row
+        advantage_mean = float(batch_masked_mean(advantages, rollout.mask))
         runs: list[dict] = []
         bad: dict[str, float] = {}
         for epoch in range(self.cfg.ppo_epochs):
@@ -642,19 +768,22 @@ class PPOTrainer:
                 self.cfg.seed * 7919 + epoch)).tolist()
             size = math.ceil(n / self.cfg.minibatches)
             for start in range(0, n, size):
-                rows = order[start: start + size]
-                total = int(rollout.mask[rows].sum())
+                rows = [local[r] for r in order[start: start + size] if r in local]
+                total = self._tokens(rollout, rows)
                 self.optimizer.zero_grad(set_to_none=True)
                 v_loss, _ = self._value_backward(rollout, rows, returns, total)
                 stats = self._policy_backward(rollout, rows, advantages, old_logprobs, total)
-                stats.update(value_loss=v_loss, advantage_mean=advantage_mean)
+                stats = distributed.sum_stats(dict(stats, value_loss=v_loss))
+                self._sync_gradients()
+                stats["advantage_mean"] = advantage_mean
                 bad.update(self._apply_if_finite(rollout, stats).pop("nonfinite"))
                 runs.append(stats)
         merged_stats = {k: statistics.fmean(r[k] for r in runs) for k in runs[0]}
         merged_stats["lr"] = runs[0]["lr"]
         merged_stats.update(self._value_stats(rollout, values, advantages, returns))
-        if rollout.kl is not None:
-            merged_stats["kl_base"] = float((rollout.kl * rollout.mask).sum(-1).mean())
+        if rollout.kl is not None:  # per row, mean over the outer batch's rows
+            kl_rows = float((rollout.kl * rollout.mask).sum())
+            merged_stats["kl_base"] = distributed.all_reduce_sum(kl_rows) / n
         merged_stats["nonfinite"] = bad
         return merged_stats
 
@@ -728,26 +857,42 @@ def word_count(text: str) -> int:
     return len(text.split())
 
 
+def row_numbers(rollout: Rollout, output_words: list[int],
+                reference_words: list[int]) -> torch.Tensor:
+    """[B, 7] float64 per row: reward, reward-model reward and length penalty summed over its
+    output tokens; output and reference length in tokens; in words."""
+    mask = rollout.mask.float()
+    columns = [(rollout.rewards * mask).sum(-1), (rollout.rm_rewards * mask).sum(-1),
+               (rollout.penalty * mask).sum(-1), rollout.output_lengths,
+               rollout.reference_lengths, torch.tensor(output_words),
+               torch.tensor(reference_words)]
+    return torch.stack([c.detach().double().cpu() for c in columns], dim=1)
+
+
 def update_row(update: int, rollout: Rollout, stats: dict, output_words: list[int],
                reference_words: list[int]) -> dict:
-    """The JSON Lines row of one update (see the module docstring for the reward's parts)."""
-    mask = rollout.mask.float()
-    lengths = rollout.output_lengths.float()
+    """The JSON Lines row of one update (see the module docstring for the reward's parts).
+
+    Means over the whole outer batch: distributed, every rank's rows are gathered first.
+    """
+    table = distributed.gather_rows(row_numbers(rollout, output_words, reference_words),
+                                    rollout.places, rollout.n_rows)  # [n, 7]
+    reward, rm, penalty, tokens, ref_tokens, words, ref_words = table.unbind(1)  # [n] each
+    n_tokens = tokens.sum().clamp(min=1.0)
     row = {
         "update": update,
         "batch_kind": rollout.kind,
         # r_t = reward model + length penalty: summed over a row's tokens, mean over rows
         # (the return PPO maximises, γ ≈ 1), and the mean per output token.
-        "reward_mean": float((rollout.rewards * mask).sum(-1).mean()),
-        "reward_per_token": float(masked_mean(rollout.rewards, rollout.mask)),
-        "rm_reward_per_token": float(masked_mean(rollout.rm_rewards, rollout.mask)),
-        "length_penalty_mean": float((rollout.penalty * mask).sum(-1).mean()),
-        "response_length_mean": float(lengths.mean()),
-        "reference_length_mean": float(rollout.reference_lengths.float().mean()),
-        "response_words_mean": statistics.fmean(output_words),
-        "excess_length_mean": statistics.fmean(o - r for o, r in zip(output_words,
-                                                                     reference_words)),
-        "excess_tokens_mean": float((lengths - rollout.reference_lengths.float()).mean()),
+        "reward_mean": float(reward.mean()),
+        "reward_per_token": float(reward.sum() / n_tokens),
+        "rm_reward_per_token": float(rm.sum() / n_tokens),
+        "length_penalty_mean": float(penalty.mean()),
+        "response_length_mean": float(tokens.mean()),
+        "reference_length_mean": float(ref_tokens.mean()),
+        "response_words_mean": float(words.mean()),
+        "excess_length_mean": float((words - ref_words).mean()),
+        "excess_tokens_mean": float((tokens - ref_tokens).mean()),
     }
     row.update({k: (round(v, 6) if isinstance(v, float) else v) for k, v in stats.items()})
     return row
@@ -758,21 +903,37 @@ def train_ppo(train_path: str | os.PathLike, reward_adapter_dir: str | os.PathLi
               mle_adapter_dir: str | os.PathLike | None = None, *,
               micro_batch_size: int | None = DEFAULT_MICRO_BATCH,
               precision: str = "float32", allow_pickle: bool = False,
-              trust_remote_code: bool = False) -> dict:
+              trust_remote_code: bool = False, processes: int = 1) -> dict:
     """The train_ppo stage. Writes out_dir/adapter (policy), out_dir/value_adapter,
     out_dir/ppo_log.jsonl (one row per update) and out_dir/ppo_summary.json; returns the
     summary. `precision` is the frozen base's compute precision (see `PPOTrainer`).
 
     Every `cfg.checkpoint_every` updates the state (both adapters and the value head, AdamW,
-    scheduler, the sampler's generator and the global RNGs) goes to `cfg.checkpoint_dir` or
+    scheduler and the global RNGs; samples need no state) goes to `cfg.checkpoint_dir` or
     out_dir/checkpoints; a rerun with the same out_dir resumes after the latest one (the
     summary's `resumed_from_step` is its update) and continues exactly as an uninterrupted
     run. The checkpoints are deleted once the adapters are written. Non-finite updates are
     skipped; `cfg.max_bad_updates` in a row raise FloatingPointError (no adapter written).
     `allow_pickle` / `trust_remote_code`: see `modeling.load_base` (both off unless asked).
+    `processes`: data-parallel training processes (0: one per visible GPU). Each samples,
+    scores and differentiates its share of every outer batch; the samples, the gradients and
+    so, up to float rounding, the adapters are those of one process (`lastmile.distributed`).
     """
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
+    _check_config(cfg)  # before any process starts
+    return distributed.launch(_train_ppo, processes, train_path, reward_adapter_dir, out_dir,
+                              cfg, base_source, mle_adapter_dir,
+                              micro_batch_size=micro_batch_size, precision=precision,
+                              allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+
+
+def _train_ppo(train_path: str | os.PathLike, reward_adapter_dir: str | os.PathLike,
+               out_dir: str | os.PathLike, cfg: PPOConfig, base_source: str,
+               mle_adapter_dir: str | os.PathLike | None, *, micro_batch_size: int | None,
+               precision: str, allow_pickle: bool, trust_remote_code: bool) -> dict:
+    """`train_ppo` in this process, as one rank of the current world (or alone)."""
+    world = distributed.world()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     rows = read_train_rows(train_path)
@@ -792,13 +953,14 @@ def train_ppo(train_path: str | os.PathLike, reward_adapter_dir: str | os.PathLi
     trainer = PPOTrainer(model, tokenizer, cfg, len(batches), micro_batch_size=micro_batch_size,
                          precision=precision)
     root = checkpoint.resolve_dir(out, cfg.checkpoint_dir)
+    # No sampler state to save: each update's rows draw from streams keyed by its number.
     ckpt = checkpoint.Checkpointer(
         root, cfg.checkpoint_every, trainer.policy_params + trainer.value_params,
-        trainer.optimizer, trainer.scheduler, generators={"sampler": trainer.generator},
+        trainer.optimizer, trainer.scheduler,
         run=_run_key(cfg, batches, prompts, references, micro_batch_size, precision))
     start, extras = ckpt.resume()
     guard = NonFiniteGuard("PPO", cfg.max_bad_updates, extras.get("bad_streak", 0))
-    logger = StepLog(out / "ppo_log.jsonl", extras.get("log", []))
+    logger = StepLog(out / "ppo_log.jsonl" if world.is_main else None, extras.get("log", []))
     bar = progress(len(batches), "PPO", unit="update", initial=start)
     try:
         for update in range(start + 1, len(batches) + 1):
@@ -814,37 +976,46 @@ def train_ppo(train_path: str | os.PathLike, reward_adapter_dir: str | os.PathLi
     finally:
         bar.close()
         logger.close()
-    model.save_adapter(POLICY, out / "adapter")
-    model.save_adapter(VALUE, out / "value_adapter")
     summary = summarize(logger.rows, time.perf_counter() - started, load_seconds, len(rows), cfg)
-    summary["resumed_from_step"] = start or None
-    write_json(out / "ppo_summary.json", summary)
-    checkpoint.clear(root)
+    summary.update(resumed_from_step=start or None, processes=world.size)
+    if world.is_main:
+        model.save_adapter(POLICY, out / "adapter")
+        model.save_adapter(VALUE, out / "value_adapter")
+        write_json(out / "ppo_summary.json", summary)
+        checkpoint.clear(root)
     return summary
 
 
 def _update(trainer: PPOTrainer, guard: NonFiniteGuard, update: int, kind: str,
             idx: list[int], rows: list[dict], prompts: list[list[int]],
             references: list[list[int]]) -> dict:
-    """One outer batch: outputs (sampled or reference), rollout, PPO step; its log row."""
+    """One outer batch: outputs (sampled or reference), rollout, PPO step; its log row.
+
+    Distributed, this rank takes the rows at `positions` of the batch (`shard_indices`);
+    the step and the row cover the whole batch.
+    """
     t0 = time.perf_counter()
-    prompt_ids = [prompts[i] for i in idx]
-    reference_ids = [references[i] for i in idx]
+    world = distributed.world()
+    positions = distributed.shard_indices(len(idx), world.rank, world.size)
+    mine = [idx[j] for j in positions]  # this rank's rows of the training data
+    prompt_ids = [prompts[i] for i in mine]
+    reference_ids = [references[i] for i in mine]
     if kind == SAMPLED:
-        output_ids = trainer.sample(prompt_ids)
+        output_ids = trainer.sample(prompt_ids, update=update, positions=positions)
         texts = [trainer.tokenizer.decode(o, skip_special_tokens=True) for o in output_ids]
     else:
         output_ids = reference_ids
-        texts = [rows[i]["output"] for i in idx]
+        texts = [rows[i]["output"] for i in mine]
     sample_seconds = time.perf_counter() - t0
-    rollout = trainer.rollout(kind, prompt_ids, output_ids, reference_ids)
+    rollout = trainer.rollout(kind, prompt_ids, output_ids, reference_ids,
+                              positions=positions, batch_rows=len(idx))
     stats = trainer.step(rollout)
     where = {"indices": idx, "ids": [rows[i].get("id") for i in idx]}
     bad = guard.record(update, stats.pop("nonfinite"), where)
     stats.update(sample_seconds=round(sample_seconds, 3),
                  seconds=round(time.perf_counter() - t0, 3))
     row = update_row(update, rollout, stats, [word_count(t) for t in texts],
-                     [word_count(rows[i]["output"]) for i in idx])
+                     [word_count(rows[i]["output"]) for i in mine])
     return skipped_row(row, bad, where) if bad else row
 
 
@@ -855,7 +1026,7 @@ def _run_key(cfg: PPOConfig, batches: list[list[int]], prompts: list[list[int]],
               if k not in ("checkpoint_every", "checkpoint_dir", "max_bad_updates")}
     data = json.dumps([batches, prompts, references]).encode()
     return {"stage": "PPO", "config": config, "micro_batch_size": micro_batch_size,
-            "precision": precision, "data": hashlib.sha256(data).hexdigest()}
+            "precision": precision, "sampler": SAMPLER, "data": hashlib.sha256(data).hexdigest()}
 
 
 def summarize(rows: list[dict], seconds: float, load_seconds: float, n_rows: int,

@@ -30,7 +30,7 @@ from typing import Sequence
 
 import torch
 
-from . import checkpoint
+from . import checkpoint, distributed
 from .config import NegativesConfig, RewardConfig
 from .io import read_jsonl, write_json
 from .modeling import AdapterModel, collate, encode_outputs, encode_prompts, load_base
@@ -290,7 +290,7 @@ def held_out_reward_rows(test_rows: Sequence[dict], cfg: RewardConfig, tokenizer
 def train_reward_model(rm_path: str | os.PathLike, out_dir: str | os.PathLike,
                        cfg: RewardConfig, base_source: str,
                        eval_rows: list[dict] | None = None, *, allow_pickle: bool = False,
-                       trust_remote_code: bool = False) -> dict:
+                       trust_remote_code: bool = False, processes: int = 1) -> dict:
     """The train_reward stage: train, save out_dir/adapter, evaluate into rm_eval.json.
 
     Writes out_dir/train_log.jsonl (one row per step) and, when `eval_rows` (held-out true
@@ -298,7 +298,20 @@ def train_reward_model(rm_path: str | os.PathLike, out_dir: str | os.PathLike,
     Checkpoints go to `cfg.checkpoint_dir` or out_dir/checkpoints; a rerun with the same
     out_dir resumes from the latest; they are deleted once the adapter is written.
     `allow_pickle` / `trust_remote_code`: see `modeling.load_base` (both off unless asked).
+    `processes`: data-parallel training processes (0: one per visible GPU; the same batches
+    and, up to float rounding, the same adapter: `lastmile.distributed`); the held-out
+    evaluation runs on the main rank alone, on the trained weights every rank shares.
     """
+    return distributed.launch(_train_reward_model, processes, rm_path, out_dir, cfg,
+                              base_source, eval_rows, allow_pickle=allow_pickle,
+                              trust_remote_code=trust_remote_code)
+
+
+def _train_reward_model(rm_path: str | os.PathLike, out_dir: str | os.PathLike,
+                        cfg: RewardConfig, base_source: str, eval_rows: list[dict] | None, *,
+                        allow_pickle: bool, trust_remote_code: bool) -> dict:
+    """`train_reward_model` in this process, as one rank of the current world (or alone)."""
+    world = distributed.world()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     rows = read_reward_rows(rm_path)
@@ -312,11 +325,20 @@ def train_reward_model(rm_path: str | os.PathLike, out_dir: str | os.PathLike,
     checkpoints = checkpoint.resolve_dir(out, cfg.checkpoint_dir)
     train = train_reward(model, tokenizer, rows, cfg, log_path=out / "train_log.jsonl",
                          checkpoint_dir=checkpoints)
-    model.save_adapter(ADAPTER, out / "adapter")
-    checkpoint.clear(checkpoints)
     summary = {"rows": len(rows), "categories": _count(rows), "load_seconds": round(loaded, 3),
                "train": train, "adapter": "adapter", "lora": {"r": cfg.lora.r,
-                                                              "alpha": cfg.lora.alpha}}
+                                                              "alpha": cfg.lora.alpha},
+               "processes": world.size}
+    if world.is_main:
+        model.save_adapter(ADAPTER, out / "adapter")
+        checkpoint.clear(checkpoints)
+        _evaluate_held_out(model, tokenizer, eval_rows, cfg, summary, out)
+    return summary
+
+
+def _evaluate_held_out(model: AdapterModel, tokenizer, eval_rows: list[dict] | None,
+                       cfg: RewardConfig, summary: dict, out: Path) -> None:
+    """summary["eval"] and out/rm_eval.json from the held-out rows (nothing without them)."""
     if eval_rows:
         trained = [c for c in summary["categories"] if c != TRUE]
         held_out = held_out_reward_rows(eval_rows, cfg, tokenizer, categories=trained or None)
@@ -324,7 +346,6 @@ def train_reward_model(rm_path: str | os.PathLike, out_dir: str | os.PathLike,
         summary["eval"] = evaluate_reward_model(model, tokenizer, held_out, cfg)
         summary["eval_seconds"] = round(time.perf_counter() - t0, 3)
         write_json(out / "rm_eval.json", summary["eval"])
-    return summary
 
 
 def _count(rows: Sequence[dict]) -> dict[str, int]:

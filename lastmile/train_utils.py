@@ -13,6 +13,11 @@ and a rerun into the same checkpoint directory resumes after the last complete c
 if never stopped. An update whose loss or gradient norm is NaN/inf never reaches the weights:
 gradients are zeroed, the optimiser step is skipped, the batch is logged (`NonFiniteGuard`),
 and `max_bad_updates` such updates in a row stop the stage with FloatingPointError.
+
+Data parallelism (`lastmile.distributed`). Run as N processes, every rank forms the same
+batches and takes a contiguous share of each batch's rows; losses still divide by the whole
+batch's denominator, so the gradients summed over ranks are the one-process gradient and every
+rank takes the same step. Only the main rank writes the log and the checkpoints.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from typing import Callable, Iterable, Sequence
 
 import torch
 
+from . import distributed
 from .checkpoint import Checkpointer
 from .config import OptimConfig
 
@@ -155,6 +161,8 @@ def micro_batches(batch: Sequence[TokenExample], micro_batch_size: int | None,
         raise ValueError(f"micro_batch_size must be >= 1 or None, got {micro_batch_size}")
     if token_budget is not None and token_budget < 1:
         raise ValueError(f"token_budget must be >= 1 or None, got {token_budget}")
+    if not batch:  # a rank whose share of a short batch is empty
+        return []
     rows_cap = micro_batch_size or len(batch)
     if token_budget is None and rows_cap >= len(batch):
         return [list(batch)]
@@ -203,7 +211,8 @@ def progress(total: int, desc: str, unit: str = "step", initial: int = 0):
     from tqdm.auto import tqdm
 
     return tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True, initial=initial,
-                disable=os.environ.get("LASTMILE_NO_PROGRESS") == "1")
+                disable=os.environ.get("LASTMILE_NO_PROGRESS") == "1"
+                or not distributed.world().is_main)
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -235,6 +244,10 @@ def train_loop(params: Sequence[torch.nn.Parameter], examples: Sequence[TokenExa
     (`lastmile.checkpoint`); a call finding a checkpoint there resumes after its step, and the
     summary says `resumed_from_step`. An update whose loss or gradient norm is not finite is
     skipped (`NonFiniteGuard`); `max_bad_updates` in a row raise FloatingPointError.
+
+    In a torch.distributed world (`lastmile.distributed`) each rank computes its share of
+    every batch and the gradients are summed before the step; the main rank writes the log
+    and the checkpoints, and the summary counts the batch's rows, not one rank's.
     """
     if not examples:
         raise ValueError(f"{desc}: no training examples")
@@ -247,7 +260,7 @@ def train_loop(params: Sequence[torch.nn.Parameter], examples: Sequence[TokenExa
     ckpt = Checkpointer(checkpoint_dir, checkpoint_every, params, optimizer, scheduler, run)
     start, extras = ckpt.resume()
     guard = NonFiniteGuard(desc, max_bad_updates, extras.get("bad_streak", 0))
-    logger = StepLog(log_path, extras.get("log", []))
+    logger = StepLog(log_path if distributed.world().is_main else None, extras.get("log", []))
     bar = progress(len(steps), desc, initial=start)
     started = time.perf_counter()
     try:
@@ -275,14 +288,23 @@ def _train_step(step: int, batch: list[TokenExample], params, optimizer, schedul
                 guard: "NonFiniteGuard", numerator: Numerator, denominator: Denominator,
                 optim: OptimConfig, micro_batch_size: int | None, token_budget: int | None,
                 where: dict) -> dict:
-    """One optimiser update on `batch` (skipped when not finite); its step-log row."""
+    """One optimiser update on `batch` (skipped when not finite); its step-log row.
+
+    Distributed: this rank backpropagates its share of the rows (the denominator is the whole
+    batch's); the loss and the gradients are summed over ranks before anything reads them,
+    so every rank clips, checks and steps alike.
+    """
     t0 = time.perf_counter()
     total = float(sum(denominator(e) for e in batch))
     if total <= 0:
         raise ValueError(f"{guard.stage}: step {step} has no loss weight (empty outputs?)")
     optimizer.zero_grad(set_to_none=True)
-    watched = {"loss": _accumulate(batch, numerator, total, micro_batch_size, token_budget)}
+    world = distributed.world()
+    mine = distributed.shard_indices(batch, world.rank, world.size)
+    loss = _accumulate(mine, numerator, total, micro_batch_size, token_budget)
+    watched = {"loss": distributed.all_reduce_sum(loss)}
     if math.isfinite(watched["loss"]):  # a non-finite loss stopped before all backwards
+        distributed.all_reduce_gradients(params)
         watched["grad_norm"] = _clip(params, optim.max_grad_norm)
     lr = scheduler.get_last_lr()[0]
     bad = guard.check(step, watched, where)

@@ -46,26 +46,35 @@ def _check_report(out: Path) -> dict:
     return scores
 
 
-def _check_shards_equal_one_unsharded_run(out: Path) -> None:
-    """Generation and scoring ran as 2 shards (ParallelFor); the gathered predictions are
-    what one unsharded generation with the same models writes: same ids, order and text."""
-    from lastmile import generate
-    from lastmile.config import get_profile
-
+def _check_sharded(out: Path) -> None:
+    """Generation, post-processing and scoring ran as 2 shards (ParallelFor), gathered."""
     (run,) = (out / "kfp").glob("lastmile-*")
     test_path = next(run.glob("filter-data/data")) / "test.jsonl"
     test_ids = [json.loads(line)["id"] for line in test_path.open()]
     for stage in ("generate_base", "generate_rl", "postprocess_mle", "score"):
         summary = json.loads((out / "summaries" / f"{stage}.json").read_text())
         assert summary["shards"] == 2 and len(summary["shard_seconds"]) == 2, stage
-    cfg = get_profile("smoke").generate
-    for variant, adapter in (("base", None), ("rl", next(run.glob("train-ppo/ppo_model")))):
-        unsharded = out / f"unsharded-{variant}.jsonl"
-        generate.generate_predictions(test_path, unsharded, variant, "tiny-random",
-                                      adapter and str(adapter / "adapter"), cfg)
-        gathered = (out / "predictions" / f"{variant}.jsonl").read_text()
-        assert [json.loads(line)["id"] for line in gathered.splitlines()] == test_ids
-        assert gathered == unsharded.read_text(), variant
+    for variant in VARIANTS:
+        gathered = (out / "predictions" / f"{variant}.jsonl").read_text().splitlines()
+        assert [json.loads(line)["id"] for line in gathered] == test_ids, variant
+
+
+def _check_same_results(sharded: Path, unsharded: Path) -> None:
+    """Same seed, same data: the same predictions, byte for byte, and the same scores (the
+    embedding model's batches differ with the shards: float rounding only)."""
+    for variant in VARIANTS:
+        assert (sharded / "predictions" / f"{variant}.jsonl").read_bytes() == (
+            unsharded / "predictions" / f"{variant}.jsonl").read_bytes(), variant
+    a = json.loads((sharded / "scores.json").read_text())
+    b = json.loads((unsharded / "scores.json").read_text())
+    assert a["notes"] == b["notes"] and set(a["models"]) == set(b["models"])
+    for variant, values in a["models"].items():
+        for key, value in values.items():
+            other = b["models"][variant][key]
+            if key in ("semantic_similarity", "bleurt") and value is not None:
+                assert value == pytest.approx(other, rel=1e-6), (variant, key)
+            else:
+                assert value == other, (variant, key)
 
 
 def _score_metrics(out: Path) -> dict:
@@ -80,18 +89,23 @@ def test_smoke_pipeline_end_to_end(tmp_path, capsys):
     import pipeline
 
     out = tmp_path / "run"
-    assert pipeline.main(["run", "--profile", "smoke", "--out", str(out),
-                          "--param", "test_fraction=0.2", "--param", "strict=false",
-                          "--param", "num_shards=2"]) == 0
+    args = ["run", "--profile", "smoke", "--param", "test_fraction=0.2",
+            "--param", "strict=false"]
+    assert pipeline.main([*args, "--out", str(out), "--param", "num_shards=2"]) == 0
     assert f"report: {out / 'report.html'}" in capsys.readouterr().out
     scores = _check_report(out)
-    _check_shards_equal_one_unsharded_run(out)
+    _check_sharded(out)
     # Every number of scores.json is a KFP metric, named <variant>_<key>.
     metrics = _score_metrics(out)
     expected = {f"{v}_{k}" for v, values in scores["models"].items() for k, x in values.items()
                 if isinstance(x, (int, float))}
     assert set(metrics) == expected and len(expected) >= 5 * 20, sorted(set(metrics) ^ expected)
     assert metrics["rl_rougeL_f1"] == scores["models"]["rl"]["rougeL_f1"]
+    # The same run again, unsharded: training reruns identically and one shard gathers to
+    # what two did.
+    assert pipeline.main([*args, "--out", str(tmp_path / "again"), "--param",
+                          "num_shards=1"]) == 0
+    _check_same_results(out, tmp_path / "again")
 
 
 # ----------------------------------------------------------------------------- S3

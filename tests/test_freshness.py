@@ -34,6 +34,9 @@ def test_fingerprint_compares_data_base_and_configuration_only():
     assert fp(base_hash="0123456789abcdef")["digest"] != one["digest"]
     other = config.profile_to_json(config.resolve("smoke", max_train=5))
     assert fp(cfg=other)["digest"] != one["digest"]
+    # More shards or training processes: the same result, so nothing new to train on.
+    scaled = config.profile_to_json(config.resolve("smoke", num_shards=4, train_processes=2))
+    assert fp(cfg=scaled)["digest"] == one["digest"]
     with pytest.raises(ValueError, match="data_sha256"):
         fp(data="")
 

@@ -207,6 +207,22 @@ def test_gpu_requests_on_training_and_generation(compiled):
         assert "accelerator" not in executor["container"].get("resources", {}), name
 
 
+def test_training_tasks_get_n_gpus_and_shared_memory(tmp_path):
+    _, spec, platform = _compile(tmp_path, pipeline.ClusterSettings(train_gpus=4))
+    executors = spec["deploymentSpec"]["executors"]
+    tasks = _stages(spec)
+    for name in TRAINING + GENERATION:
+        executor = executors[f"exec-{tasks[name]['componentRef']['name'][5:]}"]
+        expected = "4" if name in TRAINING else "1"  # a generation shard takes one GPU
+        assert executor["container"]["resources"]["accelerator"]["resourceCount"] == expected
+    k8s = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    for name in TRAINING:
+        mounts = k8s[f"exec-{tasks[name]['componentRef']['name'][5:]}"]["emptyDirMounts"]
+        assert mounts == [{"volumeName": "dshm", "mountPath": "/dev/shm", "medium": "Memory"}]
+    with pytest.raises(SystemExit, match="--train-gpus must be >= 1"):
+        pipeline.main(["compile", "-o", str(tmp_path / "x.yaml"), "--train-gpus", "0"])
+
+
 def test_training_retries_and_caching(compiled):
     _, spec, _ = compiled
     tasks = _stages(spec)

@@ -6,7 +6,8 @@ is on disk; PPO: in the middle of an update after a checkpoint, so an update's w
 A second child runs the stage again into the same out_dir (it must resume from the last
 complete checkpoint) and then once more into a fresh out_dir (the uninterrupted reference).
 The adapters must be bit-identical: same process layout, same CPU kernels, and every piece of
-state (weights, AdamW, scheduler, torch/Python/NumPy RNGs, PPO's sampling generator) restored.
+state (weights, AdamW, scheduler, torch/Python/NumPy RNGs) restored; PPO's samples come from
+streams keyed by the update's number, so the resumed updates draw what the lost ones drew.
 
 With an s3:// checkpoint_dir (a real SeaweedFS server) the local disk is deleted between the
 runs, as on a KFP retry that lands on a new pod: the rerun resumes from the object store.
@@ -198,7 +199,7 @@ def test_ppo_killed_mid_update_resumes_with_the_sampling_rng(tokenizer, tmp_path
     assert summaries[0]["updates"] == summaries[1]["updates"] == 8
     log_resumed, log_fresh = _log(resumed / "ppo_log.jsonl"), _log(fresh / "ppo_log.jsonl")
     assert [r["update"] for r in log_resumed] == list(range(1, 9))
-    assert log_resumed == log_fresh  # update 5's samples included: same generator state
+    assert log_resumed == log_fresh  # update 5's samples included: same sampling streams
     _assert_same_files(resumed / "adapter", fresh / "adapter", ["adapter_model.safetensors"])
     _assert_same_files(resumed / "value_adapter", fresh / "value_adapter",
                        ["adapter_model.safetensors", "head.safetensors"])
