@@ -39,6 +39,7 @@ def resolve_config(
     ppo_temperature: float,
     ppo_length_penalty: float,
     ppo_reference_fraction: float,
+    ppo_precision: str,
     max_new_tokens: int,
     num_shards: int,
     bleurt_checkpoint: str,

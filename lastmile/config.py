@@ -21,6 +21,8 @@ DEFAULT_INSTRUCTION = (
     "Output only the summary, nothing else."
 )
 
+PPO_PRECISIONS = ("float32", "bfloat16")
+
 NEGATIVE_CATEGORIES = ("random_tokens", "repaired", "shuffled", "repetitive", "copy_input")
 
 
@@ -111,6 +113,10 @@ class PPOConfig:
     clip_eps: float = 0.2  # Eq. 3 (redundant with one update per batch, as the paper notes)
     length_penalty: float = -2.5  # per token beyond the reference length (paper §3.2)
     reference_fraction: float = 0.5  # share of outer batches that use reference outputs
+    # Compute precision of the frozen base's matmuls (lastmile.ppo.PPOTrainer): "float32", or
+    # "bfloat16" (bf16 matmuls, float32 weights, optimiser, losses and advantages; ~1.6x faster
+    # per update on CPUs with AVX512-BF16, bench/README.md). The paper's base was 4-bit GPTQ.
+    precision: str = "float32"
     # Beyond the paper, off by default:
     ppo_epochs: int = 1
     minibatches: int = 1
@@ -279,6 +285,7 @@ PIPELINE_PARAMETERS: dict[str, str] = {
     "ppo_temperature": "ppo.temperature",
     "ppo_length_penalty": "ppo.length_penalty",
     "ppo_reference_fraction": "ppo.reference_fraction",
+    "ppo_precision": "ppo.precision",
     "max_new_tokens": "generate.max_new_tokens",
     "num_shards": "generate.num_shards",
     "bleurt_checkpoint": "score.bleurt_checkpoint",
@@ -354,6 +361,9 @@ def resolve(profile_name: str, **arguments: Any) -> Profile:
     if profile.train_processes < 0:
         raise ValueError(f"pipeline parameter train_processes must be >= 0 (0 = one per "
                          f"visible GPU), got {profile.train_processes}")
+    if profile.ppo.precision not in PPO_PRECISIONS:
+        raise ValueError(f"pipeline parameter ppo_precision must be one of {PPO_PRECISIONS}, "
+                         f"got {profile.ppo.precision!r}")
     if profile.generate.num_shards < 1:
         raise ValueError(f"pipeline parameter num_shards must be >= 1, got "
                          f"{profile.generate.num_shards}")

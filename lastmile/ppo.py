@@ -902,11 +902,12 @@ def train_ppo(train_path: str | os.PathLike, reward_adapter_dir: str | os.PathLi
               out_dir: str | os.PathLike, cfg: PPOConfig, base_source: str,
               mle_adapter_dir: str | os.PathLike | None = None, *,
               micro_batch_size: int | None = DEFAULT_MICRO_BATCH,
-              precision: str = "float32", allow_pickle: bool = False,
+              precision: str | None = None, allow_pickle: bool = False,
               trust_remote_code: bool = False, processes: int = 1) -> dict:
     """The train_ppo stage. Writes out_dir/adapter (policy), out_dir/value_adapter,
     out_dir/ppo_log.jsonl (one row per update) and out_dir/ppo_summary.json; returns the
-    summary. `precision` is the frozen base's compute precision (see `PPOTrainer`).
+    summary. `precision` is the frozen base's compute precision (see `PPOTrainer`; None:
+    `cfg.precision`).
 
     Every `cfg.checkpoint_every` updates the state (both adapters and the value head, AdamW,
     scheduler and the global RNGs; samples need no state) goes to `cfg.checkpoint_dir` or
@@ -919,8 +920,9 @@ def train_ppo(train_path: str | os.PathLike, reward_adapter_dir: str | os.PathLi
     scores and differentiates its share of every outer batch; the samples, the gradients and
     so, up to float rounding, the adapters are those of one process (`lastmile.distributed`).
     """
+    precision = precision or cfg.precision
     if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
+        raise ValueError(f"PPO precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
     _check_config(cfg)  # before any process starts
     return distributed.launch(_train_ppo, processes, train_path, reward_adapter_dir, out_dir,
                               cfg, base_source, mle_adapter_dir,
@@ -977,7 +979,7 @@ def _train_ppo(train_path: str | os.PathLike, reward_adapter_dir: str | os.PathL
         bar.close()
         logger.close()
     summary = summarize(logger.rows, time.perf_counter() - started, load_seconds, len(rows), cfg)
-    summary.update(resumed_from_step=start or None, processes=world.size)
+    summary.update(resumed_from_step=start or None, processes=world.size, precision=precision)
     if world.is_main:
         model.save_adapter(POLICY, out / "adapter")
         model.save_adapter(VALUE, out / "value_adapter")

@@ -476,3 +476,10 @@ def test_submit_refuses_an_unknown_parameter(fake_client):
     with pytest.raises(SystemExit, match="unknown pipeline parameter"):
         pipeline.main(["submit", "--host", "h", "--param", "max_trian=5"])
     assert fake_client == []  # refused before contacting the host
+
+
+def test_ppo_precision_reaches_the_configuration_and_is_checked():
+    assert config.resolve("demo", ppo_precision="bfloat16").ppo.precision == "bfloat16"
+    assert config.get_profile("paper").ppo.precision == "float32"
+    with pytest.raises(ValueError, match="ppo_precision must be one of"):
+        config.resolve("demo", ppo_precision="float16")

@@ -342,12 +342,23 @@ def test_train_ppo_end_to_end_writes_adapters_and_log(stage_inputs, tmp_path):
     assert rows[0]["response_length_mean"] > rows[0]["reference_length_mean"]
     assert rows[0]["length_penalty_mean"] < 0
     assert summary["sampled_updates"] == summary["reference_updates"] == 2
+    assert summary["precision"] == "float32"
 
     fresh, _ = load_base("tiny-random")
     trained = AdapterModel(fresh)
     trained.load_adapter("policy", out / "adapter")
     lora_b = [p for n, p in trained.base.named_parameters() if "lora_B" in n]
     assert any(p.abs().sum() > 0 for p in lora_b)  # the update moved the fresh (B = 0) LoRA
+
+
+def test_train_ppo_takes_its_precision_from_the_config(stage_inputs, tmp_path):
+    train, reward_dir = stage_inputs
+    cfg = PPOConfig(batch_size=3, max_new_tokens=4, max_updates=2, precision="bfloat16")
+    summary = ppo.train_ppo(train, reward_dir, tmp_path / "out", cfg, "tiny-random")
+    assert summary["precision"] == "bfloat16" and summary["updates"] == 2
+    with pytest.raises(ValueError, match="PPO precision must be one of"):
+        ppo.train_ppo(train, reward_dir, tmp_path / "o", PPOConfig(precision="fp8"),
+                      "tiny-random")
 
 
 def test_policy_can_start_from_the_mle_adapter(stage_inputs, tmp_path):
