@@ -7,7 +7,7 @@ STAMP   = $(VENV)/.installed
 PROFILE ?= demo
 ARGS   ?=
 
-.PHONY: install run test test-fast compile bench bench-trl clean
+.PHONY: install run test test-fast compile bench bench-trl bench-scaling clean
 .DEFAULT_GOAL := help
 
 help:
@@ -16,6 +16,7 @@ help:
 	@echo "make compile  pipeline.yaml for the Kubeflow UI / kfp CLI"
 	@echo "make bench    PPO step benchmark (bench/)"
 	@echo "make bench-trl  ours vs TRL 0.29.1 PPO, alternately (builds $(TRL_VENV); slow)"
+	@echo "make bench-scaling  cost model: whole local pipeline at 3 sizes x 1, 2 shards (slow)"
 
 # torch is pinned to the CPU wheel on local disk: an unpinned torch pulls a multi-GB CUDA build.
 $(STAMP): pyproject.toml requirements.lock requirements-nodeps.txt
@@ -43,6 +44,10 @@ compile: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/ppo_step.py
+
+# The cost model: the whole local pipeline (profile smoke) at 3 data sizes x 1 and 2 shards.
+bench-scaling: $(STAMP)
+	$(PY) bench/scaling.py $(ARGS)
 
 # TRL 0.29.1 (the last release with PPOTrainer) lives in its own venv, outside our dependencies;
 # the shared packages are held to requirements.lock's versions.

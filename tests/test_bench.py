@@ -185,3 +185,91 @@ def test_trl_pad_token_is_not_in_the_prompts(vs, tokenizer):
 def test_machine_description(vs):
     m = vs.machine()
     assert m["cores"] >= 1 and m["cpu"]
+
+
+# ----------------------------------------------------------------------------- scaling.py
+
+SCALING_STAGES = {"filter_data", "negatives", "train_reward", "train_mle", "train_ppo",
+                  "generate_base", "generate_mle", "generate_rl", "postprocess_base",
+                  "postprocess_mle", "score"}
+
+
+@pytest.fixture(scope="module")
+def scaling():
+    return _load("scaling")  # the standard library only, at import
+
+
+@pytest.mark.e2e  # the whole pipeline through kfp.local, once (about 2 minutes on 2 cores)
+def test_scaling_smoke(tmp_path, scaling):
+    out = _run([str(BENCH / "scaling.py"), "--smoke", "--keep", str(tmp_path / "runs"),
+                "--json", str(tmp_path / "r.json")])
+    assert "machine cpu=" in out and "s per example, 2 shards" in out, out
+    result = json.loads((tmp_path / "r.json").read_text())  # strict: no NaN is written
+    (run,) = result["runs"]
+    assert (run["train"], run["test"], run["shards"], run["planned_shards"]) == (28, 8, 2, 2)
+    assert set(run["stages"]) == SCALING_STAGES, sorted(run["stages"])
+    for stage in ("generate_base", "generate_rl", "postprocess_mle", "score"):
+        assert run["stages"][stage]["tasks"] == 2, stage
+    assert run["stages"]["train_reward"]["unit"] == "train"
+    assert run["stages"]["generate_rl"]["examples"] == 8
+    figures = scaling.figures(result)
+    assert len(figures) >= 3 * len(SCALING_STAGES)
+    bad = {k: v for k, v in figures.items() if not math.isfinite(v)}
+    assert not bad, bad
+    assert run["wall_seconds"] > 0 and result["machine"]["cores"] >= 1
+
+
+def _summaries(train: int, test: int, shards: int) -> dict:
+    sharded = {"shards": shards, "wall_seconds": (1 + 0.25 * test) / shards,
+               "shard_seconds": [(1 + 0.25 * test) / shards] * shards}
+    return {"filter_data": {"seconds": 2.0, "rows_in": {"train": 3000, "test": 500},
+                            "rows_out": {"train": train, "test": test}},
+            "train_reward": {"seconds": 5 + 0.5 * train, "rows": 6 * train},
+            "generate_base": {"seconds": 1 + 0.25 * test, "n": test, **sharded},
+            "score": {"seconds": 3.0, "n": 5 * test}}
+
+
+def test_scaling_fits_the_cost_per_example(scaling):
+    runs = [scaling.run_record(tr, te, k, 60 + 0.1 * (tr + te), _summaries(tr, te, k))
+            for tr, te in ((28, 8), (56, 16), (112, 32)) for k in (1, 2)]
+    reward = runs[0]["stages"]["train_reward"]
+    assert reward["unit"] == "train" and reward["examples"] == 28
+    assert reward["seconds_per_example"] == pytest.approx((5 + 14) / 28)
+    assert reward["stage_rows"] == 168
+    generate = runs[1]["stages"]["generate_base"]  # 28:8, 2 shards
+    assert generate["tasks"] == 2 and generate["wall_seconds"] == pytest.approx(1.5)
+    assert runs[1]["planned_shards"] == 2
+    fits = scaling.fits(runs)
+    assert fits["1"]["train_reward"]["slope_seconds_per_example"] == pytest.approx(0.5)
+    assert fits["1"]["train_reward"]["fixed_seconds"] == pytest.approx(5)
+    assert fits["2"]["generate_base"]["slope_seconds_per_example"] == pytest.approx(0.25)
+    assert fits["1"]["score"]["slope_seconds_per_example"] == pytest.approx(0, abs=1e-9)
+    assert fits["1"]["run_wall"]["slope_seconds_per_example"] == pytest.approx(0.1)
+    result = {"runs": runs, "fits": fits}
+    table = scaling.format_tables(result)
+    assert "generate_base x2" in table and "2 shards, slowest shard" in table
+    assert all(math.isfinite(v) for v in scaling.figures(result).values())
+
+
+def test_scaling_one_size_fits_nothing(scaling):
+    assert scaling.fit_line([8], [3.0]) == (None, None)
+    assert scaling.fit_line([8, 8], [3.0, 4.0]) == (None, None)
+    run = scaling.run_record(28, 8, 1, 90.0, _summaries(28, 8, 1))
+    result = {"runs": [run], "fits": scaling.fits([run])}
+    assert "n/a" in scaling.format_tables(result)
+    json.dumps(result, allow_nan=False)  # what --json writes: strict JSON
+    assert not any(k.startswith("fit_") for k in scaling.figures(result))
+
+
+def test_scaling_arguments(scaling):
+    assert scaling.parse_sizes("28:8, 56:16") == [(28, 8), (56, 16)]
+    for bad in ("28", "0:8", "28:x"):
+        with pytest.raises(ValueError):
+            scaling.parse_sizes(bad)
+    assert scaling.parse_shards("1,2") == [1, 2]
+    smoke = scaling.parse(["--smoke"])
+    assert (smoke.sizes, smoke.shards, smoke.capped) == ("28:8", "2", True)
+    full = scaling.parse([])
+    assert len(scaling.parse_sizes(full.sizes)) >= 3 and full.shards == "1,2" and not full.capped
+    with pytest.raises(SystemExit):
+        scaling.parse(["--shards", "0"])
