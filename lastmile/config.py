@@ -21,7 +21,10 @@ DEFAULT_INSTRUCTION = (
     "Output only the summary, nothing else."
 )
 
-PPO_PRECISIONS = ("float32", "bfloat16")
+#: Compute precision of the frozen base's matmuls in a stage (`modeling.autocast`): "float32"
+#: is exact; "bfloat16" runs the matmuls in bf16 (float32 accumulation, float32 LoRA weights,
+#: heads, optimiser state and losses), ~1.5-2x faster on CPUs with AVX512-BF16/AMX.
+PRECISIONS = ("float32", "bfloat16")
 
 NEGATIVE_CATEGORIES = ("random_tokens", "repaired", "shuffled", "repetitive", "copy_input")
 
@@ -58,6 +61,11 @@ class LoraSpec:
 @dataclass
 class OptimConfig:
     learning_rate: float = 1e-5  # AdamW, cosine schedule from 1e-5 (paper §3.1)
+    # Step size of a stage's scalar heads (reward, value); None: learning_rate. A head reads
+    # the base's last hidden state (norm ~45 on SmolLM2), so one Adam step of size lr moves
+    # its output by up to ~lr * 570: a LoRA step size far above the paper's 1e-5 makes the
+    # head oscillate (docs/demo-experiments.md).
+    head_learning_rate: float | None = None
     weight_decay: float = 0.0
     warmup_steps: int = 0
     max_grad_norm: float | None = 1.0
@@ -73,6 +81,7 @@ class RewardConfig:
     max_steps: int | None = None
     max_output_tokens: int = 100
     eval_examples: int = 200  # held-out true examples for the per-category accuracy
+    precision: str = "float32"  # PRECISIONS; the paper's base was a 4-bit GPTQ model
     seed: int = 0
     # Preemption and numerical faults (lastmile.checkpoint, train_utils.NonFiniteGuard):
     checkpoint_every: int = 50  # steps; 0 = no checkpoints
@@ -89,6 +98,7 @@ class MLEConfig:
     epochs: int = 1
     max_steps: int | None = None
     max_output_tokens: int = 100
+    precision: str = "float32"  # PRECISIONS
     seed: int = 0
     # Preemption and numerical faults (lastmile.checkpoint, train_utils.NonFiniteGuard):
     checkpoint_every: int = 50  # steps; 0 = no checkpoints
@@ -113,9 +123,8 @@ class PPOConfig:
     clip_eps: float = 0.2  # Eq. 3 (redundant with one update per batch, as the paper notes)
     length_penalty: float = -2.5  # per token beyond the reference length (paper §3.2)
     reference_fraction: float = 0.5  # share of outer batches that use reference outputs
-    # Compute precision of the frozen base's matmuls (lastmile.ppo.PPOTrainer): "float32", or
-    # "bfloat16" (bf16 matmuls, float32 weights, optimiser, losses and advantages; ~1.6x faster
-    # per update on CPUs with AVX512-BF16, bench/README.md). The paper's base was 4-bit GPTQ.
+    # PRECISIONS: at "bfloat16" sampling also runs on bf16 copies of the merged weights
+    # (lastmile.ppo.PPOTrainer); 1.85x faster per sampled update here (bench/README.md).
     precision: str = "float32"
     # Beyond the paper, off by default:
     ppo_epochs: int = 1
@@ -136,6 +145,9 @@ class GenerateConfig:
     batch_size: int = 16
     do_sample: bool = False  # greedy: deterministic, comparable across variants
     temperature: float = 1.0
+    # PRECISIONS: at "bfloat16" the merged variant decodes from bf16 weights (every variant of
+    # a run at the same precision, so they stay comparable).
+    precision: str = "float32"
     # Rows are sorted by length inside windows of this many batches (less padding); a window
     # is also the unit of sharding, so a sharded run forms exactly the batches of an unsharded
     # one (lastmile.shards).
@@ -198,17 +210,23 @@ def _demo() -> Profile:
     # A few hundred training pairs instead of 15000: the stages must fit minutes on 2 cores.
     p.data.max_train = 280
     p.data.max_test = 100
-    # Reward model: ~5.5 s per batch of 14 here, so 60 steps (~140 inputs with their five
-    # negatives); held-out evaluation on 50 inputs x 6 outputs.
-    p.reward.max_steps = 60
-    p.reward.optim.learning_rate = 3e-4
+    # Reward model: one epoch as in the paper (280 inputs with their five negatives: 120
+    # steps of 14, ~3.5 s each at bf16). LoRA at 1e-3, the head at 3e-5: with a head step
+    # size far above the paper's 1e-5 the head oscillates and the loss stays at a constant
+    # predictor's (OptimConfig.head_learning_rate); held-out evaluation on 50 inputs x 6.
+    p.reward.optim.learning_rate = 1e-3
+    p.reward.optim.head_learning_rate = 3e-5
     p.reward.eval_examples = 50
     # MLE: one epoch of 280 pairs is 40 steps; the same 10x step size as PPO, so the baseline
     # is not handicapped by the short schedule.
     p.mle.optim.learning_rate = 1e-4
-    # PPO: a sampled update ~19 s, a reference update ~9 s here; 40 updates (one epoch).
+    # PPO: 40 updates (one epoch).
     p.ppo.max_updates = 40
     p.ppo.optim.learning_rate = 1e-4
+    # bf16 matmuls on the frozen base in every model stage (float32 LoRA weights, heads,
+    # optimiser and losses): the paper computed on a 4-bit GPTQ base; here bf16 makes a
+    # sampled PPO update 1.85x faster than float32 on the 2-core CPU (bench/README.md).
+    set_precision(p, "bfloat16")
     return p
 
 
@@ -273,6 +291,7 @@ PIPELINE_PARAMETERS: dict[str, str] = {
     "strict": "data.strict",
     "seed": "seed",  # fans out to every stage's seed
     "reward_learning_rate": "reward.optim.learning_rate",
+    "reward_head_learning_rate": "reward.optim.head_learning_rate",  # 0: reward_learning_rate
     "reward_batch_size": "reward.batch_size",
     "reward_lora_r": "reward.lora.r",
     "reward_max_steps": "reward.max_steps",
@@ -285,7 +304,7 @@ PIPELINE_PARAMETERS: dict[str, str] = {
     "ppo_temperature": "ppo.temperature",
     "ppo_length_penalty": "ppo.length_penalty",
     "ppo_reference_fraction": "ppo.reference_fraction",
-    "ppo_precision": "ppo.precision",
+    "precision": "precision",  # fans out to every model stage's precision
     "max_new_tokens": "generate.max_new_tokens",
     "num_shards": "generate.num_shards",
     "bleurt_checkpoint": "score.bleurt_checkpoint",
@@ -294,9 +313,12 @@ PIPELINE_PARAMETERS: dict[str, str] = {
     "train_processes": "train_processes",
     "bleurt_allow_pickle": "score.bleurt_allow_pickle",
 }
-_CAPS = {"data.max_train", "data.max_test", "reward.max_steps", "mle.max_steps",
+# Optional values: 0 as a pipeline parameter means None (no cap; the default step size).
+_CAPS = {"reward.optim.head_learning_rate", "data.max_train", "data.max_test", "reward.max_steps",
+         "mle.max_steps",
          "ppo.max_updates"}
 _SEEDED = ("data", "negatives", "reward", "mle", "ppo")
+_PRECISE = ("reward", "mle", "ppo", "generate")  # the stages that run the base model
 
 
 def _get(obj: Any, dotted: str) -> Any:
@@ -314,6 +336,10 @@ def _set(obj: Any, dotted: str, value: Any) -> None:
         value = as_bool(value, dotted)
     elif current is not None and value is not None:
         value = type(current)(value)  # KFP hands ints for floats and the like
+    elif value is not None:  # an optional field now None: its annotation names the type
+        hint = {f.name: str(f.type) for f in dataclasses.fields(obj)}[leaf]
+        value = float(value) if hint.startswith("float") else int(value) if hint.startswith(
+            "int") else value
     setattr(obj, leaf, value)
 
 
@@ -333,7 +359,10 @@ def pipeline_arguments(profile: Profile) -> dict[str, Any]:
     """The flat pipeline parameters that reproduce `profile` (None caps become 0, None text '')."""
     args: dict[str, Any] = {}
     for name, dotted in PIPELINE_PARAMETERS.items():
-        value = profile.data.seed if dotted == "seed" else _get(profile, dotted)
+        if dotted in ("seed", "precision"):  # fanned out: every stage holds the same value
+            value = getattr(profile.data if dotted == "seed" else profile.ppo, dotted)
+        else:
+            value = _get(profile, dotted)
         if value is None:
             value = 0 if dotted in _CAPS else ""
         args[name] = value
@@ -355,19 +384,29 @@ def resolve(profile_name: str, **arguments: Any) -> Profile:
             for stage in _SEEDED:
                 setattr(getattr(profile, stage), "seed", int(value))
             continue
-        if dotted in _CAPS and value is not None and int(value) < 0:
-            raise ValueError(f"pipeline parameter {name} must be >= 0 (0 = no cap), got {value}")
+        if dotted == "precision":
+            set_precision(profile, str(value))
+            continue
+        if dotted in _CAPS and value is not None and float(value) < 0:
+            raise ValueError(f"pipeline parameter {name} must be >= 0 (0 = none), got {value}")
         _set(profile, dotted, value)
     if profile.train_processes < 0:
         raise ValueError(f"pipeline parameter train_processes must be >= 0 (0 = one per "
                          f"visible GPU), got {profile.train_processes}")
-    if profile.ppo.precision not in PPO_PRECISIONS:
-        raise ValueError(f"pipeline parameter ppo_precision must be one of {PPO_PRECISIONS}, "
-                         f"got {profile.ppo.precision!r}")
+    for stage in _PRECISE:
+        if getattr(profile, stage).precision not in PRECISIONS:
+            raise ValueError(f"pipeline parameter precision must be one of {PRECISIONS}, got "
+                             f"{getattr(profile, stage).precision!r} ({stage})")
     if profile.generate.num_shards < 1:
         raise ValueError(f"pipeline parameter num_shards must be >= 1, got "
                          f"{profile.generate.num_shards}")
     return profile
+
+
+def set_precision(profile: Profile, precision: str) -> None:
+    """Every model stage (reward, MLE, PPO, generation) at `precision` (PRECISIONS)."""
+    for stage in _PRECISE:
+        getattr(profile, stage).precision = precision
 
 
 def profile_from_json(text: str) -> Profile:

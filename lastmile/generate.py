@@ -28,7 +28,8 @@ import torch
 from . import shards
 from .config import GenerateConfig
 from .io import atomic_path, read_jsonl
-from .modeling import AdapterModel, encode_prompts, is_quantized, left_pad, load_base
+from .modeling import (AdapterModel, cast_for_decoding, check_precision, encode_prompts,
+                       is_quantized, left_pad, load_base)
 from .train_utils import chunked, default_device, progress
 
 log = logging.getLogger(__name__)
@@ -170,6 +171,7 @@ def generate_predictions(test_path: str | os.PathLike, out_path: str | os.PathLi
     _check_variant(variant, adapter_dir)
     if cfg.batch_size < 1:
         raise ValueError(f"GenerateConfig.batch_size must be >= 1, got {cfg.batch_size}")
+    check_precision(cfg.precision, "GenerateConfig.precision")
     total = _count_rows(test_path)
     if total == 0:
         raise ValueError(f"{test_path}: no test rows")
@@ -180,6 +182,8 @@ def generate_predictions(test_path: str | os.PathLike, out_path: str | os.PathLi
     model, tokenizer, adapter = load_variant(base_source, adapter_dir, allow_pickle=allow_pickle,
                                              trust_remote_code=trust_remote_code)
     model.to(default_device())
+    if adapter is None:  # merged or the base: one dense model to decode from
+        cast_for_decoding(model.base, cfg.precision)
     load_seconds = time.perf_counter() - started
     n = new_tokens = hit_budget = 0
     gen_seconds = 0.0
@@ -209,7 +213,8 @@ def generate_predictions(test_path: str | os.PathLike, out_path: str | os.PathLi
                "tokens_per_second": round(new_tokens / gen_seconds, 2) if gen_seconds else None,
                "mean_new_tokens": new_tokens / n, "hit_budget_share": hit_budget / n,
                "max_new_tokens": cfg.max_new_tokens, "batch_size": cfg.batch_size,
-               "do_sample": cfg.do_sample, "adapter": adapter_dir is not None}
+               "do_sample": cfg.do_sample, "adapter": adapter_dir is not None,
+               "precision": cfg.precision if adapter is None else "unmerged"}
     if shard is not None:
         summary[shards.SHARD_KEY] = record
     return summary

@@ -23,7 +23,8 @@ import torch
 from . import checkpoint, distributed
 from .config import MLEConfig
 from .io import read_jsonl
-from .modeling import AdapterModel, collate, encode_outputs, encode_prompts, load_base
+from .modeling import (AdapterModel, autocast, check_precision, collate, encode_outputs,
+                       encode_prompts, load_base)
 from .train_utils import TokenExample, default_device, seed_everything, train_loop
 
 ADAPTER = "policy"
@@ -98,9 +99,13 @@ def train_mle_adapter(model: AdapterModel, tokenizer, rows: Sequence[dict], cfg:
     seed_everything(cfg.seed)
     examples = encode_rows(tokenizer, rows, cfg.max_output_tokens)
     pad_id = tokenizer.pad_token_id
+
+    def numerator(micro: Sequence[TokenExample]) -> torch.Tensor:
+        with autocast(model, cfg.precision):  # per forward (see modeling.autocast)
+            return mle_loss_sum(model, micro, pad_id, adapter)
+
     return train_loop(
-        model.adapter_parameters(adapter), examples,
-        numerator=lambda micro: mle_loss_sum(model, micro, pad_id, adapter),
+        model.adapter_parameters(adapter), examples, numerator=numerator,
         denominator=output_token_count, optim=cfg.optim, batch_size=cfg.batch_size,
         micro_batch_size=cfg.micro_batch_size, epochs=cfg.epochs, max_steps=cfg.max_steps,
         seed=cfg.seed, log_path=log_path, desc="MLE",
@@ -120,6 +125,7 @@ def train_mle(train_path: str | os.PathLike, out_dir: str | os.PathLike, cfg: ML
     `processes`: data-parallel training processes (0: one per visible GPU; the same batches
     and, up to float rounding, the same adapter: `lastmile.distributed`).
     """
+    check_precision(cfg.precision, "MLEConfig.precision")  # before any process starts
     return distributed.launch(_train_mle, processes, train_path, out_dir, cfg, base_source,
                               allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
 
@@ -147,4 +153,4 @@ def _train_mle(train_path: str | os.PathLike, out_dir: str | os.PathLike, cfg: M
         checkpoint.clear(checkpoints)
     return {"rows": len(rows), "load_seconds": round(loaded, 3), "train": train,
             "adapter": "adapter", "lora": {"r": cfg.lora.r, "alpha": cfg.lora.alpha},
-            "processes": world.size}
+            "processes": world.size, "precision": cfg.precision}

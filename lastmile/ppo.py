@@ -42,8 +42,9 @@ count, so the gradient does not depend on the split. `PPOTrainer(precision="bflo
 the frozen base's matmuls in bf16 (an option; float32 by default). Log-probabilities are of
 the sampling distribution (logits / temperature, as TRL does): pi itself at temperature 1.
 
-Optimiser: one AdamW (cosine from `optim.learning_rate`, as every stage) with two parameter
-groups, policy and value; each group's gradient norm is clipped separately to
+Optimiser: one AdamW (cosine from `optim.learning_rate`, as every stage; the value head from
+`optim.head_learning_rate` when set) over the policy and value parameters; each model's
+gradient norm is clipped separately to
 `optim.max_grad_norm`, so the value loss's scale (returns reach hundreds with the length
 penalty) cannot shrink the policy's step. Adam is invariant to a constant loss scale per
 parameter, so the value loss needs no coefficient: the objective is L_policy + L_value.
@@ -78,11 +79,11 @@ from typing import Iterator, Sequence
 
 import torch
 
-from . import checkpoint, distributed
+from . import checkpoint, distributed, modeling
 from .config import PPOConfig
 from .io import read_jsonl, write_json
-from .modeling import (AdapterModel, SequenceBatch, collate, encode_outputs, encode_prompts,
-                       is_quantized, left_pad, load_base)
+from .modeling import (AdapterModel, SequenceBatch, autocast, check_precision, collate,
+                       encode_outputs, encode_prompts, is_quantized, left_pad, load_base)
 from .train_utils import (NonFiniteGuard, StepLog, default_device, epoch_batches, nonfinite,
                           progress, seed_everything, skipped_row, step_schedule)
 
@@ -98,9 +99,8 @@ REFERENCE = "reference"
 DEFAULT_MICRO_BATCH = 2
 #: What must be finite for an optimiser step (besides the rewards): `PPOTrainer.step`.
 WATCHED = ("advantage_mean", "policy_loss", "value_loss", "policy_grad_norm", "value_grad_norm")
-#: Compute precision of the frozen base (see `PPOTrainer`): trainable weights, optimiser state,
-#: losses and advantages are float32 either way.
-PRECISIONS = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+#: Compute precision of the frozen base (see `PPOTrainer`; one table for every stage).
+PRECISIONS = modeling.PRECISIONS
 
 
 # ============================================================================ the equations
@@ -468,8 +468,7 @@ class PPOTrainer:
                  *, micro_batch_size: int | None = DEFAULT_MICRO_BATCH, fast: bool = True,
                  merge: bool = True, precision: str = "float32"):
         _check_config(cfg)
-        if precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
+        check_precision(precision)
         for name, head in ((POLICY, False), (VALUE, True), (REWARD, True)):
             if name not in model.specs:
                 raise ValueError(f"PPOTrainer needs adapter {name!r}; the model has "
@@ -494,9 +493,14 @@ class PPOTrainer:
         from transformers import get_cosine_schedule_with_warmup
 
         steps = max(1, total_updates * cfg.ppo_epochs * cfg.minibatches)
+        value_head = {id(p) for p in model.heads[VALUE].parameters()}
+        head_lr = cfg.optim.head_learning_rate or cfg.optim.learning_rate
+        groups = [{"params": self.policy_params},
+                  {"params": [p for p in self.value_params if id(p) not in value_head]},
+                  {"params": [p for p in self.value_params if id(p) in value_head], "lr": head_lr}]
         self.optimizer = torch.optim.AdamW(
-            [{"params": self.policy_params}, {"params": self.value_params}],
-            lr=cfg.optim.learning_rate, weight_decay=cfg.optim.weight_decay)
+            [g for g in groups if g["params"]], lr=cfg.optim.learning_rate,
+            weight_decay=cfg.optim.weight_decay)
         self.scheduler = get_cosine_schedule_with_warmup(self.optimizer, cfg.optim.warmup_steps,
                                                          steps)
         self.sample_calls = 0  # outer-batch number of `sample` calls that name none
@@ -585,9 +589,7 @@ class PPOTrainer:
         return [list(range(i, min(i + size, n))) for i in range(0, n, size)]
 
     def _autocast(self):
-        """bf16 matmuls (float32 accumulation, float32 residual stream) at precision bfloat16."""
-        return torch.autocast(self.device.type, dtype=torch.bfloat16,
-                              enabled=self.precision == "bfloat16")
+        return autocast(self.model, self.precision)
 
     def _states(self, part: SequenceBatch, adapter: str | None) -> torch.Tensor:
         """[N, H]: the states s_t that predict each output token (hidden at p - 1)."""
@@ -921,8 +923,7 @@ def train_ppo(train_path: str | os.PathLike, reward_adapter_dir: str | os.PathLi
     so, up to float rounding, the adapters are those of one process (`lastmile.distributed`).
     """
     precision = precision or cfg.precision
-    if precision not in PRECISIONS:
-        raise ValueError(f"PPO precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
+    check_precision(precision, "PPO precision")
     _check_config(cfg)  # before any process starts
     return distributed.launch(_train_ppo, processes, train_path, reward_adapter_dir, out_dir,
                               cfg, base_source, mle_adapter_dir,

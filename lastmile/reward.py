@@ -33,7 +33,8 @@ import torch
 from . import checkpoint, distributed
 from .config import NegativesConfig, RewardConfig
 from .io import read_jsonl, write_json
-from .modeling import AdapterModel, collate, encode_outputs, encode_prompts, load_base
+from .modeling import (AdapterModel, autocast, check_precision, collate, encode_outputs,
+                       encode_prompts, load_base)
 from .train_utils import (TokenExample, default_device, seed_everything, train_loop)
 
 log = logging.getLogger(__name__)
@@ -132,7 +133,7 @@ def reward_loss_sum(model: AdapterModel, examples: Sequence[TokenExample], pad_i
     # The reward for token a_t is read at a_t's own position (see the module docstring), so
     # the states to score are exactly those under the output mask; the head sees only them.
     rows = mask.nonzero()[:, 0]  # [N] row of each output token
-    predicted = model.scalar(hidden[mask], adapter)  # [N]
+    predicted = model.scalar(hidden[mask], adapter).float()  # [N]
     return (weights[rows] * (predicted - labels[rows]) ** 2).sum()
 
 
@@ -168,16 +169,20 @@ def train_reward(model: AdapterModel, tokenizer, rows: Sequence[dict], cfg: Rewa
     seed_everything(cfg.seed)
     examples = encode_rows(tokenizer, rows, cfg.max_output_tokens)
     pad_id = tokenizer.pad_token_id
-    summary = train_loop(
-        model.adapter_parameters(ADAPTER), examples,
-        numerator=lambda micro: reward_loss_sum(model, micro, pad_id),
+
+    def numerator(micro: Sequence[TokenExample]) -> torch.Tensor:
+        with autocast(model, cfg.precision):  # per forward (see modeling.autocast)
+            return reward_loss_sum(model, micro, pad_id)
+
+    return train_loop(
+        model.adapter_parameters(ADAPTER), examples, numerator=numerator,
         denominator=reward_loss_weight, optim=cfg.optim, batch_size=cfg.batch_size,
         micro_batch_size=cfg.micro_batch_size, epochs=cfg.epochs, max_steps=cfg.max_steps,
         seed=cfg.seed, log_path=log_path, desc="reward model",
         checkpoint_dir=checkpoint_dir or cfg.checkpoint_dir,
         checkpoint_every=cfg.checkpoint_every, max_bad_updates=cfg.max_bad_updates,
-        example_ids=[r.get("id") for r in rows], groups=[_source(r) for r in rows])
-    return summary
+        example_ids=[r.get("id") for r in rows], groups=[_source(r) for r in rows],
+        head_params=list(model.heads[ADAPTER].parameters()))
 
 
 # ----------------------------------------------------------------------------- scoring
@@ -263,9 +268,11 @@ def evaluate_reward_model(model: AdapterModel, tokenizer, rows_with_negatives: S
                           cfg: RewardConfig) -> dict:
     """Score held-out true rows and their negatives (rm.jsonl layout); see `summarize_scores`."""
     validate_reward_rows(rows_with_negatives, "held-out reward rows")
-    token_rewards = score_outputs(model, tokenizer, [r["prompt"] for r in rows_with_negatives],
-                                  [r["output"] for r in rows_with_negatives],
-                                  cfg.max_output_tokens)
+    with autocast(model, cfg.precision):
+        token_rewards = score_outputs(model, tokenizer,
+                                      [r["prompt"] for r in rows_with_negatives],
+                                      [r["output"] for r in rows_with_negatives],
+                                      cfg.max_output_tokens)
     return summarize_scores(rows_with_negatives, [sequence_reward(t) for t in token_rewards])
 
 
@@ -302,6 +309,7 @@ def train_reward_model(rm_path: str | os.PathLike, out_dir: str | os.PathLike,
     and, up to float rounding, the same adapter: `lastmile.distributed`); the held-out
     evaluation runs on the main rank alone, on the trained weights every rank shares.
     """
+    check_precision(cfg.precision, "RewardConfig.precision")  # before any process starts
     return distributed.launch(_train_reward_model, processes, rm_path, out_dir, cfg,
                               base_source, eval_rows, allow_pickle=allow_pickle,
                               trust_remote_code=trust_remote_code)
@@ -328,7 +336,7 @@ def _train_reward_model(rm_path: str | os.PathLike, out_dir: str | os.PathLike,
     summary = {"rows": len(rows), "categories": _count(rows), "load_seconds": round(loaded, 3),
                "train": train, "adapter": "adapter", "lora": {"r": cfg.lora.r,
                                                               "alpha": cfg.lora.alpha},
-               "processes": world.size}
+               "processes": world.size, "precision": cfg.precision}
     if world.is_main:
         model.save_adapter(ADAPTER, out / "adapter")
         checkpoint.clear(checkpoints)

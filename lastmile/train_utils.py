@@ -70,16 +70,30 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def make_optimizer(params: Sequence[torch.nn.Parameter], cfg: OptimConfig, total_steps: int):
-    """AdamW + cosine decay from `cfg.learning_rate` to 0 over `total_steps` (paper §3.1)."""
+def make_optimizer(params: Sequence[torch.nn.Parameter], cfg: OptimConfig, total_steps: int,
+                   head_params: Sequence[torch.nn.Parameter] = ()):
+    """AdamW + cosine decay from `cfg.learning_rate` to 0 over `total_steps` (paper §3.1).
+
+    `head_params` (a subset of `params`: scalar heads) start from `cfg.head_learning_rate`
+    when it is set; the cosine schedule scales both groups alike.
+    """
     from transformers import get_cosine_schedule_with_warmup
 
     params = [p for p in params if p.requires_grad]
     if not params:
         raise ValueError("no trainable parameters: was the adapter added with trainable=True?")
-    if cfg.learning_rate <= 0:
-        raise ValueError(f"learning_rate must be > 0, got {cfg.learning_rate}")
-    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    for name in ("learning_rate", "head_learning_rate"):
+        value = getattr(cfg, name)
+        if value is not None and value <= 0:
+            raise ValueError(f"{name} must be > 0, got {value}")
+    groups = [params]
+    if cfg.head_learning_rate is not None:
+        heads = {id(p) for p in head_params}
+        groups = [[p for p in params if id(p) not in heads], [p for p in params if id(p) in heads]]
+    optimizer = torch.optim.AdamW(
+        [{"params": group, "lr": cfg.learning_rate if i == 0 else cfg.head_learning_rate}
+         for i, group in enumerate(groups) if group],
+        lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     scheduler = get_cosine_schedule_with_warmup(optimizer, cfg.warmup_steps, max(total_steps, 1))
     return optimizer, scheduler
 
@@ -231,11 +245,12 @@ def train_loop(params: Sequence[torch.nn.Parameter], examples: Sequence[TokenExa
                log_path: str | os.PathLike | None = None, desc: str = "train",
                checkpoint_dir: str | os.PathLike | None = None, checkpoint_every: int = 0,
                max_bad_updates: int = 3, example_ids: Sequence | None = None,
-               groups: Sequence | None = None) -> dict:
+               groups: Sequence | None = None,
+               head_params: Sequence[torch.nn.Parameter] = ()) -> dict:
     """Optimise `params` on `examples`; returns a summary of the run.
 
     `groups`: one key per example; a group's examples stay together in batches
-    (`epoch_batches`).
+    (`epoch_batches`). `head_params`: the scalar heads among `params` (`make_optimizer`).
 
     Loss of a batch = sum(numerator(micro) for its micro-batches) / sum(denominator(row)),
     a weighted mean whose gradient does not depend on the micro-batch split.
@@ -255,7 +270,7 @@ def train_loop(params: Sequence[torch.nn.Parameter], examples: Sequence[TokenExa
     if groups is not None and len(groups) != len(examples):
         raise ValueError(f"{desc}: {len(groups)} group keys for {len(examples)} examples")
     steps = epoch_batches(len(examples), batch_size, epochs, seed, max_steps, groups)
-    optimizer, scheduler = make_optimizer(params, optim, len(steps))
+    optimizer, scheduler = make_optimizer(params, optim, len(steps), head_params)
     run = run_key(desc, steps, examples, optim, seed, micro_batch_size, token_budget)
     ckpt = Checkpointer(checkpoint_dir, checkpoint_every, params, optimizer, scheduler, run)
     start, extras = ckpt.resume()

@@ -255,3 +255,24 @@ def test_shards_gathered_equal_one_unsharded_run(tokenizer, tmp_path):
     with pytest.raises(ValueError, match="shard 3 does not exist"):
         generate.generate_predictions(tmp_path / "test.jsonl", tmp_path / "x.jsonl", "base",
                                       "tiny-random", None, cfg, shard=3)
+
+
+def test_bfloat16_decodes_from_bf16_weights_and_says_so(tokenizer, tmp_path, monkeypatch):
+    _test_file(tokenizer, tmp_path / "test.jsonl")
+    dtypes = []
+    real = generate.sample_tokens
+
+    def spy(model, *args, **kwargs):
+        dtypes.append(model.lm_head.weight.dtype)
+        return real(model, *args, **kwargs)
+
+    monkeypatch.setattr(generate, "sample_tokens", spy)
+    cfg = GenerateConfig(max_new_tokens=4, batch_size=2, precision="bfloat16")
+    summary = generate.generate_predictions(tmp_path / "test.jsonl", tmp_path / "p.jsonl", "base",
+                                            "tiny-random", None, cfg)
+    assert set(dtypes) == {torch.bfloat16} and summary["precision"] == "bfloat16"
+    assert summary["n"] == 5 and len((tmp_path / "p.jsonl").read_text().splitlines()) == 5
+    with pytest.raises(ValueError, match="precision must be one of"):
+        generate.generate_predictions(tmp_path / "test.jsonl", tmp_path / "q.jsonl", "base",
+                                      "tiny-random", None, GenerateConfig(precision="fp8"))
+    assert not (tmp_path / "q.jsonl").exists()

@@ -74,20 +74,26 @@ def test_loss_equals_transformers_masked_cross_entropy(tiny_model, tokenizer):
     assert ours.item() == pytest.approx(reference.item(), rel=1e-5)
 
 
-def test_a_few_steps_reduce_the_loss(tiny_model, tokenizer, tmp_path):
+@pytest.mark.parametrize("precision", ["float32", "bfloat16"])
+def test_a_few_steps_reduce_the_loss(tiny_model, tokenizer, tmp_path, precision):
     model = AdapterModel(tiny_model)
     rows = _rows(tokenizer, 4)
     examples = mle.encode_rows(tokenizer, rows, 100)
     assert all(e.output_ids[-1] == tokenizer.eos_token_id for e in examples)
     model.add_adapter("policy", _cfg().lora, seed=0)
+    initial = {n: p.detach().clone() for n, p in model.base.named_parameters() if "lora_" in n}
     before = mle.mle_loss(model, examples, tokenizer.pad_token_id).item()
-    cfg = _cfg(batch_size=2, epochs=4)
+    cfg = _cfg(batch_size=2, epochs=4, precision=precision)
     cfg.optim = OptimConfig(learning_rate=1e-2)  # the tiny random model needs large steps
     summary = mle.train_mle_adapter(model, tokenizer, rows, cfg, log_path=tmp_path / "log.jsonl")
     after = mle.mle_loss(model, examples, tokenizer.pad_token_id).item()
     assert summary["steps"] == 8
     assert len((tmp_path / "log.jsonl").read_text().splitlines()) == 8
     assert after < before - 0.4, (before, after)  # chance level is ln(49152) = 10.8
+    # Every LoRA weight moved (see test_reward's separable-set test on bf16 autocast).
+    moved = {n: not torch.equal(p, initial[n]) for n, p in model.base.named_parameters()
+             if "lora_" in n}
+    assert moved and all(moved.values()), [n for n, m in moved.items() if not m]
 
 
 def test_stage_saves_adapter_and_log(tokenizer, tmp_path):
@@ -159,3 +165,41 @@ def test_consecutive_nan_batches_stop_the_stage_without_an_adapter(tokenizer, tm
         mle.train_mle(tmp_path / "train.jsonl", tmp_path / "out", _cfg(batch_size=2),
                       "tiny-random")
     assert not (tmp_path / "out" / "adapter").exists()
+
+
+def test_bfloat16_loss_and_gradient_stay_close_to_float32(tiny_model, tokenizer):
+    """precision "bfloat16" (modeling.autocast) changes the step by bf16 rounding only."""
+    from lastmile.modeling import autocast
+
+    model = AdapterModel(tiny_model)
+    model.add_adapter("policy", _cfg().lora, seed=0)
+    with torch.no_grad():  # a non-zero LoRA B, so every LoRA weight gets a gradient
+        for p in model.adapter_parameters("policy"):
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(1)) * 0.05)
+    examples = mle.encode_rows(tokenizer, _rows(tokenizer, 3), 100)
+    params = [p for p in model.adapter_parameters("policy") if p.requires_grad]
+    losses, grads = {}, {}
+    for precision in ("float32", "bfloat16"):
+        for p in params:
+            p.grad = None
+        with autocast(model, precision):
+            loss = mle.mle_loss(model, examples, tokenizer.pad_token_id)
+        loss.backward()
+        losses[precision] = loss.item()
+        grads[precision] = torch.cat([p.grad.flatten() for p in params])
+    assert losses["bfloat16"] == pytest.approx(losses["float32"], rel=0.02)
+    cosine = torch.nn.functional.cosine_similarity(grads["float32"], grads["bfloat16"], dim=0)
+    assert cosine > 0.99, cosine
+
+
+def test_bfloat16_stage_trains_and_bad_precision_is_named(tokenizer, tmp_path):
+    from lastmile.io import write_jsonl
+
+    write_jsonl(tmp_path / "train.jsonl", _rows(tokenizer, 4))
+    summary = mle.train_mle(tmp_path / "train.jsonl", tmp_path / "out",
+                            _cfg(batch_size=2, max_steps=2, precision="bfloat16"), "tiny-random")
+    assert summary["precision"] == "bfloat16" and summary["train"]["steps"] == 2
+    with pytest.raises(ValueError, match="MLEConfig.precision must be one of"):
+        mle.train_mle(tmp_path / "train.jsonl", tmp_path / "o2", _cfg(precision="fp8"),
+                      "tiny-random")
+    assert not (tmp_path / "o2").exists()  # refused before anything was written

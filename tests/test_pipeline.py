@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import pipeline  # noqa: E402
-from lastmile import config, storage  # noqa: E402
+from lastmile import config, modeling, storage  # noqa: E402
 
 TRAINING = ("train-reward", "train-mle", "train-ppo")
 GENERATION = ("generate", "generate-2", "generate-3")
@@ -478,8 +478,27 @@ def test_submit_refuses_an_unknown_parameter(fake_client):
     assert fake_client == []  # refused before contacting the host
 
 
-def test_ppo_precision_reaches_the_configuration_and_is_checked():
-    assert config.resolve("demo", ppo_precision="bfloat16").ppo.precision == "bfloat16"
-    assert config.get_profile("paper").ppo.precision == "float32"
-    with pytest.raises(ValueError, match="ppo_precision must be one of"):
-        config.resolve("demo", ppo_precision="float16")
+def test_precision_fans_out_to_every_model_stage_and_is_checked():
+    demo = config.get_profile("demo")
+    assert {getattr(demo, s).precision for s in ("reward", "mle", "ppo", "generate")} == {
+        "bfloat16"}
+    paper = config.get_profile("paper")
+    assert {getattr(paper, s).precision for s in ("reward", "mle", "ppo", "generate")} == {
+        "float32"}
+    resolved = config.resolve("paper", precision="bfloat16")
+    assert {getattr(resolved, s).precision for s in ("reward", "mle", "ppo", "generate")} == {
+        "bfloat16"}
+    assert config.pipeline_arguments(demo)["precision"] == "bfloat16"
+    assert set(config.PRECISIONS) == set(modeling.PRECISIONS)
+    with pytest.raises(ValueError, match="precision must be one of"):
+        config.resolve("demo", precision="float16")
+
+def test_reward_head_learning_rate_is_optional_and_checked():
+    assert config.get_profile("paper").reward.optim.head_learning_rate is None
+    assert config.pipeline_arguments(config.get_profile("paper"))["reward_head_learning_rate"] == 0
+    assert config.resolve("paper", reward_head_learning_rate=0).reward.optim.head_learning_rate is None
+    assert config.resolve("paper", reward_head_learning_rate="3e-5").reward.optim.head_learning_rate == 3e-5
+    demo = config.get_profile("demo")
+    assert demo.reward.optim.head_learning_rate < demo.reward.optim.learning_rate
+    with pytest.raises(ValueError, match="reward_head_learning_rate must be >= 0"):
+        config.resolve("paper", reward_head_learning_rate=-1e-5)

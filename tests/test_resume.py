@@ -389,3 +389,23 @@ def test_s3_checkpoint_resumes_mle_on_a_fresh_disk_like_an_uninterrupted_run(
                        ["adapter_model.safetensors"])
     assert _remote(uri) == {}  # deleted once the adapter is written, the torn step too
     assert not (resumed / "checkpoints").exists()
+
+
+def test_heads_get_their_own_learning_rate_under_the_same_schedule():
+    from lastmile.config import OptimConfig
+    from lastmile.train_utils import make_optimizer
+
+    lora, head = torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(1))
+    optimizer, scheduler = make_optimizer([lora, head], OptimConfig(learning_rate=1e-3,
+                                                                    head_learning_rate=1e-5),
+                                          4, head_params=[head])
+    assert [g["lr"] for g in optimizer.param_groups] == [1e-3, 1e-5]
+    assert [g["params"] for g in optimizer.param_groups] == [[lora], [head]]
+    optimizer.step()
+    scheduler.step()
+    scheduler.step()  # cosine: halfway through 4 steps each group is at half its start
+    assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([5e-4, 5e-6])
+    plain, _ = make_optimizer([lora, head], OptimConfig(learning_rate=1e-3), 4, head_params=[head])
+    assert len(plain.param_groups) == 1  # no head step size: one group, as before
+    with pytest.raises(ValueError, match="head_learning_rate must be > 0"):
+        make_optimizer([lora, head], OptimConfig(head_learning_rate=-1.0), 4, head_params=[head])

@@ -9,7 +9,7 @@ import torch
 
 from lastmile import reward
 from lastmile.config import LoraSpec, OptimConfig, RewardConfig
-from lastmile.modeling import AdapterModel
+from lastmile.modeling import AdapterModel, autocast
 from lastmile.train_utils import TokenExample, micro_batches, padded_tokens, train_loop
 
 
@@ -180,12 +180,17 @@ def test_output_states_equal_one_forward_per_row(tokenizer):
     assert mask.sum(1).tolist() == [len(e.output_ids) for e in examples]
 
 
-def test_training_on_a_separable_set_lowers_the_loss(tiny_model, tokenizer, tmp_path):
+@pytest.mark.parametrize("precision", ["float32", "bfloat16"])
+def test_training_on_a_separable_set_lowers_the_loss(tiny_model, tokenizer, tmp_path,
+                                                     precision):
     model = AdapterModel(tiny_model)
     rows = _rows(tokenizer, 6) * 4
-    cfg = _cfg(batch_size=6, max_steps=50)  # one epoch of 72 rows is 12 steps: no cap hit
+    # one epoch of 72 rows is 12 steps: no cap hit
+    cfg = _cfg(batch_size=6, max_steps=50, precision=precision)
     cfg.optim = OptimConfig(learning_rate=3e-3)  # the tiny random model needs large steps
     log = tmp_path / "train_log.jsonl"
+    reward.add_reward_adapter(model, cfg)
+    initial = {n: p.detach().clone() for n, p in model.base.named_parameters() if "lora_" in n}
     summary = reward.train_reward(model, tokenizer, rows, cfg, log_path=log)
     lines = [json.loads(x) for x in log.read_text().splitlines()]
     assert [x["step"] for x in lines] == list(range(1, 13)) == list(range(1, summary["steps"] + 1))
@@ -196,6 +201,11 @@ def test_training_on_a_separable_set_lowers_the_loss(tiny_model, tokenizer, tmp_
     assert last < 0.5 * first, (first, last)
     result = reward.evaluate_reward_model(model, tokenizer, _rows(tokenizer, 6), cfg)
     assert result["accuracy"] == {"copy_input": 1.0, "random_tokens": 1.0}
+    # Every LoRA weight moved: at bf16 an autocast block spanning the updates would keep
+    # computing with the first step's weights (LoRA B zero), so A would never move.
+    moved = {n: not torch.equal(p, initial[n]) for n, p in model.base.named_parameters()
+             if "lora_" in n}
+    assert moved and all(moved.values()), [n for n, m in moved.items() if not m]
     assert result["mean_reward"]["true"] > result["mean_reward"]["random_tokens"]
 
 
@@ -338,3 +348,38 @@ def test_infinite_losses_in_a_row_stop_the_stage_without_an_adapter(tokenizer, t
     log = [json.loads(x) for x in (tmp_path / "out" / "train_log.jsonl").read_text().splitlines()]
     assert [(x["step"], x["skipped"], x["nonfinite"]) for x in log] == [(1, True, ["loss"])]
     assert log[0]["ids"][0] in {r["id"] for r in _rows(tokenizer, 4)}
+
+
+def test_bfloat16_loss_and_gradient_stay_close_to_float32(tiny_model, tokenizer):
+    """precision "bfloat16" (modeling.autocast) changes the step by bf16 rounding only."""
+    model = _model(tiny_model)
+    examples = reward.encode_rows(tokenizer, _rows(tokenizer, 3), 100)
+    params = [p for p in model.adapter_parameters("reward") if p.requires_grad]
+    losses, grads = {}, {}
+    for precision in ("float32", "bfloat16"):
+        for p in params:
+            p.grad = None
+        with autocast(model, precision):
+            loss = reward.reward_loss(model, examples, tokenizer.pad_token_id)
+        loss.backward()
+        assert loss.dtype == torch.float32
+        losses[precision] = loss.item()
+        grads[precision] = torch.cat([p.grad.flatten() for p in params])
+    assert losses["bfloat16"] == pytest.approx(losses["float32"], rel=0.05)
+    cosine = torch.nn.functional.cosine_similarity(grads["float32"], grads["bfloat16"], dim=0)
+    assert cosine > 0.99, cosine
+
+
+def test_bfloat16_stage_trains_and_says_its_precision(tokenizer, tmp_path):
+    from lastmile.io import write_jsonl
+
+    write_jsonl(tmp_path / "rm.jsonl", _rows(tokenizer, 4))
+    cfg = _cfg(batch_size=6, max_steps=2, precision="bfloat16")
+    summary = reward.train_reward_model(tmp_path / "rm.jsonl", tmp_path / "out", cfg,
+                                        "tiny-random", None)
+    assert summary["precision"] == "bfloat16" and summary["train"]["steps"] == 2
+    assert (tmp_path / "out" / "adapter" / "adapter_config.json").exists()
+    with pytest.raises(ValueError, match="RewardConfig.precision must be one of"):
+        reward.train_reward_model(tmp_path / "rm.jsonl", tmp_path / "o2",
+                                  _cfg(max_steps=1, precision="fp8"), "tiny-random", None)
+    assert not (tmp_path / "o2").exists()  # refused before anything was written
