@@ -41,6 +41,7 @@ def resolve_config(
     ppo_length_penalty: float,
     ppo_reference_fraction: float,
     precision: str,
+    mle_precision: str,
     max_new_tokens: int,
     num_shards: int,
     bleurt_checkpoint: str,

@@ -223,10 +223,14 @@ def _demo() -> Profile:
     # PPO: 40 updates (one epoch).
     p.ppo.max_updates = 40
     p.ppo.optim.learning_rate = 1e-4
-    # bf16 matmuls on the frozen base in every model stage (float32 LoRA weights, heads,
-    # optimiser and losses): the paper computed on a 4-bit GPTQ base; here bf16 makes a
-    # sampled PPO update 1.85x faster than float32 on the 2-core CPU (bench/README.md).
-    set_precision(p, "bfloat16")
+    # bf16 matmuls on the frozen base (float32 LoRA weights, heads, optimiser and losses):
+    # the paper computed on a 4-bit GPTQ base; here bf16 makes a sampled PPO update 1.85x
+    # faster than float32 on the 2-core CPU (bench/README.md). Except the MLE baseline: trained
+    # at bf16 it lost a quarter of its length-adjusted ROUGE-L (0.149 against 0.201 at
+    # float32, docs/demo-experiments.md), and the baseline must not be handicapped; float32
+    # costs it ~80 s here.
+    for stage in (p.reward, p.ppo, p.generate):
+        stage.precision = "bfloat16"
     return p
 
 
@@ -304,7 +308,8 @@ PIPELINE_PARAMETERS: dict[str, str] = {
     "ppo_temperature": "ppo.temperature",
     "ppo_length_penalty": "ppo.length_penalty",
     "ppo_reference_fraction": "ppo.reference_fraction",
-    "precision": "precision",  # fans out to every model stage's precision
+    "precision": "precision",  # fans out to the reward, PPO and generation stages
+    "mle_precision": "mle.precision",
     "max_new_tokens": "generate.max_new_tokens",
     "num_shards": "generate.num_shards",
     "bleurt_checkpoint": "score.bleurt_checkpoint",
@@ -318,7 +323,7 @@ _CAPS = {"reward.optim.head_learning_rate", "data.max_train", "data.max_test", "
          "mle.max_steps",
          "ppo.max_updates"}
 _SEEDED = ("data", "negatives", "reward", "mle", "ppo")
-_PRECISE = ("reward", "mle", "ppo", "generate")  # the stages that run the base model
+_PRECISE = ("reward", "ppo", "generate")  # the stages `precision` sets (MLE: mle_precision)
 
 
 def _get(obj: Any, dotted: str) -> Any:
@@ -385,7 +390,8 @@ def resolve(profile_name: str, **arguments: Any) -> Profile:
                 setattr(getattr(profile, stage), "seed", int(value))
             continue
         if dotted == "precision":
-            set_precision(profile, str(value))
+            for stage in _PRECISE:
+                getattr(profile, stage).precision = str(value)
             continue
         if dotted in _CAPS and value is not None and float(value) < 0:
             raise ValueError(f"pipeline parameter {name} must be >= 0 (0 = none), got {value}")
@@ -393,20 +399,16 @@ def resolve(profile_name: str, **arguments: Any) -> Profile:
     if profile.train_processes < 0:
         raise ValueError(f"pipeline parameter train_processes must be >= 0 (0 = one per "
                          f"visible GPU), got {profile.train_processes}")
-    for stage in _PRECISE:
-        if getattr(profile, stage).precision not in PRECISIONS:
-            raise ValueError(f"pipeline parameter precision must be one of {PRECISIONS}, got "
-                             f"{getattr(profile, stage).precision!r} ({stage})")
+    for stage in (*_PRECISE, "mle"):
+        value = getattr(profile, stage).precision
+        if value not in PRECISIONS:
+            name = "mle_precision" if stage == "mle" else "precision"
+            raise ValueError(f"pipeline parameter {name} must be one of {PRECISIONS}, got "
+                             f"{value!r}")
     if profile.generate.num_shards < 1:
         raise ValueError(f"pipeline parameter num_shards must be >= 1, got "
                          f"{profile.generate.num_shards}")
     return profile
-
-
-def set_precision(profile: Profile, precision: str) -> None:
-    """Every model stage (reward, MLE, PPO, generation) at `precision` (PRECISIONS)."""
-    for stage in _PRECISE:
-        getattr(profile, stage).precision = precision
 
 
 def profile_from_json(text: str) -> Profile:

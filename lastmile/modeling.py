@@ -412,8 +412,8 @@ def autocast(model: nn.Module, precision: str) -> Iterator[None]:
     """Run the block's forwards (and so their backwards) at `precision`; "float32" is a no-op.
 
     "bfloat16": matmuls in bf16 under torch.autocast (float32 accumulation, float32 residual
-    stream, LoRA weights and heads), and attention "eager" for the block, because the CPU SDPA
-    kernel is slower than eager in bf16 (a reward step on SmolLM2: 4.1 s with SDPA, 3.0 s
+    stream, LoRA weights and heads), and on a CPU attention "eager" for the block, because the
+    CPU SDPA kernel is slower than eager in bf16 (a reward step on SmolLM2: 4.1 s with SDPA, 3.0 s
     eager, 7.1 s in float32). Results differ from float32 by bf16 rounding.
 
     Enter it around each forward, never around optimiser steps: autocast keeps its bf16 copies
@@ -426,7 +426,8 @@ def autocast(model: nn.Module, precision: str) -> Iterator[None]:
     base = model.base if hasattr(model, "base") else model  # AdapterModel or a causal LM
     device = next(base.parameters()).device
     attention = base.config._attn_implementation
-    base.set_attn_implementation("eager")
+    if device.type == "cpu":  # on a GPU the fused SDPA kernels win
+        base.set_attn_implementation("eager")
     try:
         with torch.autocast(device.type, dtype=torch.bfloat16):
             yield
@@ -437,15 +438,16 @@ def autocast(model: nn.Module, precision: str) -> Iterator[None]:
 def cast_for_decoding(model: nn.Module, precision: str) -> None:
     """Cast a dense causal LM (LoRA merged or none) to `precision` for no-grad decoding.
 
-    bf16 weights halve the weight traffic of every decoding step; attention then runs "eager",
-    because the CPU SDPA kernel is several times slower than eager for bf16 single-token steps
+    bf16 weights halve the weight traffic of every decoding step; on a CPU attention then runs
+    "eager", because the CPU SDPA kernel is several times slower than eager for bf16 steps
     (the same choice as `ppo.merged_weights`). A quantized base keeps its own dtype.
     """
     dtype = check_precision(precision)
     if dtype == torch.float32 or is_quantized(model):
         return
     model.to(dtype)
-    model.set_attn_implementation("eager")
+    if next(model.parameters()).device.type == "cpu":
+        model.set_attn_implementation("eager")
 
 
 # ----------------------------------------------------------------------------- batches

@@ -478,20 +478,25 @@ def test_submit_refuses_an_unknown_parameter(fake_client):
     assert fake_client == []  # refused before contacting the host
 
 
-def test_precision_fans_out_to_every_model_stage_and_is_checked():
-    demo = config.get_profile("demo")
-    assert {getattr(demo, s).precision for s in ("reward", "mle", "ppo", "generate")} == {
-        "bfloat16"}
+def test_precision_fans_out_to_the_rl_stages_and_mle_has_its_own():
+    stages = ("reward", "mle", "ppo", "generate")
+    demo = config.get_profile("demo")  # bf16, but a float32 MLE baseline (see _demo)
+    assert [getattr(demo, s).precision for s in stages] == [
+        "bfloat16", "float32", "bfloat16", "bfloat16"]
+    # The flat parameters reproduce the profile, MLE's precision included.
+    again = config.resolve("demo", **config.pipeline_arguments(demo))
+    assert [getattr(again, s).precision for s in stages] == [
+        "bfloat16", "float32", "bfloat16", "bfloat16"]
     paper = config.get_profile("paper")
-    assert {getattr(paper, s).precision for s in ("reward", "mle", "ppo", "generate")} == {
-        "float32"}
-    resolved = config.resolve("paper", precision="bfloat16")
-    assert {getattr(resolved, s).precision for s in ("reward", "mle", "ppo", "generate")} == {
-        "bfloat16"}
-    assert config.pipeline_arguments(demo)["precision"] == "bfloat16"
+    assert {getattr(paper, s).precision for s in stages} == {"float32"}
+    resolved = config.resolve("paper", precision="bfloat16", mle_precision="bfloat16")
+    assert {getattr(resolved, s).precision for s in stages} == {"bfloat16"}
     assert set(config.PRECISIONS) == set(modeling.PRECISIONS)
     with pytest.raises(ValueError, match="precision must be one of"):
         config.resolve("demo", precision="float16")
+    with pytest.raises(ValueError, match="mle_precision must be one of"):
+        config.resolve("demo", mle_precision="fp8")
+
 
 def test_reward_head_learning_rate_is_optional_and_checked():
     assert config.get_profile("paper").reward.optim.head_learning_rate is None
