@@ -500,7 +500,8 @@ def test_precision_fans_out_to_the_rl_stages_and_mle_has_its_own():
 
 def test_reward_head_learning_rate_is_optional_and_checked():
     assert config.get_profile("paper").reward.optim.head_learning_rate is None
-    assert config.pipeline_arguments(config.get_profile("paper"))["reward_head_learning_rate"] == 0
+    none = config.pipeline_arguments(config.get_profile("paper"))["reward_head_learning_rate"]
+    assert none == 0 and isinstance(none, float)  # KFP refuses an int for a float input
     assert config.resolve("paper", reward_head_learning_rate=0).reward.optim.head_learning_rate is None
     assert config.resolve("paper", reward_head_learning_rate="3e-5").reward.optim.head_learning_rate == 3e-5
     demo = config.get_profile("demo")
