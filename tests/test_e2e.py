@@ -101,11 +101,27 @@ def test_smoke_pipeline_end_to_end(tmp_path, capsys):
                 if isinstance(x, (int, float))}
     assert set(metrics) == expected and len(expected) >= 5 * 20, sorted(set(metrics) ^ expected)
     assert metrics["rl_rougeL_f1"] == scores["models"]["rl"]["rougeL_f1"]
-    # The same run again, unsharded: training reruns identically and one shard gathers to
-    # what two did.
-    assert pipeline.main([*args, "--out", str(tmp_path / "again"), "--param",
-                          "num_shards=1"]) == 0
+    # The same run again, unsharded, from the user's side of the door: the same rows as CSV
+    # files with their own column names. Training reruns identically and one shard gathers
+    # to what two did.
+    user_data = _as_user_csv(tmp_path / "user-data", input_column="description",
+                             output_column="synopsis")
+    assert pipeline.main([*args, "--out", str(tmp_path / "again"), "--param", "num_shards=1",
+                          "--data", str(user_data), "--input-column", "description",
+                          "--output-column", "synopsis"]) == 0
     _check_same_results(out, tmp_path / "again")
+
+
+def _as_user_csv(folder: Path, input_column: str, output_column: str) -> Path:
+    """The bundled splits as train.csv / test.csv with the given column names."""
+    import pandas as pd
+
+    folder.mkdir()
+    for split in ("train", "test"):
+        rows = pd.read_json(DATASET / f"{split}.jsonl.gz", lines=True, dtype=False)
+        rows = rows.rename(columns={"input": input_column, "output": output_column})
+        rows.to_csv(folder / f"{split}.csv", index=False)
+    return folder
 
 
 # ----------------------------------------------------------------------------- S3
