@@ -27,3 +27,27 @@ def tiny_model(tokenizer):
 
     model, _ = load_base("tiny-random")
     return model
+
+
+@pytest.fixture
+def precision_pair():
+    """loss_fn's loss and flattened gradient of `params` at float32 and at bfloat16 autocast
+    (modeling.autocast), each from zeroed gradients: ({precision: loss}, {precision: grad})."""
+    import torch
+
+    from lastmile.modeling import autocast
+
+    def run(model, params, loss_fn):
+        losses, grads = {}, {}
+        for precision in ("float32", "bfloat16"):
+            for p in params:
+                p.grad = None
+            with autocast(model, precision):
+                loss = loss_fn()
+            loss.backward()
+            assert loss.dtype == torch.float32, precision
+            losses[precision] = loss.item()
+            grads[precision] = torch.cat([p.grad.flatten() for p in params])
+        return losses, grads
+
+    return run

@@ -167,10 +167,9 @@ def test_consecutive_nan_batches_stop_the_stage_without_an_adapter(tokenizer, tm
     assert not (tmp_path / "out" / "adapter").exists()
 
 
-def test_bfloat16_loss_and_gradient_stay_close_to_float32(tiny_model, tokenizer):
+def test_bfloat16_loss_and_gradient_stay_close_to_float32(tiny_model, tokenizer,
+                                                          precision_pair):
     """precision "bfloat16" (modeling.autocast) changes the step by bf16 rounding only."""
-    from lastmile.modeling import autocast
-
     model = AdapterModel(tiny_model)
     model.add_adapter("policy", _cfg().lora, seed=0)
     with torch.no_grad():  # a non-zero LoRA B, so every LoRA weight gets a gradient
@@ -178,15 +177,8 @@ def test_bfloat16_loss_and_gradient_stay_close_to_float32(tiny_model, tokenizer)
             p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(1)) * 0.05)
     examples = mle.encode_rows(tokenizer, _rows(tokenizer, 3), 100)
     params = [p for p in model.adapter_parameters("policy") if p.requires_grad]
-    losses, grads = {}, {}
-    for precision in ("float32", "bfloat16"):
-        for p in params:
-            p.grad = None
-        with autocast(model, precision):
-            loss = mle.mle_loss(model, examples, tokenizer.pad_token_id)
-        loss.backward()
-        losses[precision] = loss.item()
-        grads[precision] = torch.cat([p.grad.flatten() for p in params])
+    losses, grads = precision_pair(
+        model, params, lambda: mle.mle_loss(model, examples, tokenizer.pad_token_id))
     assert losses["bfloat16"] == pytest.approx(losses["float32"], rel=0.02)
     cosine = torch.nn.functional.cosine_similarity(grads["float32"], grads["bfloat16"], dim=0)
     assert cosine > 0.99, cosine

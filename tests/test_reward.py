@@ -9,7 +9,7 @@ import torch
 
 from lastmile import reward
 from lastmile.config import LoraSpec, OptimConfig, RewardConfig
-from lastmile.modeling import AdapterModel, autocast
+from lastmile.modeling import AdapterModel
 from lastmile.train_utils import TokenExample, micro_batches, padded_tokens, train_loop
 
 
@@ -350,21 +350,14 @@ def test_infinite_losses_in_a_row_stop_the_stage_without_an_adapter(tokenizer, t
     assert log[0]["ids"][0] in {r["id"] for r in _rows(tokenizer, 4)}
 
 
-def test_bfloat16_loss_and_gradient_stay_close_to_float32(tiny_model, tokenizer):
+def test_bfloat16_loss_and_gradient_stay_close_to_float32(tiny_model, tokenizer,
+                                                          precision_pair):
     """precision "bfloat16" (modeling.autocast) changes the step by bf16 rounding only."""
     model = _model(tiny_model)
     examples = reward.encode_rows(tokenizer, _rows(tokenizer, 3), 100)
     params = [p for p in model.adapter_parameters("reward") if p.requires_grad]
-    losses, grads = {}, {}
-    for precision in ("float32", "bfloat16"):
-        for p in params:
-            p.grad = None
-        with autocast(model, precision):
-            loss = reward.reward_loss(model, examples, tokenizer.pad_token_id)
-        loss.backward()
-        assert loss.dtype == torch.float32
-        losses[precision] = loss.item()
-        grads[precision] = torch.cat([p.grad.flatten() for p in params])
+    losses, grads = precision_pair(
+        model, params, lambda: reward.reward_loss(model, examples, tokenizer.pad_token_id))
     assert losses["bfloat16"] == pytest.approx(losses["float32"], rel=0.05)
     cosine = torch.nn.functional.cosine_similarity(grads["float32"], grads["bfloat16"], dim=0)
     assert cosine > 0.99, cosine
