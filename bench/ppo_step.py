@@ -41,7 +41,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from lastmile import ppo  # noqa: E402
+from lastmile import config, ppo  # noqa: E402
 from lastmile.config import DEFAULT_INSTRUCTION, EMBEDDED_BASE, TINY_BASE, LoraSpec, PPOConfig  # noqa: E402
 from lastmile.io import read_jsonl  # noqa: E402
 from lastmile.modeling import AdapterModel, encode_outputs, load_base  # noqa: E402
@@ -208,7 +208,7 @@ def precision_check(args) -> dict:
     outputs = fp32.sample(prompts)  # the policy's own samples, float32
     rollouts = {p: ppo.PPOTrainer(model, tokenizer, cfg, 1, precision=p,
                                   micro_batch_size=args.micro_batch or None)
-                for p in ppo.PRECISIONS}
+                for p in config.PRECISIONS}
     result = {}
     grads = {}
     for precision, trainer in rollouts.items():
@@ -259,7 +259,7 @@ def parse(argv=None):
                    help="rows per forward/backward (0: the whole batch)")
     p.add_argument("--no-merge", action="store_true",
                    help="sample and score with the LoRA unmerged")
-    p.add_argument("--precision", choices=sorted(ppo.PRECISIONS), default="float32",
+    p.add_argument("--precision", choices=sorted(config.PRECISIONS), default="float32",
                    help="compute precision of the frozen base (see lastmile.ppo.PPOTrainer)")
     p.add_argument("--textbook", action="store_true",
                    help="extra no-grad forwards for pi_old and V (the unoptimised PPO step)")

@@ -38,6 +38,7 @@ from typing import Iterator, Sequence
 import torch
 from torch import nn
 
+from . import config
 from .config import EMBEDDED_BASE, TINY_BASE, LoraSpec
 from .io import ensure_free_space
 
@@ -395,9 +396,8 @@ def load_base(source: str = EMBEDDED_BASE, dtype: torch.dtype | None = None, *,
 
 # ----------------------------------------------------------------------------- precision
 
-#: Compute precision of the frozen base's matmuls, per stage (`StageConfig.precision`).
-#: Trainable LoRA weights, heads, gradients, optimiser state and losses stay float32 either way.
-PRECISIONS = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+#: The torch dtype of each compute precision a stage may name (`config.PRECISIONS`).
+PRECISIONS = {name: getattr(torch, name) for name in config.PRECISIONS}
 
 
 def check_precision(precision: str, what: str = "precision") -> torch.dtype:
@@ -412,9 +412,8 @@ def autocast(model: nn.Module, precision: str) -> Iterator[None]:
     """Run the block's forwards (and so their backwards) at `precision`; "float32" is a no-op.
 
     "bfloat16": matmuls in bf16 under torch.autocast (float32 accumulation, float32 residual
-    stream, LoRA weights and heads), and on a CPU attention "eager" for the block, because the
-    CPU SDPA kernel is slower than eager in bf16 (a reward step on SmolLM2: 4.1 s with SDPA, 3.0 s
-    eager, 7.1 s in float32). Results differ from float32 by bf16 rounding.
+    stream, LoRA weights and heads) with `bf16_attention` (a reward step on SmolLM2's CPU: 4.1 s
+    with SDPA, 3.0 s eager, 7.1 s in float32). Results differ from float32 by bf16 rounding.
 
     Enter it around each forward, never around optimiser steps: autocast keeps its bf16 copies
     of trainable weights until the block ends, so a block spanning updates would compute with
@@ -423,31 +422,42 @@ def autocast(model: nn.Module, precision: str) -> Iterator[None]:
     if check_precision(precision) == torch.float32:
         yield
         return
-    base = model.base if hasattr(model, "base") else model  # AdapterModel or a causal LM
-    device = next(base.parameters()).device
-    attention = base.config._attn_implementation
-    if device.type == "cpu":  # on a GPU the fused SDPA kernels win
-        base.set_attn_implementation("eager")
+    with bf16_attention(model.base), torch.autocast(model.lm_head.weight.device.type,
+                                                    dtype=torch.bfloat16):
+        yield
+
+
+def _bf16_attention_kernel(base: nn.Module) -> str:
+    """Attention for bf16 compute: "eager" on a CPU, where the SDPA kernel is slower than eager
+    in bf16 (several times for single-token decoding steps); the configured one on a GPU, where
+    the fused SDPA kernels win."""
+    on_cpu = next(base.parameters()).device.type == "cpu"
+    return "eager" if on_cpu else base.config._attn_implementation
+
+
+@contextlib.contextmanager
+def bf16_attention(base: nn.Module) -> Iterator[None]:
+    """The block's attention kernel for bf16 compute (`_bf16_attention_kernel`), then the
+    configured one again."""
+    configured = base.config._attn_implementation
+    base.set_attn_implementation(_bf16_attention_kernel(base))
     try:
-        with torch.autocast(device.type, dtype=torch.bfloat16):
-            yield
+        yield
     finally:
-        base.set_attn_implementation(attention)
+        base.set_attn_implementation(configured)
 
 
 def cast_for_decoding(model: nn.Module, precision: str) -> None:
     """Cast a dense causal LM (LoRA merged or none) to `precision` for no-grad decoding.
 
-    bf16 weights halve the weight traffic of every decoding step; on a CPU attention then runs
-    "eager", because the CPU SDPA kernel is several times slower than eager for bf16 steps
-    (the same choice as `ppo.merged_weights`). A quantized base keeps its own dtype.
+    bf16 weights halve the weight traffic of every decoding step; attention switches as in
+    `bf16_attention`, for good. A quantized base keeps its own dtype.
     """
     dtype = check_precision(precision)
     if dtype == torch.float32 or is_quantized(model):
         return
     model.to(dtype)
-    if next(model.parameters()).device.type == "cpu":
-        model.set_attn_implementation("eager")
+    model.set_attn_implementation(_bf16_attention_kernel(model))
 
 
 # ----------------------------------------------------------------------------- batches

@@ -79,13 +79,15 @@ from typing import Iterator, Sequence
 
 import torch
 
-from . import checkpoint, distributed, modeling
+from . import checkpoint, distributed
 from .config import PPOConfig
 from .io import read_jsonl, write_json
-from .modeling import (AdapterModel, SequenceBatch, autocast, check_precision, collate,
-                       encode_outputs, encode_prompts, is_quantized, left_pad, load_base)
-from .train_utils import (NonFiniteGuard, StepLog, default_device, epoch_batches, nonfinite,
-                          progress, seed_everything, skipped_row, step_schedule)
+from .modeling import (AdapterModel, SequenceBatch, autocast, bf16_attention, check_precision,
+                       collate, encode_outputs, encode_prompts, is_quantized, left_pad,
+                       load_base)
+from .train_utils import (NonFiniteGuard, StepLog, default_device, epoch_batches,
+                          make_optimizer, nonfinite, progress, seed_everything, skipped_row,
+                          step_schedule)
 
 log = logging.getLogger(__name__)
 
@@ -99,8 +101,6 @@ REFERENCE = "reference"
 DEFAULT_MICRO_BATCH = 2
 #: What must be finite for an optimiser step (besides the rewards): `PPOTrainer.step`.
 WATCHED = ("advantage_mean", "policy_loss", "value_loss", "policy_grad_norm", "value_grad_norm")
-#: Compute precision of the frozen base (see `PPOTrainer`; one table for every stage).
-PRECISIONS = modeling.PRECISIONS
 
 
 # ============================================================================ the equations
@@ -293,8 +293,7 @@ def merged_weights(model: AdapterModel, adapter: str | None,
     state is restored after it.
 
     `dtype` bfloat16 (sampling at precision "bfloat16") casts every base weight, which halves
-    the weight traffic of decoding; attention then runs "eager", because the CPU SDPA kernel is
-    several times slower than eager for bf16 single-token steps.
+    the weight traffic of decoding; attention then switches as in `modeling.bf16_attention`.
 
     Not for a quantized base (`can_merge`): its callers take the unmerged path there.
     """
@@ -312,7 +311,7 @@ def merged_weights(model: AdapterModel, adapter: str | None,
             if "lora_" not in name and id(param) not in seen:
                 params.append((param, None))
     swapped: list[tuple[torch.nn.Parameter, torch.Tensor]] = []
-    attention = model.base.config._attn_implementation
+    kernel = bf16_attention(model.base) if dtype != torch.float32 else contextlib.nullcontext()
     with torch.no_grad(), model.use(None):
         try:
             buffer = torch.empty(sum(p.numel() for p, _ in params), dtype=dtype,
@@ -328,14 +327,11 @@ def merged_weights(model: AdapterModel, adapter: str | None,
                 swapped.append((param, param.data))
                 param.data = view
             del buffer
-            if dtype != torch.float32:
-                model.base.set_attn_implementation("eager")
-            yield
+            with kernel:
+                yield
         finally:
             for param, original in reversed(swapped):
                 param.data = original
-            if model.base.config._attn_implementation != attention:
-                model.base.set_attn_implementation(attention)
 
 
 @torch.no_grad()
@@ -490,19 +486,10 @@ class PPOTrainer:
         self.value_params = [p for p in model.adapter_parameters(VALUE) if p.requires_grad]
         if not self.policy_params or not self.value_params:
             raise ValueError("the policy and value adapters must be trainable")
-        from transformers import get_cosine_schedule_with_warmup
-
-        steps = max(1, total_updates * cfg.ppo_epochs * cfg.minibatches)
-        value_head = {id(p) for p in model.heads[VALUE].parameters()}
-        head_lr = cfg.optim.head_learning_rate or cfg.optim.learning_rate
-        groups = [{"params": self.policy_params},
-                  {"params": [p for p in self.value_params if id(p) not in value_head]},
-                  {"params": [p for p in self.value_params if id(p) in value_head], "lr": head_lr}]
-        self.optimizer = torch.optim.AdamW(
-            [g for g in groups if g["params"]], lr=cfg.optim.learning_rate,
-            weight_decay=cfg.optim.weight_decay)
-        self.scheduler = get_cosine_schedule_with_warmup(self.optimizer, cfg.optim.warmup_steps,
-                                                         steps)
+        self.optimizer, self.scheduler = make_optimizer(
+            self.policy_params + self.value_params, cfg.optim,
+            total_updates * cfg.ppo_epochs * cfg.minibatches,
+            head_params=list(model.heads[VALUE].parameters()))
         self.sample_calls = 0  # outer-batch number of `sample` calls that name none
 
     # -- trajectories ------------------------------------------------------------------
@@ -529,7 +516,7 @@ class PPOTrainer:
                               pad_id=self.tokenizer.pad_token_id, temperature=cfg.temperature,
                               top_k=cfg.top_k, top_p=cfg.top_p, min_new_tokens=min_new_tokens,
                               generator=generators, merge=self.merge,
-                              dtype=PRECISIONS[self.precision])
+                              dtype=check_precision(self.precision))
 
     @torch.no_grad()
     def rollout(self, kind: str, prompt_ids: Sequence[Sequence[int]],
