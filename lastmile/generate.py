@@ -214,7 +214,7 @@ def generate_predictions(test_path: str | os.PathLike, out_path: str | os.PathLi
                "mean_new_tokens": new_tokens / n, "hit_budget_share": hit_budget / n,
                "max_new_tokens": cfg.max_new_tokens, "batch_size": cfg.batch_size,
                "do_sample": cfg.do_sample, "adapter": adapter_dir is not None,
-               "precision": cfg.precision if adapter is None else "unmerged"}
+               "weights_dtype": str(model.lm_head.weight.dtype).removeprefix("torch.")}
     if shard is not None:
         summary[shards.SHARD_KEY] = record
     return summary

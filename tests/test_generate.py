@@ -120,6 +120,7 @@ def test_predictions_file_fields_and_summary(tokenizer, tmp_path):
     assert {r["variant"] for r in out} == {"base"}
     assert summary["n"] == 5 and 1 <= summary["mean_new_tokens"] <= 4
     assert 0.0 <= summary["hit_budget_share"] <= 1.0 and summary["tokens_per_second"] > 0
+    assert summary["weights_dtype"] == "float32"
     assert not list(tmp_path.glob(".p.jsonl.*"))  # no temporary file left behind
 
 
@@ -270,7 +271,7 @@ def test_bfloat16_decodes_from_bf16_weights_and_says_so(tokenizer, tmp_path, mon
     cfg = GenerateConfig(max_new_tokens=4, batch_size=2, precision="bfloat16")
     summary = generate.generate_predictions(tmp_path / "test.jsonl", tmp_path / "p.jsonl", "base",
                                             "tiny-random", None, cfg)
-    assert set(dtypes) == {torch.bfloat16} and summary["precision"] == "bfloat16"
+    assert set(dtypes) == {torch.bfloat16} and summary["weights_dtype"] == "bfloat16"
     assert summary["n"] == 5 and len((tmp_path / "p.jsonl").read_text().splitlines()) == 5
     with pytest.raises(ValueError, match="precision must be one of"):
         generate.generate_predictions(tmp_path / "test.jsonl", tmp_path / "q.jsonl", "base",
