@@ -320,9 +320,8 @@ PIPELINE_PARAMETERS: dict[str, str] = {
     "bleurt_allow_pickle": "score.bleurt_allow_pickle",
 }
 # Optional values: 0 as a pipeline parameter means None (no cap; the default step size).
-_CAPS = {"reward.optim.head_learning_rate", "data.max_train", "data.max_test", "reward.max_steps",
-         "mle.max_steps",
-         "ppo.max_updates"}
+_OPTIONAL = {"data.max_train", "data.max_test", "reward.max_steps", "mle.max_steps",
+             "ppo.max_updates", "reward.optim.head_learning_rate"}
 _SEEDED = ("data", "negatives", "reward", "mle", "ppo")
 _PRECISE = ("reward", "ppo", "generate")  # the stages `precision` sets (MLE: mle_precision)
 
@@ -370,7 +369,7 @@ def as_bool(value: Any, dotted: str) -> bool:
 
 
 def pipeline_arguments(profile: Profile) -> dict[str, Any]:
-    """The flat pipeline parameters that reproduce `profile` (None caps become 0, None text '')."""
+    """The flat pipeline parameters that reproduce `profile` (None optional values become 0, None text '')."""
     args: dict[str, Any] = {}
     for name, dotted in PIPELINE_PARAMETERS.items():
         if dotted in ("seed", "precision"):  # fanned out: every stage holds the same value
@@ -379,7 +378,7 @@ def pipeline_arguments(profile: Profile) -> dict[str, Any]:
             value = _get(profile, dotted)
         if value is None:  # KFP parameters are typed: a float's "none" is 0.0, not 0
             value = (0.0 if _annotation(profile, dotted).startswith("float") else 0) \
-                if dotted in _CAPS else ""
+                if dotted in _OPTIONAL else ""
         args[name] = value
     return args
 
@@ -391,7 +390,7 @@ def resolve(profile_name: str, **arguments: Any) -> Profile:
         if name not in PIPELINE_PARAMETERS:
             raise ValueError(f"unknown pipeline parameter {name!r}")
         dotted = PIPELINE_PARAMETERS[name]
-        if dotted in _CAPS and value in (0, None):
+        if dotted in _OPTIONAL and value in (0, None):
             value = None
         elif dotted == "score.bleurt_checkpoint" and not value:
             value = None
@@ -403,7 +402,7 @@ def resolve(profile_name: str, **arguments: Any) -> Profile:
             for stage in _PRECISE:
                 getattr(profile, stage).precision = str(value)
             continue
-        if dotted in _CAPS and value is not None and float(value) < 0:
+        if dotted in _OPTIONAL and value is not None and float(value) < 0:
             raise ValueError(f"pipeline parameter {name} must be >= 0 (0 = none), got {value}")
         _set(profile, dotted, value)
     if profile.train_processes < 0:
