@@ -54,9 +54,19 @@ DEFAULT_TOKEN_BUDGET = 1024
 # ----------------------------------------------------------------------------- set-up
 
 def seed_everything(seed: int) -> None:
-    """Seed Python, torch (and numpy when present) so a stage reruns identically."""
+    """Seed Python, torch (and numpy when present) so a stage reruns identically.
+
+    On a CPU it also turns on torch's deterministic algorithms: the backward of gathering a
+    shared prompt's KV cache per row (`reward.output_states`) is index_put with accumulate,
+    which torch runs as atomic float adds from parallel threads, so the sums round in
+    whichever order the threads finish and two runs of the same seed drift apart within a few
+    steps. Not on a GPU, where deterministic mode demands CUBLAS_WORKSPACE_CONFIG and slows
+    other kernels; the cluster profile promises the same data and schedule, not the same bits.
+    """
     random.seed(seed)
     torch.manual_seed(seed)
+    if not torch.cuda.is_available():
+        torch.use_deterministic_algorithms(True)
     try:
         import numpy as np
 
