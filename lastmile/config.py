@@ -77,6 +77,10 @@ class RewardConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     batch_size: int = 14
     micro_batch_size: int | None = None  # gradient accumulation when memory needs it
+    # Tokens per forward (reward.forward_tokens), None: the whole batch in one. On the demo's
+    # rm.jsonl a batch is 1,114 tokens on average, 1,858 at most: one forward each took
+    # 2.2 s a step and 4.5 GiB peak RSS against 3.1 s and 3.7 GiB split at 1,024 (bf16, 2 cores).
+    token_budget: int | None = 2048
     epochs: int = 1
     max_steps: int | None = None
     max_output_tokens: int = 100

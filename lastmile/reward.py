@@ -149,6 +149,16 @@ def length_buckets(lengths: Sequence[int]) -> list[list[int]]:
     return [order[:k], order[k:]] if k < len(order) else [order]
 
 
+def forward_tokens(examples: Sequence[TokenExample]) -> int:
+    """The tokens `output_states` processes for these rows: the distinct prompts padded to
+    the longest, plus each length bucket's outputs padded to its longest (the micro-batch
+    budget's cost, `RewardConfig.token_budget`)."""
+    prompts = {tuple(e.prompt_ids) for e in examples}
+    lengths = [len(e.output_ids) for e in examples]
+    return (len(prompts) * max(len(e.prompt_ids) for e in examples)
+            + sum(len(b) * lengths[b[-1]] for b in length_buckets(lengths)))
+
+
 def reward_loss_sum(model: AdapterModel, examples: Sequence[TokenExample], pad_id: int,
                     adapter: str = ADAPTER) -> torch.Tensor:
     """sum_i w_i sum_t (r̂_it - y_i)^2 over the output tokens of `examples` (a scalar)."""
@@ -204,7 +214,8 @@ def train_reward(model: AdapterModel, tokenizer, rows: Sequence[dict], cfg: Rewa
     return train_loop(
         model.adapter_parameters(ADAPTER), examples, numerator=numerator,
         denominator=reward_loss_weight, optim=cfg.optim, batch_size=cfg.batch_size,
-        micro_batch_size=cfg.micro_batch_size, epochs=cfg.epochs, max_steps=cfg.max_steps,
+        micro_batch_size=cfg.micro_batch_size, token_budget=cfg.token_budget,
+        token_cost=forward_tokens, epochs=cfg.epochs, max_steps=cfg.max_steps,
         seed=cfg.seed, log_path=log_path, desc="reward model",
         checkpoint_dir=checkpoint_dir or cfg.checkpoint_dir,
         checkpoint_every=cfg.checkpoint_every, max_bad_updates=cfg.max_bad_updates,

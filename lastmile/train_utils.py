@@ -158,21 +158,26 @@ def epoch_batches(n: int, batch_size: int, epochs: int = 1, seed: int = 0,
 
 
 def padded_tokens(group: Sequence[TokenExample]) -> int:
-    """Tokens one forward of `group` processes: its distinct prompts padded to the longest
-    prompt, plus every row's output padded to the longest output (`reward.output_states`).
-
-    For rows with distinct prompts this bounds rows x longest row, the cost of one forward of
-    prompt + output per row (MLE, PPO).
+    """A bound on the tokens one forward of `group` processes (`micro_batches`' default cost):
+    its distinct prompts padded to the longest prompt, plus every row's output padded to the
+    longest output. For rows with distinct prompts it bounds rows x longest row, the cost of
+    one forward of prompt + output per row (MLE); the reward model counts its own forward
+    exactly (`reward.forward_tokens`).
     """
     prompts = {tuple(e.prompt_ids) for e in group}
     return (len(prompts) * max(len(e.prompt_ids) for e in group)
             + len(group) * max(len(e.output_ids) for e in group))
 
 
+#: The tokens a forward of a group of rows processes (`padded_tokens`, `reward.forward_tokens`).
+TokenCost = Callable[[Sequence[TokenExample]], int]
+
+
 def micro_batches(batch: Sequence[TokenExample], micro_batch_size: int | None,
-                  token_budget: int | None = None) -> list[list[TokenExample]]:
+                  token_budget: int | None = None,
+                  cost: TokenCost = padded_tokens) -> list[list[TokenExample]]:
     """Split one batch into forwards of at most `micro_batch_size` rows and `token_budget`
-    padded tokens (`padded_tokens`) each.
+    tokens by `cost` each.
 
     Only the forwards change, never the batch: the rows, the loss and the gradient are those
     of the whole batch (`train_loop` divides by the whole batch's denominator). Rows are
@@ -195,7 +200,7 @@ def micro_batches(batch: Sequence[TokenExample], micro_batch_size: int | None,
                                                 len(e.output_ids))):
         group = groups[-1] if groups else None
         if group is not None and len(group) < rows_cap and (
-                token_budget is None or padded_tokens(group + [example]) <= token_budget):
+                token_budget is None or cost(group + [example]) <= token_budget):
             group.append(example)
         else:
             groups.append([example])
@@ -250,7 +255,8 @@ Denominator = Callable[[TokenExample], float]
 def train_loop(params: Sequence[torch.nn.Parameter], examples: Sequence[TokenExample],
                numerator: Numerator, denominator: Denominator, optim: OptimConfig, *,
                batch_size: int, micro_batch_size: int | None = None,
-               token_budget: int | None = DEFAULT_TOKEN_BUDGET, epochs: int = 1,
+               token_budget: int | None = DEFAULT_TOKEN_BUDGET,
+               token_cost: TokenCost = padded_tokens, epochs: int = 1,
                max_steps: int | None = None, seed: int = 0,
                log_path: str | os.PathLike | None = None, desc: str = "train",
                checkpoint_dir: str | os.PathLike | None = None, checkpoint_every: int = 0,
@@ -260,7 +266,7 @@ def train_loop(params: Sequence[torch.nn.Parameter], examples: Sequence[TokenExa
     """Optimise `params` on `examples`; returns a summary of the run.
 
     `groups`: one key per example; a group's examples stay together in batches
-    (`epoch_batches`). `head_params`: the scalar heads among `params` (`make_optimizer`).
+    (`epoch_batches`). `token_budget` / `token_cost`: see `micro_batches`. `head_params`: the scalar heads among `params` (`make_optimizer`).
 
     Loss of a batch = sum(numerator(micro) for its micro-batches) / sum(denominator(row)),
     a weighted mean whose gradient does not depend on the micro-batch split.
@@ -293,7 +299,7 @@ def train_loop(params: Sequence[torch.nn.Parameter], examples: Sequence[TokenExa
             batch = [examples[i] for i in indices]
             ids = [example_ids[i] for i in indices] if example_ids is not None else None
             row = _train_step(step, batch, params, optimizer, scheduler, guard, numerator,
-                              denominator, optim, micro_batch_size, token_budget,
+                              denominator, optim, micro_batch_size, token_budget, token_cost,
                               {"indices": indices, "ids": ids})
             logger.write(row)
             if ckpt.due(step, len(steps)):
@@ -312,7 +318,7 @@ def train_loop(params: Sequence[torch.nn.Parameter], examples: Sequence[TokenExa
 def _train_step(step: int, batch: list[TokenExample], params, optimizer, scheduler,
                 guard: "NonFiniteGuard", numerator: Numerator, denominator: Denominator,
                 optim: OptimConfig, micro_batch_size: int | None, token_budget: int | None,
-                where: dict) -> dict:
+                token_cost: TokenCost, where: dict) -> dict:
     """One optimiser update on `batch` (skipped when not finite); its step-log row.
 
     Distributed: this rank backpropagates its share of the rows (the denominator is the whole
@@ -326,7 +332,7 @@ def _train_step(step: int, batch: list[TokenExample], params, optimizer, schedul
     optimizer.zero_grad(set_to_none=True)
     world = distributed.world()
     mine = distributed.shard_indices(batch, world.rank, world.size)
-    loss = _accumulate(mine, numerator, total, micro_batch_size, token_budget)
+    loss = _accumulate(mine, numerator, total, micro_batch_size, token_budget, token_cost)
     watched = {"loss": distributed.all_reduce_sum(loss)}
     if math.isfinite(watched["loss"]):  # a non-finite loss stopped before all backwards
         distributed.all_reduce_gradients(params)
@@ -346,13 +352,14 @@ def _train_step(step: int, batch: list[TokenExample], params, optimizer, schedul
 
 
 def _accumulate(batch: list[TokenExample], numerator: Numerator, total: float,
-                micro_batch_size: int | None, token_budget: int | None) -> float:
+                micro_batch_size: int | None, token_budget: int | None,
+                token_cost: TokenCost) -> float:
     """Backpropagate the batch loss micro-batch by micro-batch; returns the loss.
 
     Stops at the first non-finite part (its value is returned; the caller skips the update).
     """
     loss_sum = 0.0
-    for micro in micro_batches(batch, micro_batch_size, token_budget):
+    for micro in micro_batches(batch, micro_batch_size, token_budget, token_cost):
         part = numerator(micro) / total  # scalar
         value = part.item()
         if not math.isfinite(value):

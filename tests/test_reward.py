@@ -141,6 +141,18 @@ def test_rows_sharing_a_prompt_share_a_forward():
     assert [[len(e.output_ids) for e in g] for g in groups] == [[4], [3, 5, 9]]
 
 
+def test_the_reward_budget_counts_the_length_buckets():
+    """A true output and its negatives: the short rows pad to 4, the copy of the input to 100
+    (reward.output_states), so the batch is 50 + 3 x 4 + 100 tokens, not 50 + 4 x 100."""
+    shared = [1] * 50
+    batch = [TokenExample(shared, [2] * n) for n in (3, 4, 100, 4)]
+    assert reward.forward_tokens(batch) == 50 + 3 * 4 + 100
+    assert padded_tokens(batch) == 50 + 4 * 100
+    assert micro_batches(batch, None, 200, cost=reward.forward_tokens) == [
+        sorted(batch, key=lambda e: len(e.output_ids))]  # one forward
+    assert len(micro_batches(batch, None, 200)) == 2  # the default cost splits off the 100
+
+
 def test_output_states_equal_one_forward_per_row(tokenizer):
     """The shared-prompt forward gives each row the states, loss and gradient of a plain
     forward of prompt + output (modeling.collate) for the same rows."""
