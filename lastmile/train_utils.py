@@ -266,7 +266,8 @@ def train_loop(params: Sequence[torch.nn.Parameter], examples: Sequence[TokenExa
     """Optimise `params` on `examples`; returns a summary of the run.
 
     `groups`: one key per example; a group's examples stay together in batches
-    (`epoch_batches`). `token_budget` / `token_cost`: see `micro_batches`. `head_params`: the scalar heads among `params` (`make_optimizer`).
+    (`epoch_batches`). `token_budget` / `token_cost`: see `micro_batches`. `head_params`: the
+    scalar heads among `params` (`make_optimizer`).
 
     Loss of a batch = sum(numerator(micro) for its micro-batches) / sum(denominator(row)),
     a weighted mean whose gradient does not depend on the micro-batch split.
