@@ -375,7 +375,8 @@ def as_bool(value: Any, dotted: str) -> bool:
 
 
 def pipeline_arguments(profile: Profile) -> dict[str, Any]:
-    """The flat pipeline parameters that reproduce `profile` (None optional values become 0, None text '')."""
+    """The flat pipeline parameters that reproduce `profile` (None optional values become 0,
+    None text '')."""
     args: dict[str, Any] = {}
     for name, dotted in PIPELINE_PARAMETERS.items():
         if dotted in ("seed", "precision"):  # fanned out: every stage holds the same value
