@@ -227,7 +227,9 @@ def _demo() -> Profile:
     # is not handicapped by the short schedule.
     p.mle.optim.learning_rate = 1e-4
     # PPO: 40 updates (one epoch of 280 pairs) at 3e-4: on the same reward model 1e-4 left
-    # the RL model 8.6 words too long, 3e-4 brought it to 3.0.
+    # the RL model 8.6 words too long, 3e-4 brought it to 3.0; on the LoRA-3e-3 reward model
+    # 3e-4 gives +3.45 and 5e-4 +5.0 (temperature 0.7, a 3/4 reference share and whitened
+    # advantages did worse: docs/demo-experiments.md).
     p.ppo.max_updates = 40
     p.ppo.optim.learning_rate = 3e-4
     # bf16 matmuls on the frozen base (float32 LoRA weights, heads, optimiser and losses):
