@@ -1,10 +1,16 @@
 #!/usr/bin/env python
 """lastmile's Kubeflow pipeline: the DAG and its one entry point.
 
-    python pipeline.py compile [-o pipeline.yaml] [--image IMG] ...   IR YAML for the Kubeflow UI
-    python pipeline.py run [--profile demo] [--data URI] ...           the same DAG, locally (kfp.local)
-    python pipeline.py submit --host URL [--param KEY=VALUE ...]       a run on a cluster
-    python pipeline.py schedule --host URL --cron EXPR [...]           a recurring run (retraining)
+    python pipeline.py run [--profile demo] [--config FILE] [--param K=V]  the DAG, locally (kfp.local)
+    python pipeline.py config show [--profile demo] [--config FILE]       every field, type, meaning
+    python pipeline.py compile [-o pipeline.yaml] [--image IMG] ...       IR YAML for the Kubeflow UI
+    python pipeline.py upload --host URL [--pipeline-name lastmile]       a new version of the pipeline
+    python pipeline.py submit --host URL [--config FILE] [--param K=V]    a run on a cluster
+    python pipeline.py schedule --host URL --cron EXPR [...]              a recurring run (retraining)
+
+Configuration: a profile (smoke, demo, paper), then a run configuration file (--config: YAML
+with `profile:` and dotted fields), then --param KEY=VALUE (a pipeline parameter or a dotted
+field). A run started with only a profile gets exactly that profile, locally and on a cluster.
 
 DAG (DESIGN.md): filter -> check for new data -> [if new: negatives -> reward -> PPO; MLE
 beside them; plan shards -> for each shard: base / MLE / RL generate -> post-process (base,
@@ -14,7 +20,9 @@ run ends]. No method logic lives here.
 
 # No `from __future__ import annotations`: KFP reads the pipeline's annotations as types.
 import argparse
+import dataclasses
 import datetime as _dt
+import inspect
 import json
 import shutil
 import sys
@@ -26,10 +34,25 @@ from kfp import dsl
 import components
 from lastmile import config
 
-_PAPER = config.pipeline_arguments(config.get_profile("paper"))
-
-#: Pipeline parameters beside the configuration ones (config.PIPELINE_PARAMETERS).
-RUN_PARAMETERS = ("data_source", "profile", "publish_to", "force")
+#: Pipeline parameters beside the configuration ones (config.PIPELINE_PARAMETERS), with their
+#: type, default and the description the Kubeflow UI shows.
+RUN_PARAMETERS: dict[str, tuple[type, object, str]] = {
+    "data_source": (str, "", "Task data: a JSON Lines, CSV or Parquet file, a directory of them, "
+                    "an s3:// prefix or a Hugging Face dataset id. Empty: the bundled Debian "
+                    "descriptions."),
+    "profile": (str, "paper", "Starting configuration: paper (the paper's sizes, GPUs), demo "
+                "(SmolLM2 on a CPU in minutes) or smoke (tests). Parameters left empty keep "
+                "its values."),
+    "overrides": (str, "", "Any configuration field: a JSON or YAML mapping of dotted fields to "
+                  "values, e.g. {\"ppo.optim.head_learning_rate\": 0.003, \"mle.epochs\": 2} "
+                  "(`pipeline.py config show` lists every field). Applied before the "
+                  "parameters below."),
+    "publish_to": (str, "", "s3:// prefix to publish adapters, scores and the report under; a "
+                   "run whose data, base model and configuration match the latest published "
+                   "run there trains nothing. Empty: not published."),
+    "force": (bool, False, "Train even when the data, base model and configuration match the "
+              "latest published run."),
+}
 
 #: Kubeflow's own object-store Secret (KFP creates it in each namespace runs execute in); its
 #: keys are `accesskey`/`secretkey` and it holds no endpoint.
@@ -85,13 +108,16 @@ class ClusterSettings:
 
 def build_pipeline(image: str = components.DEFAULT_IMAGE,
                    cluster: ClusterSettings | None = None,
-                   init_policy_from_mle: bool = False):
+                   compiled: dict | None = None, defaults: dict | None = None):
     """The pipeline function, its components running in `image`.
 
-    `init_policy_from_mle` starts PPO's policy from the MLE adapter (beyond the paper); only
-    then does PPO wait for MLE training, otherwise the two train side by side.
+    `compiled` holds the configuration fields fixed at compile time
+    (config.COMPILE_TIME_FIELDS). One of them, `ppo.init_policy_from_mle`, starts PPO's policy
+    from the MLE adapter (beyond the paper): only then does PPO wait for MLE training,
+    otherwise the two train side by side. `defaults` sets parameters' defaults in the IR.
     """
     c = components.build(image)
+    init_policy_from_mle = bool((compiled or {}).get("ppo.init_policy_from_mle"))
 
     def gpu(task, retries: int = 0, gpus: int = 1):
         if cluster is not None:
@@ -143,68 +169,14 @@ def build_pipeline(image: str = components.DEFAULT_IMAGE,
                                        medium="Memory")
         return task
 
-    @dsl.pipeline(name="lastmile",
-                  description="RL fine-tuning without human feedback beside an MLE baseline, "
-                              "scored with ROUGE, length-adjusted ROUGE and BLEURT.")
-    def lastmile_pipeline(
-        data_source: str = "",
-        profile: str = "paper",
-        publish_to: str = "",
-        force: bool = False,
-        base_model: str = _PAPER["base_model"],
-        input_column: str = _PAPER["input_column"],
-        output_column: str = _PAPER["output_column"],
-        instruction: str = _PAPER["instruction"],
-        max_input_tokens: int = _PAPER["max_input_tokens"],
-        max_train: int = _PAPER["max_train"],
-        max_test: int = _PAPER["max_test"],
-        test_fraction: float = _PAPER["test_fraction"],
-        strict: bool = _PAPER["strict"],
-        seed: int = _PAPER["seed"],
-        reward_learning_rate: float = _PAPER["reward_learning_rate"],
-        reward_head_learning_rate: float = _PAPER["reward_head_learning_rate"],
-        reward_batch_size: int = _PAPER["reward_batch_size"],
-        reward_lora_r: int = _PAPER["reward_lora_r"],
-        reward_max_steps: int = _PAPER["reward_max_steps"],
-        mle_learning_rate: float = _PAPER["mle_learning_rate"],
-        mle_batch_size: int = _PAPER["mle_batch_size"],
-        mle_max_steps: int = _PAPER["mle_max_steps"],
-        ppo_learning_rate: float = _PAPER["ppo_learning_rate"],
-        ppo_batch_size: int = _PAPER["ppo_batch_size"],
-        ppo_max_updates: int = _PAPER["ppo_max_updates"],
-        ppo_temperature: float = _PAPER["ppo_temperature"],
-        ppo_length_penalty: float = _PAPER["ppo_length_penalty"],
-        ppo_reference_fraction: float = _PAPER["ppo_reference_fraction"],
-        precision: str = _PAPER["precision"],
-        mle_precision: str = _PAPER["mle_precision"],
-        max_new_tokens: int = _PAPER["max_new_tokens"],
-        num_shards: int = _PAPER["num_shards"],
-        bleurt_checkpoint: str = _PAPER["bleurt_checkpoint"],
-        allow_pickle: bool = _PAPER["allow_pickle"],
-        trust_remote_code: bool = _PAPER["trust_remote_code"],
-        train_processes: int = _PAPER["train_processes"],
-        bleurt_allow_pickle: bool = _PAPER["bleurt_allow_pickle"],
-    ) -> str:
+    compiled_json = json.dumps(dict(sorted((compiled or {}).items())))
+
+    def lastmile_pipeline(*args, **kwargs) -> str:
+        p = _PIPELINE_SIGNATURE.bind(*args, **kwargs).arguments
+        data_source, publish_to, force = p["data_source"], p["publish_to"], p["force"]
         cfg = cpu(c.resolve_config(
-            profile=profile, base_model=base_model, input_column=input_column,
-            output_column=output_column, instruction=instruction,
-            max_input_tokens=max_input_tokens, max_train=max_train, max_test=max_test,
-            test_fraction=test_fraction, strict=strict, seed=seed,
-            reward_learning_rate=reward_learning_rate,
-            reward_head_learning_rate=reward_head_learning_rate,
-            reward_batch_size=reward_batch_size,
-            reward_lora_r=reward_lora_r, reward_max_steps=reward_max_steps,
-            mle_learning_rate=mle_learning_rate, mle_batch_size=mle_batch_size,
-            mle_max_steps=mle_max_steps, ppo_learning_rate=ppo_learning_rate,
-            ppo_batch_size=ppo_batch_size, ppo_max_updates=ppo_max_updates,
-            ppo_temperature=ppo_temperature, ppo_length_penalty=ppo_length_penalty,
-            ppo_reference_fraction=ppo_reference_fraction, precision=precision,
-            mle_precision=mle_precision,
-            max_new_tokens=max_new_tokens,
-            num_shards=num_shards,
-            bleurt_checkpoint=bleurt_checkpoint, allow_pickle=allow_pickle,
-            trust_remote_code=trust_remote_code, bleurt_allow_pickle=bleurt_allow_pickle,
-            train_processes=train_processes, init_policy_from_mle=init_policy_from_mle)).output
+            profile=p["profile"], overrides=p["overrides"], compiled=compiled_json,
+            **{name: p[name] for name in config.PIPELINE_PARAMETERS})).output
         # Task data live outside the pipeline (a file, a prefix that grows): never cached.
         data = cpu(c.filter_data(config=cfg, data_source=data_source), cached=False)
         data.set_display_name("filter data")
@@ -275,16 +247,203 @@ def build_pipeline(image: str = components.DEFAULT_IMAGE,
         # The run's outcome: {"status": "trained", "report": URI} or {"status": "skipped", ...}.
         return dsl.OneOf(report.outputs["Output"], skipped.outputs["Output"])
 
-    return lastmile_pipeline
+    # KFP reads the parameters, their defaults and descriptions (the docstring's Args) from
+    # the function: generated from RUN_PARAMETERS and config, so they cannot drift.
+    lastmile_pipeline.__signature__ = _pipeline_signature(defaults or {})
+    lastmile_pipeline.__doc__ = _pipeline_docstring()
+    return dsl.pipeline(name="lastmile", description=_PIPELINE_DESCRIPTION)(lastmile_pipeline)
+
+
+_PIPELINE_DESCRIPTION = ("RL fine-tuning without human feedback beside an MLE baseline, scored "
+                         "with ROUGE, length-adjusted ROUGE and BLEURT.")
+
+
+def _pipeline_signature(defaults: dict) -> inspect.Signature:
+    """The pipeline's parameters: the run parameters, then one text parameter per
+    configuration parameter ('' = the profile's value). `defaults` replaces defaults (a
+    compile --config bakes its profile and settings into the IR this way)."""
+    params = [inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                                default=defaults.get(name, default), annotation=kind)
+              for name, (kind, default, _) in RUN_PARAMETERS.items()]
+    params += [inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                                 default=defaults.get(name, ""), annotation=str)
+               for name in config.PIPELINE_PARAMETERS]
+    return inspect.Signature(params, return_annotation=str)
+
+
+_PIPELINE_SIGNATURE = _pipeline_signature({})
+
+
+def _pipeline_docstring() -> str:
+    lines = [_PIPELINE_DESCRIPTION, "", "Args:"]
+    lines += [f"    {name}: {text}" for name, (_, _, text) in RUN_PARAMETERS.items()]
+    lines += [f"    {name}: {config.parameter_help(name)}" for name in config.PIPELINE_PARAMETERS]
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- what the user asked
+
+class UsageError(Exception):
+    """A bad flag, parameter or file: one line naming it, exit status 2, nothing uploaded."""
+
+
+@dataclass
+class RunSettings:
+    """A run as the user asked for it, from --config, --profile, --param and the shorthands.
+
+    `profile` None means the pipeline's default (the compiled IR's `profile`). `parameters`
+    holds flat pipeline parameters, `overrides` dotted fields, `compiled` the fields fixed at
+    compile time, `run` data_source / publish_to / force.
+    """
+
+    profile: str | None = None
+    run: dict = field(default_factory=dict)
+    parameters: dict = field(default_factory=dict)
+    overrides: dict = field(default_factory=dict)
+    compiled: dict = field(default_factory=dict)
+
+    def set(self, key: str, value, source: str) -> None:
+        """Route one setting by its key; an unknown key lists the valid ones."""
+        if key == "profile":
+            self.profile = str(value)
+        elif key in RUN_PARAMETERS and key != "overrides":
+            self.run[key] = config.as_bool(value, f"{source} {key}") if key == "force" else value
+        elif key == "overrides":
+            self.overrides.update(config.parse_overrides(value, f"{source} overrides"))
+        elif key in config.PIPELINE_PARAMETERS:
+            self.parameters[key] = value
+        elif key in config.COMPILE_TIME_FIELDS:
+            self.compiled[key] = config.as_bool(value, f"{source} {key}")
+        elif "." in key or key in _PROFILE_FIELDS:
+            self.overrides[key] = value
+        else:
+            raise UsageError(
+                f"{source} {key}: unknown key. Run parameters: {', '.join(RUN_PARAMETERS)}; "
+                f"pipeline parameters: {', '.join(config.PIPELINE_PARAMETERS)}; or a dotted "
+                f"configuration field such as ppo.optim.head_learning_rate "
+                f"(`python pipeline.py config show` lists them)")
+
+    def resolve(self, default_profile: str = "paper") -> config.Profile:
+        """The configuration this run gets (the same config.resolve the cluster's
+        resolve_config step runs); raises config.ConfigError naming the bad value."""
+        return config.resolve(self.profile or default_profile, self.overrides,
+                              compiled=self.compiled, **self.parameters)
+
+    def pipeline_arguments(self) -> dict:
+        """The run's arguments as the pipeline's parameters take them (configuration as text,
+        dotted fields as one JSON `overrides`); unset parameters are left out."""
+        arguments = dict(self.run)
+        if self.profile:
+            arguments["profile"] = self.profile
+        if self.overrides:  # as the fields' types read them: "3e-3" from YAML goes as 0.003
+            profile = self.resolve()
+            typed = {key: _plain(config._get(profile, key)) for key in self.overrides}
+            arguments["overrides"] = json.dumps(typed, sort_keys=True)
+        arguments.update({key: _as_text(value) for key, value in self.parameters.items()})
+        return arguments
+
+
+_PROFILE_FIELDS = {f.name for f in dataclasses.fields(config.Profile)}
+
+
+def _plain(value):
+    return list(value) if isinstance(value, tuple) else value
+
+
+def _as_text(value) -> str:
+    """A configuration value as a text pipeline parameter ('true', '0.001', 'none', ...)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if value is None:
+        return "none"
+    if isinstance(value, (list, tuple, dict)):
+        return json.dumps(value)
+    return str(value)
+
+
+def load_run_config(path: Path) -> dict:
+    """A run configuration file: YAML (or JSON) with `profile` and any dotted or nested
+    configuration fields, pipeline parameters or run parameters."""
+    import yaml
+
+    try:
+        loaded = yaml.safe_load(Path(path).read_text())
+    except OSError as exc:
+        raise UsageError(f"--config {path}: {exc.strerror or exc}") from None
+    except yaml.YAMLError as exc:
+        raise UsageError(f"--config {path}: not valid YAML ({config.yaml_error(exc)})") from None
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise UsageError(f"--config {path}: expected a mapping (profile: demo, "
+                         f"ppo.optim.learning_rate: 3.0e-4, ...), got {type(loaded).__name__}")
+    settings = {}
+    for key, value in loaded.items():
+        if isinstance(value, dict) and key not in ("overrides",):
+            settings.update(config.flatten(value, f"{key}."))
+        else:
+            settings[str(key)] = value
+    return settings
+
+
+def _params(pairs: list[str] | None) -> list[tuple[str, object]]:
+    """--param KEY=VALUE pairs; VALUE is read as JSON where it parses (3e-4, true, [1, 2])."""
+    params = []
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise UsageError(f"--param expects KEY=VALUE, got {pair!r}")
+        try:
+            params.append((key.strip(), json.loads(value)))
+        except json.JSONDecodeError:
+            params.append((key.strip(), value))
+    return params
+
+
+def settings_from_args(args, default_profile: str = "paper") -> RunSettings:
+    """--config, then --profile, then --param, then the shorthand flags; checked by resolving
+    the configuration, so a bad value fails here, before any model loads or upload."""
+    settings = RunSettings()
+    if getattr(args, "config", None):
+        for key, value in load_run_config(args.config).items():
+            settings.set(key, value, f"--config {args.config}:")
+    if getattr(args, "profile", None):
+        settings.profile = args.profile
+    for key, value in _params(getattr(args, "param", None)):
+        settings.set(key, value, "--param")
+    shorthands = {"data": "data_source", "input_column": "input_column",
+                  "output_column": "output_column", "base_model": "base_model",
+                  "publish": "publish_to"}
+    for flag, key in shorthands.items():
+        if getattr(args, flag, None):
+            settings.set(key, getattr(args, flag), f"--{flag.replace('_', '-')}")
+    if getattr(args, "force", False):
+        settings.run["force"] = True
+    for dotted in config.COMPILE_TIME_FIELDS:
+        if getattr(args, dotted.split(".")[-1], False):
+            settings.compiled[dotted] = True
+    settings.resolve(default_profile)
+    if settings.run.get("publish_to"):
+        from lastmile import storage
+
+        try:
+            storage.parse_uri(settings.run["publish_to"])
+        except (storage.StorageError, ValueError) as exc:
+            raise UsageError(f"publish_to: {exc}") from None
+    return settings
 
 
 # --------------------------------------------------------------------------- entry points
 
 def compile_pipeline(out: Path, image: str, cluster: ClusterSettings,
-                     init_policy_from_mle: bool = False) -> Path:
+                     settings: RunSettings | None = None) -> Path:
+    """The IR YAML; `settings` (from --config/--param) become the parameters' defaults."""
     from kfp import compiler
 
-    compiler.Compiler().compile(build_pipeline(image, cluster, init_policy_from_mle), str(out))
+    settings = settings or RunSettings()
+    pipeline = build_pipeline(image, cluster, compiled=settings.compiled,
+                              defaults=settings.pipeline_arguments())
+    compiler.Compiler().compile(pipeline, str(out))
     return out
 
 
@@ -298,32 +457,27 @@ class LocalRun:
     published: str | None = None  # the published run's URI, when publish_to was given
 
 
-def run_locally(profile_name: str, out_dir: Path | None, data: str = "",
-                overrides: dict | None = None, *, publish_to: str = "", force: bool = False,
-                init_policy_from_mle: bool = False) -> LocalRun:
+def run_locally(settings: RunSettings, out_dir: Path | None = None) -> LocalRun:
     """Run the whole DAG in this environment through kfp.local; copy the report to out_dir.
 
-    With `publish_to`, the results are published there and a run whose data, base model and
+    The pipeline gets exactly the arguments a cluster run would (RunSettings.
+    pipeline_arguments), so the resolve_config step resolves the same configuration. With
+    `publish_to`, the results are published there and a run whose data, base model and
     configuration match the latest published run trains nothing (`force` retrains anyway):
     the result then says so and out_dir holds only `no-new-data.md`.
     """
     from kfp import local
 
-    from lastmile import freshness, storage
+    from lastmile import freshness
 
-    profile = config.get_profile(profile_name)
-    arguments = config.pipeline_arguments(profile)
-    arguments.update(overrides or {})
-    config.resolve(profile_name, **arguments)  # fail fast on a bad parameter, before any stage
-    if publish_to:
-        storage.parse_uri(publish_to)  # fail fast on a bad URI too
+    settings.resolve("demo")  # fail fast on a bad parameter, before any stage
+    arguments = {"profile": "demo", **settings.pipeline_arguments()}
     stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     out_dir = out_dir or Path("runs") / stamp
     out_dir.mkdir(parents=True, exist_ok=True)
     local.init(runner=local.SubprocessRunner(use_venv=False),
                pipeline_root=str((out_dir / "kfp").resolve()), raise_on_error=True)
-    result = build_pipeline(init_policy_from_mle=init_policy_from_mle)(
-        data_source=data, profile=profile_name, publish_to=publish_to, force=force, **arguments)
+    result = build_pipeline(compiled=settings.compiled)(**arguments)
     outcome = json.loads(result.output)
     if outcome["status"] == "skipped":
         (out_dir / "no-new-data.md").write_text(f"# No new data\n\n{outcome['message']}\n")
@@ -336,6 +490,7 @@ def run_locally(profile_name: str, out_dir: Path | None, data: str = "",
         else:
             shutil.copy2(item, target)
     published = None
+    publish_to = settings.run.get("publish_to")
     if publish_to:
         name, _ = freshness.latest_published(publish_to)
         published = freshness.run_uri(publish_to, name) if name else None
@@ -344,64 +499,200 @@ def run_locally(profile_name: str, out_dir: Path | None, data: str = "",
                     published=published)
 
 
-def _client(host: str, namespace: str | None = None):
+def show_config(profile: config.Profile, out=None) -> None:
+    """Every field with its type, value and meaning; '*' marks values that differ from the
+    paper's (the paper profile's)."""
+    out = out or sys.stdout
+    paper = {info.path: info.value for info in config.field_infos(config.get_profile("paper"))}
+    infos = config.field_infos(profile)
+    width = max(len(info.path) for info in infos)
+    twidth = max(len(info.type) for info in infos)
+    print(f"profile {profile.name}  ('*': differs from the paper's value; [name]: the pipeline "
+          f"parameter that sets it; any field: --param FIELD=VALUE or --config FILE)", file=out)
+    for info in infos:
+        value = info.value if not isinstance(info.value, str) else repr(info.value)
+        value = str(value) if len(str(value)) <= 40 else str(value)[:37] + "..."
+        mark = "*" if info.path != "name" and paper.get(info.path) != info.value else " "
+        param = f" [{info.parameter}]" if info.parameter else ""
+        print(f"{info.path:<{width}}  {info.type:<{twidth}}  {mark}{value:<41} {info.help}{param}",
+              file=out)
+
+
+# --------------------------------------------------------------------------- the cluster
+
+def _client(args):
+    """A kfp.Client for --host with the credentials multi-user Kubeflow expects: --token (a
+    bearer token), else the service-account token file kfp reads in a pod
+    (KF_PIPELINES_SA_TOKEN_PATH, or its default path when that exists), and --cookies for a
+    Dex-fronted endpoint (e.g. authservice_session=...)."""
+    import os
+
     import kfp
+    from kfp.client import KF_PIPELINES_SA_TOKEN_ENV, KF_PIPELINES_SA_TOKEN_PATH
+    from kfp.client.set_volume_credentials import ServiceAccountTokenVolumeCredentials
 
-    return kfp.Client(host=host, namespace=namespace) if namespace else kfp.Client(host=host)
+    kwargs = {"host": args.host}
+    if args.namespace:
+        kwargs["namespace"] = args.namespace
+    if args.cookies:
+        kwargs["cookies"] = args.cookies
+    if args.token:
+        kwargs["existing_token"] = args.token
+    else:
+        token_path = os.environ.get(KF_PIPELINES_SA_TOKEN_ENV) or (
+            KF_PIPELINES_SA_TOKEN_PATH if Path(KF_PIPELINES_SA_TOKEN_PATH).exists() else None)
+        if token_path:
+            if not Path(token_path).is_file():
+                raise UsageError(f"{KF_PIPELINES_SA_TOKEN_ENV}={token_path}: no such file")
+            kwargs["credentials"] = ServiceAccountTokenVolumeCredentials(path=token_path)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # "only works with KFP v2.0.0-beta.2+"
+        return kfp.Client(**kwargs)
 
 
-def _params(pairs: list[str]) -> dict:
-    params = {}
-    for pair in pairs or []:
-        key, sep, value = pair.partition("=")
-        if not sep:
-            raise SystemExit(f"--param expects KEY=VALUE, got {pair!r}")
-        try:
-            params[key] = json.loads(value)
-        except json.JSONDecodeError:
-            params[key] = value
-    return params
+def default_version_name() -> str:
+    """lastmile's package version and the git commit of this checkout ('-dirty' when tracked
+    files changed), e.g. 0.1.0-3e59738; the UI then shows which code a run ran."""
+    import subprocess
+
+    from lastmile import __version__
+
+    root = Path(__file__).resolve().parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short=7", "HEAD"], cwd=root, text=True,
+                                capture_output=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               cwd=root, text=True, capture_output=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return f"{__version__}-nogit"
+    return f"{__version__}-{commit}{'-dirty' if dirty else ''}"
+
+
+def upload_version(client, package: Path, pipeline_name: str, version_name: str,
+                   description: str = "", namespace: str | None = None) -> tuple[str, str]:
+    """Upload `package` as version `version_name` of the pipeline `pipeline_name` (created,
+    empty, when missing); (pipeline_id, version_id). An existing version name is an error."""
+    import kfp_server_api
+
+    pipeline_id = client.get_pipeline_id(pipeline_name)
+    if pipeline_id is None:
+        created = client._pipelines_api.pipeline_service_create_pipeline(
+            kfp_server_api.V2beta1Pipeline(display_name=pipeline_name, namespace=namespace,
+                                           description=description or _PIPELINE_DESCRIPTION))
+        pipeline_id = created.pipeline_id
+    elif find_version(client, pipeline_id, version_name) is not None:
+        raise UsageError(f"--version-name {version_name}: pipeline {pipeline_name!r} already has "
+                         f"that version; commit your change or name another version")
+    version = client.upload_pipeline_version(str(package), version_name, pipeline_id=pipeline_id,
+                                             description=description or None)
+    return pipeline_id, version.pipeline_version_id
+
+
+def find_version(client, pipeline_id: str, version: str):
+    """The version of a pipeline named (or with the id) `version`; 'latest' is the newest."""
+    listing = client.list_pipeline_versions(pipeline_id, page_size=200,
+                                            sort_by="created_at desc")
+    versions = listing.pipeline_versions or []
+    if version == "latest":
+        return versions[0] if versions else None
+    for item in versions:
+        if version in (item.display_name, item.pipeline_version_id):
+            return item
+    return None
+
+
+def _pipeline_reference(client, args) -> tuple[str, str] | None:
+    """(pipeline_id, version_id) of --pipeline-version, or None to compile a package."""
+    if not args.pipeline_version:
+        return None
+    pipeline_id = client.get_pipeline_id(args.pipeline_name)
+    if pipeline_id is None:
+        raise UsageError(f"--pipeline-name {args.pipeline_name}: no such pipeline on {args.host} "
+                         f"(upload it first: python pipeline.py upload)")
+    version = find_version(client, pipeline_id, args.pipeline_version)
+    if version is None:
+        raise UsageError(f"--pipeline-version {args.pipeline_version}: pipeline "
+                         f"{args.pipeline_name!r} has no such version")
+    return pipeline_id, version.pipeline_version_id
+
+
+def schedule(client, args, arguments: dict, experiment_id: str, package: Path | None,
+             reference: tuple[str, str] | None) -> tuple[str, list[str]]:
+    """Create the enabled recurring run `args.name` (cron, one run at a time, no backfill) and
+    delete any earlier schedule of that name in the experiment, so running the command again
+    updates the schedule instead of adding a second one. (new id, replaced ids)"""
+    name_filter = json.dumps({"predicates": [
+        {"operation": "EQUALS", "key": "display_name", "stringValue": args.name}]})
+    existing = client.list_recurring_runs(experiment_id=experiment_id, page_size=100,
+                                          filter=name_filter).recurring_runs or []
+    pipeline_id, version_id = reference or (None, None)
+    job = client.create_recurring_run(
+        experiment_id=experiment_id, job_name=args.name, cron_expression=args.cron,
+        pipeline_package_path=str(package) if package else None, pipeline_id=pipeline_id,
+        version_id=version_id, params=arguments, max_concurrency=1, no_catchup=True,
+        enabled=True, service_account=args.service_account or None)
+    replaced = []
+    for old in existing:
+        if old.display_name == args.name and old.recurring_run_id != job.recurring_run_id:
+            client.delete_recurring_run(old.recurring_run_id)
+            replaced.append(old.recurring_run_id)
+    return job.recurring_run_id, replaced
 
 
 def _cluster_from_args(args) -> ClusterSettings:
     if args.train_gpus < 1:
-        raise SystemExit(f"--train-gpus must be >= 1, got {args.train_gpus}")
+        raise UsageError(f"--train-gpus must be >= 1, got {args.train_gpus}")
     settings = ClusterSettings(s3_secret=args.s3_secret or None, cache_pvc=args.cache_pvc or None,
                                s3_endpoint=args.s3_endpoint or None,
                                accelerator_type=args.accelerator_type,
                                train_gpus=args.train_gpus)
     for item in args.node_selector or []:
-        key, _, value = item.partition("=")
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise UsageError(f"--node-selector expects KEY=VALUE, got {item!r}")
         settings.node_selector[key] = value
     for item in args.toleration or []:  # key=value:Effect or key:Effect
         keyval, _, effect = item.partition(":")
         key, sep, value = keyval.partition("=")
+        if not key:
+            raise UsageError(f"--toleration expects KEY[=VALUE]:EFFECT, got {item!r}")
         settings.tolerations.append({"key": key, "operator": "Equal" if sep else "Exists",
                                      "value": value or None, "effect": effect or None})
     return settings
 
 
-def _run_arguments(args) -> dict:
-    """--param pairs plus the --publish and --force shorthands, for submit and schedule."""
-    params = _params(args.param)
-    if args.publish:
-        params["publish_to"] = args.publish
-    if args.force:
-        params["force"] = True
-    unknown = set(params) - set(config.PIPELINE_PARAMETERS) - set(RUN_PARAMETERS)
-    if unknown:
-        raise SystemExit(f"unknown pipeline parameter(s): {', '.join(sorted(unknown))}")
-    return params
-
-
-def main(argv: list[str] | None = None) -> int:
+def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pipeline.py", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    def dag_flags(p):
+    def settings_flags(p, profile_default=None):
+        default_text = profile_default or "the pipeline's profile parameter: paper"
+        p.add_argument("--profile", choices=sorted(config.PROFILES), default=profile_default,
+                       help=f"starting configuration (default: {default_text})")
+        p.add_argument("--config", type=Path, metavar="FILE",
+                       help="run configuration: YAML with `profile:` and dotted fields "
+                            "(ppo.optim.head_learning_rate: 3.0e-3), pipeline parameters or "
+                            "run parameters; --param wins over it")
+        p.add_argument("--param", action="append", metavar="KEY=VALUE",
+                       help="a pipeline parameter, a run parameter or any dotted configuration "
+                            "field (`config show` lists them): "
+                            f"{', '.join(config.PIPELINE_PARAMETERS)}")
+
+    def compile_time_flags(p):
         p.add_argument("--init-policy-from-mle", action="store_true",
                        help="start PPO's policy from the MLE adapter (PPO then waits for MLE)")
+        p.add_argument("--allow-pickle", action="store_true",
+                       help="let the steps load the base model's pickle weights (.bin/.pt), "
+                            "which run code; fixed in the compiled pipeline, not a run "
+                            "parameter")
+        p.add_argument("--trust-remote-code", action="store_true",
+                       help="let the steps run the base model's own Python code; fixed in the "
+                            "compiled pipeline")
+        p.add_argument("--bleurt-allow-pickle", action="store_true",
+                       help="let the score step load a BLEURT checkpoint's pickle weights")
 
     def cluster_flags(p):
         p.add_argument("--image", default=components.DEFAULT_IMAGE, help="container image of every step")
@@ -420,7 +711,7 @@ def main(argv: list[str] | None = None) -> int:
                             f"with --s3-secret {KUBEFLOW_ARTIFACT_SECRET}: {KUBEFLOW_ENDPOINT})")
         p.add_argument("--cache-pvc", default="lastmile-model-cache",
                        help="PVC mounted at /cache for the model cache ('' for none)")
-        dag_flags(p)
+        compile_time_flags(p)
 
     def result_flags(p):
         p.add_argument("--publish", default="", metavar="S3_URI",
@@ -431,84 +722,195 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--force", action="store_true",
                        help="train even when nothing is new (pipeline parameter force)")
 
-    p = sub.add_parser("compile", help="write the pipeline IR YAML")
-    p.add_argument("-o", "--output", type=Path, default=Path("pipeline.yaml"))
-    cluster_flags(p)
+    def server_flags(p):
+        p.add_argument("--host", required=True, help="the Kubeflow Pipelines endpoint")
+        p.add_argument("--namespace", default="",
+                       help="the namespace runs execute in (multi-user Kubeflow: your profile's)")
+        p.add_argument("--token", default="",
+                       help="bearer token (default: the service-account token file named by "
+                            "KF_PIPELINES_SA_TOKEN_PATH, as in a pod)")
+        p.add_argument("--cookies", default="",
+                       help="cookies for a Dex-fronted endpoint, e.g. "
+                            "'authservice_session=...' (copied from a signed-in browser)")
 
     p = sub.add_parser("run", help="run the pipeline locally through kfp.local")
-    p.add_argument("--profile", choices=sorted(config.PROFILES), default="demo")
+    settings_flags(p, profile_default="demo")
     p.add_argument("--data", default="", help="file, directory, hub id or s3:// URI (default: bundled)")
     p.add_argument("--input-column")
     p.add_argument("--output-column")
     p.add_argument("--base-model")
     p.add_argument("--out", type=Path, help="report directory (default runs/<timestamp>)")
-    p.add_argument("--param", action="append", metavar="KEY=VALUE",
-                   help=f"any pipeline parameter: {', '.join(config.PIPELINE_PARAMETERS)}")
     result_flags(p)
-    dag_flags(p)
+    compile_time_flags(p)
+
+    p = sub.add_parser("config", help="show the configuration a run would get")
+    what = p.add_subparsers(dest="config_command", required=True)
+    show = what.add_parser("show", help="every field with its type, value and meaning")
+    settings_flags(show, profile_default=None)
+
+    p = sub.add_parser("compile", help="write the pipeline IR YAML")
+    p.add_argument("-o", "--output", type=Path, default=Path("pipeline.yaml"))
+    settings_flags(p)
+    cluster_flags(p)
+
+    p = sub.add_parser("upload", help="compile and upload as a new version of a named pipeline")
+    server_flags(p)
+    p.add_argument("--pipeline-name", default="lastmile")
+    p.add_argument("--version-name", default="",
+                   help="default: lastmile's version and the git commit, e.g. 0.1.0-3e59738")
+    p.add_argument("--description", default="")
+    settings_flags(p)
+    cluster_flags(p)
 
     for name, help_text in (("submit", "start a run on a Kubeflow Pipelines host"),
-                            ("schedule", "create a recurring run (retraining on new data)")):
+                            ("schedule", "create or update a recurring run (retraining on new data)")):
         p = sub.add_parser(name, help=help_text)
-        p.add_argument("--host", required=True)
-        p.add_argument("--namespace", default="",
-                       help="the namespace runs execute in (multi-user Kubeflow: the profile's)")
+        server_flags(p)
         p.add_argument("--experiment", default="lastmile")
         p.add_argument("--service-account", default="",
-                       help="e.g. lastmile-pipeline-runner (default: the namespace's default)")
-        p.add_argument("--param", action="append", metavar="KEY=VALUE")
+                       help="e.g. lastmile-pipeline-runner (default: the namespace's default; "
+                            "the KFP admin must allow it, docs/deploy.md)")
+        p.add_argument("--pipeline-name", default="lastmile",
+                       help="the uploaded pipeline --pipeline-version belongs to")
+        p.add_argument("--pipeline-version", default="", metavar="NAME|ID|latest",
+                       help="run an uploaded version (python pipeline.py upload) instead of "
+                            "compiling this checkout; the compile flags then do not apply")
+        settings_flags(p)
         result_flags(p)
         cluster_flags(p)
         if name == "submit":
             p.add_argument("--run-name", default="", help="default: lastmile <timestamp>")
         else:
             p.add_argument("--cron", required=True, help="e.g. '0 0 3 * * *' (KFP: 6 fields, seconds first)")
-            p.add_argument("--name", default="lastmile-retrain")
+            p.add_argument("--name", default="lastmile-retrain",
+                           help="the schedule's name: running the command again with the same "
+                                "name replaces that schedule")
+    return parser
 
+
+def _check_cron(expr: str) -> None:
+    fields = expr.split()
+    if len(fields) != 6:
+        raise UsageError(f"--cron {expr!r}: KFP cron has 6 fields, seconds first "
+                         f"(e.g. '0 0 3 * * *'), got {len(fields)}")
+
+
+def _compile_flags_given(parser, args) -> list[str]:
+    """Compile flags set to something other than their defaults (they do not apply to an
+    uploaded --pipeline-version)."""
+    sub = parser._subparsers._group_actions[0].choices[args.command]
+    given = []
+    for action in sub._actions:
+        if action.dest in ("image", "accelerator_type", "train_gpus", "node_selector",
+                           "toleration", "s3_secret", "s3_endpoint", "cache_pvc",
+                           "init_policy_from_mle", "allow_pickle", "trust_remote_code",
+                           "bleurt_allow_pickle") and getattr(args, action.dest) != action.default:
+            given.append(action.option_strings[0])
+    return given
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _build_parser()
     args = parser.parse_args(argv)
-    if args.command == "compile":
-        path = compile_pipeline(args.output, args.image, _cluster_from_args(args),
-                                args.init_policy_from_mle)
-        print(f"wrote {path}")
-    elif args.command == "run":
-        overrides = _params(args.param)
-        run_args = {key: overrides.pop(key) for key in RUN_PARAMETERS if key in overrides}
-        for key in ("input_column", "output_column", "base_model"):
-            if getattr(args, key):
-                overrides[key] = getattr(args, key)
-        result = run_locally(
-            run_args.get("profile", args.profile), args.out,
-            data=args.data or run_args.get("data_source", ""), overrides=overrides,
-            publish_to=args.publish or run_args.get("publish_to", ""),
-            force=args.force or config.as_bool(run_args.get("force", False), "force"),
-            init_policy_from_mle=args.init_policy_from_mle)
+    from lastmile.storage import StorageError
+
+    try:
+        return _main(parser, args)
+    except (UsageError, config.ConfigError, StorageError) as exc:
+        print(f"pipeline.py {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:  # the server's answer, in one line instead of a client traceback
+        message = _server_error(exc, getattr(args, "host", ""))
+        if message is None:
+            raise
+        print(f"pipeline.py {args.command}: error: {message}", file=sys.stderr)
+        return 1
+
+
+def _server_error(exc: Exception, host: str) -> str | None:
+    """One line for a Kubeflow Pipelines API error or an unreachable --host; None otherwise."""
+    import kfp_server_api
+    import urllib3
+
+    if isinstance(exc, urllib3.exceptions.HTTPError):
+        reason = getattr(exc, "reason", None) or exc
+        return f"cannot reach --host {host}: {reason}"
+    if isinstance(exc, kfp_server_api.ApiException):
+        detail = exc.body
+        try:
+            detail = json.loads(exc.body).get("message") or exc.body
+        except (TypeError, ValueError, AttributeError):
+            pass
+        hint = {401: " (pass --token, or --cookies for a Dex-fronted endpoint)",
+                403: " (your identity may not use this namespace: --namespace)"}.get(exc.status, "")
+        return f"{host} answered {exc.status} {exc.reason}: {detail}{hint}"
+    return None
+
+
+def _main(parser, args) -> int:
+    if args.command == "config":
+        settings = settings_from_args(args, default_profile="paper")
+        show_config(settings.resolve("paper"))
+        return 0
+    if args.command == "run":
+        result = run_locally(settings_from_args(args, default_profile="demo"), args.out)
         print(result.message if result.trained else f"no new data: {result.message}")
         if result.published:
             print(f"published: {result.published}")
-    else:
-        import tempfile
+        return 0
+    settings = settings_from_args(args)
+    if args.command == "compile":
+        path = compile_pipeline(args.output, args.image, _cluster_from_args(args), settings)
+        print(f"wrote {path}")
+        return 0
+    if args.command == "schedule":
+        _check_cron(args.cron)
+    import tempfile
 
-        arguments = _run_arguments(args)
-        namespace = args.namespace or None
-        with tempfile.TemporaryDirectory() as tmp:
-            package = compile_pipeline(Path(tmp) / "pipeline.yaml", args.image,
-                                       _cluster_from_args(args), args.init_policy_from_mle)
-            client = _client(args.host, namespace)
-            experiment = client.create_experiment(args.experiment, namespace=namespace)
-            if args.command == "submit":
-                run_name = args.run_name or f"lastmile {_dt.datetime.now():%Y-%m-%d %H-%M-%S}"
-                run = client.create_run_from_pipeline_package(
-                    str(package), arguments=arguments, run_name=run_name,
-                    experiment_id=experiment.experiment_id, namespace=namespace,
-                    service_account=args.service_account or None)
-                print(f"run {run.run_id} started")
-            else:
-                job = client.create_recurring_run(
-                    experiment_id=experiment.experiment_id, job_name=args.name,
-                    cron_expression=args.cron, pipeline_package_path=str(package),
-                    params=arguments, max_concurrency=1, no_catchup=True,
-                    service_account=args.service_account or None)
-                print(f"recurring run {job.recurring_run_id} created ({args.cron})")
+    namespace = args.namespace or None
+    if getattr(args, "pipeline_version", ""):
+        given = _compile_flags_given(parser, args)
+        if given:
+            raise UsageError(f"{', '.join(given)}: fixed when the version was uploaded; drop "
+                             f"them or upload a new version (python pipeline.py upload ...)")
+    cluster = _cluster_from_args(args)
+    with tempfile.TemporaryDirectory() as tmp:
+        client = _client(args)
+        if args.command == "upload":
+            package = compile_pipeline(Path(tmp) / "pipeline.yaml", args.image, cluster, settings)
+            version = args.version_name or default_version_name()
+            pipeline_id, version_id = upload_version(client, package, args.pipeline_name,
+                                                     version, args.description, namespace)
+            print(f"pipeline {args.pipeline_name} ({pipeline_id}): version {version} "
+                  f"({version_id}) uploaded")
+            return 0
+        reference = _pipeline_reference(client, args)
+        package = None
+        if reference is None:
+            # The compiled package carries the compile-time fields; the run's settings go
+            # in as its arguments, so the UI shows what this run was asked for.
+            compile_settings = RunSettings(compiled=settings.compiled)
+            package = compile_pipeline(Path(tmp) / "pipeline.yaml", args.image, cluster,
+                                       compile_settings)
+        elif settings.compiled:
+            raise UsageError("--allow-pickle/--trust-remote-code/--bleurt-allow-pickle/"
+                             "--init-policy-from-mle: fixed when the version was uploaded")
+        arguments = settings.pipeline_arguments()
+        experiment = client.create_experiment(args.experiment, namespace=namespace)
+        if args.command == "submit":
+            run_name = args.run_name or f"lastmile {_dt.datetime.now():%Y-%m-%d %H-%M-%S}"
+            pipeline_id, version_id = reference or (None, None)
+            run = client.run_pipeline(
+                experiment_id=experiment.experiment_id, job_name=run_name,
+                pipeline_package_path=str(package) if package else None, params=arguments,
+                pipeline_id=pipeline_id, version_id=version_id,
+                service_account=args.service_account or None)
+            print(f"run {run.run_id} started")
+        else:
+            job_id, replaced = schedule(client, args, arguments, experiment.experiment_id,
+                                        package, reference)
+            verb = f"updated (replaced {', '.join(replaced)})" if replaced else "created"
+            print(f"recurring run {job_id} {verb}: {args.name}, enabled, cron {args.cron!r}")
     return 0
 
 

