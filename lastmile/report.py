@@ -4,10 +4,15 @@ One document, built once as a list of blocks and rendered twice:
   * report.md   - Markdown; the plots are referenced as PNG files beside it;
   * report.html - self-contained: inline CSS, the plots as base64 PNG data URIs, so the
                   Kubeflow UI's HTML viewer (which shows one file) shows them too.
-Sections, in order: headline; the paper's Table 1 (extra length) and Table 2 (metrics), taken
-from `metrics.markdown_tables` so the tables live in one place; reward-model accuracy per
-negative category (paper §3.2); PPO curves (§3.3); output lengths against the references;
-example outputs side by side; stage timings; reproducibility.
+Sections, in order: the instruction the models were given; headline (RL against MLE with
+confidence intervals: a winner only where the interval excludes 0); the paper's Table 1
+(extra length) and Table 2 (metrics) with each row's best value marked, and the intervals,
+from `metrics.score_tables` / `metrics.interval_tables` so the tables live in one place (the
+`lastmile score` CLI prints the same); reward-model accuracy per negative category (paper
+§3.2); PPO curves (§3.3; the panels that are 0 by construction for the run's configuration
+left out); output lengths against the references; example outputs side by side; stage
+timings; reproducibility. Variants, metrics and negative categories are named in words
+(`metrics.variant_name`, `metric_name`, `category_name`), the same everywhere.
 
 Predictions are arbitrary model output, so every piece of run text is escaped for the format
 it lands in (`html.escape` for HTML; entities and backslashes for Markdown).
@@ -23,6 +28,8 @@ it lands in (`html.escape` for HTML; entities and backslashes for Markdown).
   summaries/<stage>.json       optional: one `runinfo` summary per stage
   run_info.json                optional: run-wide facts (profile, base_model, seed(s),
                                versions, hashes)
+  config.json                  optional: the run's whole configuration (config.Profile as a
+                               dict): the instruction, PPO's epochs and minibatches
 (.jsonl.gz works wherever .jsonl does.) `build_report_from_stages` gathers a pipeline run's
 stage folders into that layout inside out_dir and builds from there, so every report folder
 can be rebuilt by `build_report_from_dir(folder, folder)`.
@@ -40,9 +47,20 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 from .io import atomic_path, read_json, read_jsonl, write_json, write_jsonl
-from .metrics import VARIANT_NAMES, markdown_tables, word_count
+from .metrics import (
+    PAIRED_BOOTSTRAP,
+    VARIANT_ORDER,
+    ScoreTable,
+    category_name,
+    interval_tables,
+    interval_text,
+    metric_name,
+    score_tables,
+    variant_name,
+    verdict,
+    word_count,
+)
 
-VARIANT_ORDER = ("base", "mle", "rl", "base_cleaned", "mle_cleaned")
 #: One colour per variant in every plot; a cleaned variant is the light shade of its source.
 VARIANT_COLOURS = {"base": "#1f77b4", "base_cleaned": "#9ec5e8", "mle": "#ff7f0e",
                    "mle_cleaned": "#ffbb78", "rl": "#2ca02c"}
@@ -106,6 +124,7 @@ class Table:
     rows: list[list[str]]
     caption: str = ""
     text_cols: tuple[int, ...] = ()  # free text: wrapped, never right-aligned
+    best: frozenset[tuple[int, int]] = frozenset()  # (row, column) cells shown in bold
 
 
 @dataclass
@@ -115,42 +134,6 @@ class Image:
 
 
 Block = Heading | Para | Bullets | Table | Image
-
-
-def blocks_from_markdown(text: str) -> list[Block]:
-    """Blocks from the Markdown subset `metrics.markdown_tables` writes: pipe tables,
-    "- " bullets and plain lines, so its tables render in HTML too without a second copy.
-    A plain line right before a table becomes its caption."""
-    blocks: list[Block] = []
-    table: list[list[str]] = []
-    bullets: list[str] = []
-
-    def flush() -> None:
-        if table:
-            caption = blocks.pop().text if blocks and isinstance(blocks[-1], Para) else ""
-            blocks.append(Table(table[0], table[1:], caption=caption))
-            table.clear()
-        if bullets:
-            blocks.append(Bullets(list(bullets)))
-            bullets.clear()
-
-    for line in text.splitlines():
-        line = line.strip()
-        if line.startswith("|"):
-            if bullets:
-                flush()
-            if not re.fullmatch(r"\|[\s:|-]+\|", line):  # skip the |---| separator
-                table.append([c.strip() for c in line.strip("|").split("|")])
-        elif line.startswith("- "):
-            if table:
-                flush()
-            bullets.append(line[2:])
-        else:
-            flush()
-            if line:
-                blocks.append(Para(line))
-    flush()
-    return blocks
 
 
 # ----------------------------------------------------------------------------- rendering
@@ -194,7 +177,9 @@ def render_markdown(title: str, blocks: Sequence[Block]) -> str:
             out.append("| " + " | ".join(_md_escape(h) for h in b.header) + " |")
             out.append("|" + "".join("---:|" if j in num else "---|"
                                      for j in range(len(b.header))))
-            out += ["| " + " | ".join(_md_escape(c) for c in r) + " |" for r in b.rows]
+            out += ["| " + " | ".join(f"**{_md_escape(c)}**" if (i, j) in b.best
+                                      else _md_escape(c) for j, c in enumerate(r)) + " |"
+                    for i, r in enumerate(b.rows)]
             out.append("")
         elif isinstance(b, Image):
             out += [f"![{_md_escape(b.alt)}]({b.path.name})", ""]
@@ -209,6 +194,7 @@ h2{font-size:1.2rem;margin:2rem 0 .6rem;padding-bottom:.2rem;border-bottom:1px s
 nav{font-size:.9rem;color:#555;margin-bottom:1rem} nav a{color:#1f5fa8;margin-right:.8rem}
 table{border-collapse:collapse;margin:.4rem 0 1.2rem;font-size:.9rem}
 caption{caption-side:top;text-align:left;font-weight:600;padding:.2rem 0}
+td.best{font-weight:700;background:#eaf4ea}
 th,td{padding:.25rem .65rem;border-bottom:1px solid #e4e4e4;text-align:left;vertical-align:top}
 thead th{background:#f4f5f7;border-bottom:2px solid #ccc}
 tbody th{font-weight:500;white-space:nowrap}
@@ -224,8 +210,10 @@ figure{margin:.5rem 0 1.2rem} img{max-width:100%;height:auto}
 def _html_table(b: Table) -> str:
     num = _numeric_cols(b)
 
-    def cls(j: int) -> str:
-        return ' class="num"' if j in num else (' class="text"' if j in b.text_cols else "")
+    def cls(j: int, best: bool = False) -> str:
+        names = (["num"] if j in num else ["text"] if j in b.text_cols else []) + (
+            ["best"] if best else [])
+        return f' class="{" ".join(names)}"' if names else ""
 
     e = html.escape
     parts = ["<table>"]
@@ -234,10 +222,11 @@ def _html_table(b: Table) -> str:
     parts.append("<thead><tr>" + "".join(f"<th{cls(j)}>{e(h)}</th>"
                                          for j, h in enumerate(b.header)) + "</tr></thead>")
     parts.append("<tbody>")
-    for r in b.rows:
+    for i, r in enumerate(b.rows):
         total = ' class="total"' if r and r[0] == "total" else ""
-        cells = [f'<th scope="row">{e(r[0])}</th>'] + [f"<td{cls(j)}>{e(c)}</td>"
-                                                        for j, c in enumerate(r) if j > 0]
+        cells = [f'<th scope="row">{e(r[0])}</th>'] + [
+            f"<td{cls(j, True)}><strong>{e(c)}</strong></td>" if (i, j) in b.best
+            else f"<td{cls(j)}>{e(c)}</td>" for j, c in enumerate(r) if j > 0]
         parts.append(f"<tr{total}>" + "".join(cells) + "</tr>")
     parts.append("</tbody></table>")
     return "\n".join(parts)
@@ -342,10 +331,6 @@ def check_ppo_log(rows: Iterable[dict], source: str = "ppo_log") -> list[dict]:
 
 # ----------------------------------------------------------------------------- numbers
 
-def _name(variant: str) -> str:
-    return VARIANT_NAMES.get(variant, variant)
-
-
 def _colour(variant: str, others: list[str]) -> str:
     if variant in VARIANT_COLOURS:
         return VARIANT_COLOURS[variant]
@@ -368,36 +353,69 @@ def _best(models: dict, key: str) -> list[tuple[str, float]]:
     return sorted([(v, x) for v, x in present if x is not None], key=lambda t: -t[1])
 
 
-def headline(scores: dict, absent: list[str]) -> list[str]:
-    """The few sentences a reader needs first: the winners, RL vs MLE, and lengths."""
+#: The metrics the headline speaks of (the bootstrap covers these and more).
+HEADLINE_KEYS = ("la_rougeL_f1", "semantic_similarity", "bleurt")
+
+
+def _comparison(scores: dict, a: str, b: str) -> dict | None:
+    for c in ((scores.get(PAIRED_BOOTSTRAP) or {}).get("comparisons") or {}).values():
+        if c.get("a") == a and c.get("b") == b:
+            return c
+    return None
+
+
+def _versus(scores: dict, a: str, b: str) -> str:
+    """"RL vs MLE: <metric> 0.232 vs 0.201: RL better (95% CI of the difference +0.010 to
+    +0.052); ..." from the bootstrap, or the bare means when scores.json has no interval."""
     models = scores["models"]
-    lines = []
-    for key, label in (("la_rougeL_f1", "la-ROUGE-L F1"),
-                       ("semantic_similarity", "semantic similarity")):
+    title = f"{variant_name(a)} vs {variant_name(b)}"
+    if a not in models or b not in models:
+        return f"{title}: not both present in the scores."
+    comparison = _comparison(scores, a, b)
+    found = (comparison or {}).get("metrics") or {}
+    parts = []
+    for key in ("excess_length", *HEADLINE_KEYS):
+        entry = found.get(key)
+        x, y = (entry["a"], entry["b"]) if entry else (_value(models, a, key),
+                                                       _value(models, b, key))
+        if x is None or y is None:
+            if key != "bleurt":  # BLEURT is optional; its absence is named once below
+                parts.append(f"{metric_name(key)} n/a")
+            continue
+        spec = "+.1f" if key == "excess_length" else ".3f"
+        text = f"{metric_name(key)} {x:{spec}} vs {y:{spec}}"
+        parts.append(f"{text}: {verdict(key, entry, a, b)} (95% CI of the difference "
+                     f"{interval_text(key, entry)})" if entry else f"{text} (no interval)")
+    if comparison is None:
+        tail = " No confidence intervals in these scores (scored before they were added)."
+    elif "metrics" not in comparison:
+        tail = f" No confidence intervals: {comparison.get('skipped')}."
+    else:
+        tail = ""
+    return f"{title}: " + "; ".join(parts) + "." + tail
+
+
+def headline(scores: dict, absent: list[str]) -> list[str]:
+    """The few sentences a reader needs first: RL against MLE as generated and as
+    post-processed, with a winner only where the confidence interval excludes 0; the best
+    variant per headline metric; and the lengths."""
+    models = scores["models"]
+    lines = [_versus(scores, "rl", "mle")]
+    if "mle_cleaned" in models:
+        lines.append(_versus(scores, "rl", "mle_cleaned"))
+    for key in HEADLINE_KEYS[:2]:
+        label = metric_name(key)
         ranked = _best(models, key)
         if not ranked:
             lines.append(f"{label}: not computed for any variant.")
             continue
-        top = ", ".join(_name(v) for v, x in ranked if x == ranked[0][1])
-        line = f"Best on {label}: {top} ({ranked[0][1]:.3f})"
+        top = ", ".join(variant_name(v) for v, x in ranked if x == ranked[0][1])
+        line = f"Highest {label}: {top} ({ranked[0][1]:.3f})"
         rest = [(v, x) for v, x in ranked if x != ranked[0][1]]
         if rest:
-            line += f"; next {_name(rest[0][0])} ({rest[0][1]:.3f})"
+            line += f"; next {variant_name(rest[0][0])} ({rest[0][1]:.3f})"
         lines.append(line + ".")
-    if "rl" in models and "mle" in models:
-        parts = []
-        for key, label in (("la_rougeL_f1", "la-ROUGE-L F1"),
-                           ("semantic_similarity", "semantic similarity")):
-            rl, mle = _value(models, "rl", key), _value(models, "mle", key)
-            if rl is None or mle is None:
-                parts.append(f"{label} n/a")
-                continue
-            verdict = "RL higher" if rl > mle else ("equal" if rl == mle else "Max LL higher")
-            parts.append(f"{label} {rl:.3f} vs {mle:.3f} ({verdict})")
-        lines.append("RL vs Max LL on raw outputs: " + "; ".join(parts) + ".")
-    else:
-        lines.append("RL vs Max LL: not both present in the scores.")
-    lengths = [f"{_name(v)} {_value(models, v, 'excess_length'):+.1f}"
+    lengths = [f"{variant_name(v)} {_value(models, v, 'excess_length'):+.1f}"
                for v in ("rl", "base", "mle") if _value(models, v, "excess_length") is not None]
     if lengths:
         lines.append("Mean extra length, words beyond the reference (0 = reference length): "
@@ -593,13 +611,22 @@ def _rolling_mean(ys: list[float], window: int) -> list[float]:
     return out
 
 
-def plot_ppo(rows: list[dict], path: Path) -> Path | None:
-    """One panel per logged quantity against the update number; sampled and reference
-    batches as separate lines (§3.3 mixes true outputs into half of the batches)."""
-    panels = [p for p in PPO_PANELS if any(_is_number(r.get(p[0])) for r in rows)]
+def ppo_panels(rows: list[dict], skip: Iterable[str] = ()) -> list[tuple[str, str, str]]:
+    """The PPO_PANELS to draw: those with a number in the log, less the keys in `skip` (0 by
+    construction for the run's configuration: `zero_by_construction`)."""
+    skip = set(skip)
+    panels = [p for p in PPO_PANELS
+              if p[0] not in skip and any(_is_number(r.get(p[0])) for r in rows)]
     # Show words only when tokens are absent: one response-length panel is enough.
     if any(p[0] == "response_length_mean" for p in panels):
         panels = [p for p in panels if p[0] != "response_words_mean"]
+    return panels
+
+
+def plot_ppo(rows: list[dict], path: Path, skip: Iterable[str] = ()) -> Path | None:
+    """One panel per logged quantity (`ppo_panels`) against the update number; sampled and
+    reference batches as separate lines (§3.3 mixes true outputs into half of the batches)."""
+    panels = ppo_panels(rows, skip)
     if not panels:
         return None
     ncols = 2 if len(panels) == 4 else min(3, len(panels))
@@ -658,7 +685,7 @@ def plot_lengths(preds: dict[str, list[dict]], path: Path) -> Path:
                 label="prediction")
         ax.hist(np.clip(ref_len, 0, top), bins=edges, histtype="step", color=REFERENCE_COLOUR,
                 linewidth=1.3, label="reference")
-        ax.set_title(f"{_name(v)}: {pred_len.mean():.1f} vs {ref_len.mean():.1f} words",
+        ax.set_title(f"{variant_name(v)}: {pred_len.mean():.1f} vs {ref_len.mean():.1f} words",
                      fontsize=9.5)
         ax.set_xlabel(f"words (last bin: ≥{top})", fontsize=8.5)
         ax.set_ylabel("outputs", fontsize=8.5)
@@ -692,7 +719,7 @@ def plot_rm(rm_eval: dict, path: Path) -> Path:
     ax.axvline(0.5, color="#999999", linestyle=":", linewidth=1)
     ax.text(0.5, 1.0, "chance", transform=ax.get_xaxis_transform(), ha="center", va="bottom",
             fontsize=7.5, color="#777777")
-    ax.set_yticks(ys, cats, fontsize=8.5)
+    ax.set_yticks(ys, [category_name(c) for c in cats], fontsize=8.5)
     ax.set_xlim(0, 1)
     ax.xaxis.set_major_formatter(PercentFormatter(1.0))
     ax.set_xlabel("accuracy (true output scored higher)", fontsize=8.5)
@@ -703,7 +730,7 @@ def plot_rm(rm_eval: dict, path: Path) -> Path:
         ys = list(range(len(mcats)))[::-1]
         colours = [REFERENCE_COLOUR if c == "true" else "#d62728" for c in mcats]
         ax.barh(ys, [means[c] for c in mcats], color=colours, height=0.6, alpha=0.85)
-        ax.set_yticks(ys, mcats, fontsize=8.5)
+        ax.set_yticks(ys, [category_name(c) for c in mcats], fontsize=8.5)
         ax.axvline(0, color="#999999", linewidth=0.8)
         ax.set_xlabel("mean reward", fontsize=8.5)
         ax.set_title("Mean reward: true vs negatives", fontsize=10, pad=12)
@@ -748,7 +775,7 @@ def example_blocks(preds: dict[str, list[dict]], n: int = N_EXAMPLES) -> list[Bl
         for v in variants:
             row = by_id[v].get(key)
             text = "(no prediction for this id)" if row is None else row["prediction"]
-            rows.append([_name(v), _truncate(text, OUTPUT_WORDS),
+            rows.append([variant_name(v), _truncate(text, OUTPUT_WORDS),
                          "" if row is None else str(word_count(text))])
         blocks.append(Table(["", "text", "words"], rows, caption=f"Example id {key}",
                             text_cols=(1,)))
@@ -758,11 +785,11 @@ def example_blocks(preds: dict[str, list[dict]], n: int = N_EXAMPLES) -> list[Bl
 def rm_table(rm_eval: dict) -> Table:
     means = rm_eval.get("mean_reward") or {}
     pairs = rm_eval.get("pairs") or {}
-    rows = [[c, _pct(a), _fmt_rows(pairs.get(c)), f"{means[c]:.3f}" if c in means else ""]
-            for c, a in rm_eval["accuracy"].items()]
+    rows = [[category_name(c), _pct(a), _fmt_rows(pairs.get(c)),
+             f"{means[c]:.3f}" if c in means else ""] for c, a in rm_eval["accuracy"].items()]
     if "true" in means:
-        rows.insert(0, ["true outputs", "", "", f"{means['true']:.3f}"])
-    return Table(["category", "accuracy", "pairs", "mean reward"], rows)
+        rows.insert(0, [category_name("true"), "", "", f"{means['true']:.3f}"])
+    return Table(["negative category", "accuracy", "pairs", "mean reward"], rows)
 
 
 def _all_null(models: dict, key: str) -> bool:
@@ -781,9 +808,28 @@ def _absent(models: dict, rm_eval: dict | None, ppo_rows: list, preds: dict,
     return [what for missing, what in checks if missing]
 
 
+def _table_blocks(t: ScoreTable) -> list[Block]:
+    blocks: list[Block] = []
+    if t.rows:
+        blocks.append(Table(t.header, t.rows, caption=t.caption, best=frozenset(t.best)))
+    elif t.caption:
+        blocks.append(Para(t.caption))
+    if t.note:
+        blocks.append(Para(t.note, muted=True))
+    return blocks
+
+
 def _scores_section(scores: dict) -> list[Block]:
-    blocks = [Heading("Scores (paper Tables 1 and 2)"),
-              *blocks_from_markdown(markdown_tables(scores, VARIANT_ORDER))]
+    blocks: list[Block] = [Heading("Scores (paper Tables 1 and 2)")]
+    for t in score_tables(scores, VARIANT_ORDER):
+        blocks += _table_blocks(t)
+    intervals = interval_tables(scores)
+    if intervals:
+        blocks.append(Heading("RL against MLE: confidence intervals", level=3))
+        for t in intervals:
+            blocks += _table_blocks(t)
+    if scores.get("notes"):
+        blocks.append(Bullets(list(scores["notes"])))
     if _all_null(scores["models"], "bleurt") and not any(
             "BLEURT not computed" in note for note in scores.get("notes") or []):
         blocks.append(Para("BLEURT not computed (no checkpoint given).", muted=True))
@@ -802,18 +848,55 @@ def _rm_section(rm_eval: dict | None, out: Path, paths: dict[str, Path]) -> list
             Image(paths["rm_accuracy"], "reward-model accuracy per negative category")]
 
 
-def _ppo_section(ppo_rows: list[dict], out: Path, paths: dict[str, Path]) -> list[Block]:
-    png = plot_ppo(ppo_rows, out / PLOT_FILES["ppo_curves"]) if ppo_rows else None
+#: PPO log columns that are 0 by construction when each outer batch makes one optimiser
+#: step: the policy is scored at the very weights that sampled, so the probability ratio is
+#: 1 (paper §3.3: "with a single update the clipping is redundant").
+ONE_STEP_ZEROS = ("approx_kl", "clip_fraction")
+
+
+def zero_by_construction(config: Mapping[str, Any] | None) -> tuple[str, ...]:
+    """The PPO panels the run's configuration makes 0 on every update (none without it)."""
+    ppo = (config or {}).get("ppo")
+    if not isinstance(ppo, Mapping):
+        return ()
+    one_step = ppo.get("ppo_epochs", 1) == 1 and ppo.get("minibatches", 1) == 1
+    return ONE_STEP_ZEROS if one_step else ()
+
+
+def _ppo_section(ppo_rows: list[dict], out: Path, paths: dict[str, Path],
+                 config: Mapping[str, Any] | None = None) -> list[Block]:
+    skip = zero_by_construction(config)
+    png = (plot_ppo(ppo_rows, out / PLOT_FILES["ppo_curves"], skip=skip)
+           if ppo_rows else None)
     if png is None:
         return [Heading("PPO training"),
                 Para("No PPO log in this run (ppo_log.jsonl absent or without plottable "
                      "columns).", muted=True)]
     paths["ppo_curves"] = png
-    return [Heading("PPO training"),
-            Para("Sampled batches hold the policy's own outputs, reference batches the true "
-                 "outputs (paper §3.3). Excess length is in words against the reference; "
-                 "0 is the reference length."),
-            Image(png, "PPO reward, response length and excess length per update")]
+    blocks: list[Block] = [
+        Heading("PPO training"),
+        Para("Sampled batches hold the policy's own outputs, reference batches the true "
+             "outputs (paper §3.3). Excess length is in words against the reference; "
+             "0 is the reference length."),
+        Image(png, "PPO reward, response length and excess length per update")]
+    if skip:
+        blocks.append(Para("Approximate KL and clip fraction are not plotted: this run makes "
+                           "one optimiser step per batch (one PPO epoch, one minibatch), so "
+                           "the policy is scored at the weights that sampled and both are 0 "
+                           "by construction (paper §3.3).", muted=True))
+    return blocks
+
+
+def instruction_blocks(config: Mapping[str, Any] | None) -> list[Block]:
+    """The instruction put before every input: it shapes every variant's output (a length
+    hint shortens Base and MLE, the very effect the paper measures)."""
+    data = (config or {}).get("data")
+    text = data.get("instruction") if isinstance(data, Mapping) else None
+    if not isinstance(text, str):
+        return [Para("Instruction: not recorded (no config.json with this run).", muted=True)]
+    if not text.strip():
+        return [Para("Instruction: none (the input alone is the prompt).")]
+    return [Para(f"Instruction given before every input: “{text}”")]
 
 
 def _predictions_sections(preds: dict[str, list[dict]], out: Path,
@@ -846,8 +929,12 @@ def build_report(out_dir: str | Path, scores: dict,
                  predictions_rows_by_variant: Mapping[str, Iterable[dict]] | None,
                  rm_eval: dict | None = None, ppo_log: Iterable[dict] | None = None,
                  stage_summaries: Mapping[str, dict] | None = None,
-                 run_info: Mapping[str, Any] | None = None) -> dict[str, Path]:
+                 run_info: Mapping[str, Any] | None = None,
+                 config: Mapping[str, Any] | None = None) -> dict[str, Path]:
     """Write out_dir/report.md, out_dir/report.html and the plots that have data.
+
+    `config` is the run's configuration (config.Profile as a dict): the report prints its
+    instruction and leaves out the PPO panels it makes 0 by construction.
 
     Returns {"markdown", "html"} plus "ppo_curves", "length_hist", "rm_accuracy" for the
     plots written (a plot whose input is absent is skipped and the report says so).
@@ -860,6 +947,9 @@ def build_report(out_dir: str | Path, scores: dict,
     ppo_rows = check_ppo_log(ppo_log) if ppo_log is not None else []
     summaries = dict(stage_summaries or {})
     run_info = dict(run_info or {})
+    if config is not None and not isinstance(config, Mapping):
+        raise ReportInputError(f"config: expected an object (config.Profile as a dict), got "
+                               f"{type(config).__name__}")
 
     paths: dict[str, Path] = {}
     blocks: list[Block] = []
@@ -868,10 +958,11 @@ def build_report(out_dir: str | Path, scores: dict,
                                       for k in ("profile", "base_model") if run_info.get(k)),
                            muted=True))
     absent = _absent(scores["models"], rm_eval, ppo_rows, preds, summaries)
-    blocks += [Heading("Summary"), Bullets(headline(scores, absent), css="headline"),
+    blocks += [*instruction_blocks(config),
+               Heading("Summary"), Bullets(headline(scores, absent), css="headline"),
                *_scores_section(scores),
                *_rm_section(rm_eval, out, paths),
-               *_ppo_section(ppo_rows, out, paths),
+               *_ppo_section(ppo_rows, out, paths, config),
                *_predictions_sections(preds, out, paths),
                *_timing_section(summaries),
                Heading("Reproducibility"), *reproducibility_blocks(run_info, summaries)]
@@ -949,13 +1040,15 @@ def build_report_from_dir(run_dir: str | Path, out_dir: str | Path | None = None
     ppo_path = next(iter(_jsonl_files(run, "ppo_log")), None)
     rm_path = run / "rm_eval.json"
     run_info_path = run / "run_info.json"
+    config_path = run / "config.json"
     return build_report(
         out_dir or run, check_scores(_load_json(scores_path), str(scores_path)),
         check_predictions(read_predictions(run), str(run / "predictions")),
         rm_eval=check_rm_eval(_load_json(rm_path), str(rm_path)) if rm_path.is_file() else None,
         ppo_log=check_ppo_log(read_jsonl(ppo_path), str(ppo_path)) if ppo_path else None,
         stage_summaries=read_summaries(run / "summaries"),
-        run_info=_load_json(run_info_path) if run_info_path.is_file() else None)
+        run_info=_load_json(run_info_path) if run_info_path.is_file() else None,
+        config=_load_json(config_path) if config_path.is_file() else None)
 
 
 def _profile_info(profile: Any) -> tuple[dict, dict]:

@@ -33,13 +33,14 @@ def test_score_prints_tables_and_writes_every_key(tmp_path, capsys):
     out = tmp_path / "scores.json"
     assert main(["score", "--input", str(src), "--out", str(out)]) == 0
     printed = capsys.readouterr().out
-    assert "|  | Base | Max LL | RL |" in printed
-    assert "| extra length | 4.0 | 0.0 | -1.5 |" in printed
-    assert "| bleurt | n/a | n/a | n/a |" in printed
+    assert "|  | Base | MLE | RL |" in printed
+    assert "| extra length (words) | 4.0 | **0.0** | -1.5 |" in printed
+    assert "| BLEURT | n/a | n/a | n/a |" in printed
+    assert "RL against MLE" in printed  # the paired bootstrap's table
     assert "BLEURT not computed" in printed
 
     scores = json.loads(out.read_text())
-    assert set(scores) == {"models", "bleurt_checkpoint", "notes"}
+    assert set(scores) == {"models", "bleurt_checkpoint", "notes", "paired_bootstrap"}
     assert list(scores["models"]) == ["base", "rl", "mle"]
     expected = {"n", "excess_length", "bleurt", "semantic_similarity"} | {
         f"{la}{k}_{p}" for la in ("", "la_") for k in ("rouge1", "rouge2", "rougeL")
@@ -59,7 +60,7 @@ def test_score_no_semantic_default_out(tmp_path, capsys, monkeypatch):
     assert main(["score", "--input", str(src), "--no-semantic"]) == 0
     scores = json.loads((tmp_path / "scores.json").read_text())
     assert scores["models"]["base"]["semantic_similarity"] is None
-    assert "| semantic_similarity | n/a |" in capsys.readouterr().out
+    assert "| semantic similarity | n/a |" in capsys.readouterr().out
 
 
 def test_bad_line_exits_2_naming_file_and_line(tmp_path, capsys):

@@ -188,22 +188,220 @@ def test_markdown_tables_layout():
     md = markdown_tables(scores)
     lines = md.splitlines()
     headers = [line for line in lines if line.startswith("|  |")]
-    # the paper's order, only the variants present, others after them
-    assert headers == ["|  | Base | RL | Max LL cleaned | custom |"] * 2
-    assert "| extra length | 39.2 | -1.1 | 0.3 | 0.5 |" in lines
+    # the paper's order, only the variants present, others after them; one name per variant
+    assert headers == ["|  | Base | RL | MLE, post-processed | custom |"] * 2
+    # Table 1: one decimal, the value closest to the reference length in bold
+    assert "| extra length (words) | 39.2 | -1.1 | **0.3** | 0.5 |" in lines
     assert "| examples | 3 | 3 | 3 | 3 |" in lines
-    assert "| bleurt | n/a | n/a | n/a | n/a |" in lines
-    assert "| la-rouge1-F1 | 0.12 | 0.25 | 0.33 | 0.50 |" in lines
+    # Table 2: three decimals, labels in words, the highest value per row in bold
+    assert "| BLEURT | n/a | n/a | n/a | n/a |" in lines
+    assert "| length-adjusted ROUGE-1 F1 | 0.125 | 0.250 | 0.333 | **0.500** |" in lines
     table2 = lines[lines.index("Table 2: Evaluation metrics"):]
     labels = [line.split(" | ")[0][2:] for line in table2
               if line.startswith("| ") and not line.startswith("|  |")]
-    kinds, parts = ("rouge1", "rouge2", "rougeL"), ("F1", "precision", "recall")
-    assert labels == (
-        ["bleurt"]
-        + [f"la-{k}-{p}" for k in kinds for p in parts]
-        + [f"{k}-{p}" for k in kinds for p in parts]
-        + ["semantic_similarity"])
+    kinds, parts = ("ROUGE-1", "ROUGE-2", "ROUGE-L"), ("F1", "precision", "recall")
+    assert labels == (  # the paper's Table 2 order, then ours
+        ["BLEURT"]
+        + [f"length-adjusted {k} {p}" for k in kinds for p in parts]
+        + [f"{k} {p}" for k in kinds for p in parts]
+        + ["semantic similarity"])
     assert "- BLEURT not computed (no checkpoint given)" in lines
+    assert "against" not in md  # no intervals in these scores: no interval table
+
+
+def test_best_value_marks_ties_and_skips_rows_without_a_contest():
+    scores = {"models": {"base": _fake_model_scores(0.5, excess_length=2.0),
+                         "mle": _fake_model_scores(0.5, excess_length=-2.0),
+                         "rl": _fake_model_scores(0.4, excess_length=3.0)}}
+    table1, table2 = metrics.score_tables(scores)
+    assert table1.best == {(0, 1), (0, 2)}  # +2 and -2 are equally close to the reference
+    assert (1, 1) in table2.best and (1, 2) in table2.best and (1, 3) not in table2.best
+    assert not any(row == 0 for row, _ in table2.best)  # BLEURT: all n/a, nothing marked
+    alone = metrics.score_tables({"models": {"rl": _fake_model_scores(0.4)}})
+    assert alone[0].best == set() and alone[1].best == set()  # one variant: no contest
+
+
+def test_names_are_one_spelling_per_variant_category_and_metric():
+    from lastmile.config import NEGATIVE_CATEGORIES
+    from lastmile.negatives import REGISTRY
+
+    assert metrics.VARIANT_NAMES["mle"] == "MLE"
+    assert metrics.VARIANT_NAMES["mle_cleaned"] == "MLE, post-processed"
+    for category in (*NEGATIVE_CATEGORIES, *REGISTRY):
+        assert category in metrics.CATEGORY_NAMES, category
+    labels = list(metrics.CATEGORY_NAMES.values())
+    assert len(set(labels)) == len(labels) and not any("_" in label for label in labels)
+    assert metrics.category_name("repaired") == "re-paired output"
+    assert metrics.category_name("new_kind") == "new kind"  # unknown: still words
+    assert metrics.metric_name("la_rougeL_f1") == "length-adjusted ROUGE-L F1"
+    assert metrics.metric_name("rouge2_recall") == "ROUGE-2 recall"
+
+
+# ----------------------------------------------------------------------------- bootstrap
+
+def _boot(a: list[float], b: list[float], key: str = "la_rougeL_f1", **kw) -> dict:
+    return metrics.paired_bootstrap({key: a}, {key: b}, **kw)[key]
+
+
+def test_bootstrap_identical_variants_contain_zero_and_call_no_winner():
+    import random
+
+    rnd = random.Random(1)
+    scores = [rnd.random() for _ in range(200)]
+    entry = _boot(scores, list(scores))
+    assert entry["low"] == entry["high"] == entry["difference"] == 0.0
+    assert entry["winner"] is None
+
+
+def test_bootstrap_constant_shift_is_the_interval():
+    import random
+
+    rnd = random.Random(2)
+    mle = [rnd.random() for _ in range(150)]
+    entry = _boot([x + 0.0625 for x in mle], mle)
+    assert entry["low"] == pytest.approx(0.0625, abs=1e-12)
+    assert entry["high"] == pytest.approx(0.0625, abs=1e-12)
+    assert entry["difference"] == pytest.approx(0.0625, abs=1e-12)
+    assert entry["winner"] == "a"
+    assert _boot(mle, [x + 0.0625 for x in mle])["winner"] == "b"
+
+
+def test_bootstrap_width_matches_the_standard_error():
+    # Per-example differences of +1 and -1, half each: mean 0, standard error 1/sqrt(400)
+    # = 0.05, so a 95% interval of about +-1.96 x 0.05 = +-0.098 around 0.
+    a = [1.0, 0.0] * 200
+    b = [0.0, 1.0] * 200
+    entry = _boot(a, b)
+    assert entry["difference"] == 0.0 and entry["winner"] is None
+    assert entry["low"] == pytest.approx(-0.098, abs=0.012)
+    assert entry["high"] == pytest.approx(0.098, abs=0.012)
+    # The same numbers again: a fixed seed gives the same interval, another seed another.
+    assert _boot(a, b) == entry
+    varied = [i * 0.37 % 1 for i in range(400)]
+    assert _boot(varied, b, seed=1)["low"] != _boot(varied, b)["low"]
+
+
+def test_bootstrap_is_paired():
+    # Both variants vary a lot from example to example, but RL is always 0.01 above MLE:
+    # unpaired, the spread would swamp 0.01; paired, the interval is exactly 0.01.
+    mle = [i % 10 / 10 for i in range(100)]
+    entry = _boot([x + 0.01 for x in mle], mle)
+    assert entry["low"] == pytest.approx(0.01) and entry["high"] == pytest.approx(0.01)
+
+
+def test_bootstrap_extra_length_winner_is_the_mean_closer_to_zero():
+    # RL 3 words short, MLE 2 words long: RL - MLE is clearly negative, but MLE is closer.
+    entry = _boot([-3.0] * 50, [2.0] * 50, key="excess_length")
+    assert entry["high"] == pytest.approx(-5.0) and entry["winner"] == "b"
+    assert entry["closer_low"] == pytest.approx(1.0)
+    both_long = _boot([1.0] * 50, [4.0] * 50, key="excess_length")
+    assert both_long["winner"] == "a"  # RL +1, MLE +4: RL closer
+    assert metrics.verdict("excess_length", both_long, "rl", "mle") == (
+        "RL closer to the reference length")
+    tied = _boot([-2.0, 2.0] * 25, [2.0, -2.0] * 25, key="excess_length")
+    assert tied["winner"] is None
+    assert metrics.verdict("excess_length", tied, "rl", "mle") == "no clear difference"
+
+
+def test_bootstrap_refuses_bad_input():
+    with pytest.raises(ValueError, match="no paired examples"):
+        _boot([], [])
+    with pytest.raises(ValueError, match="n scores for both"):
+        _boot([1.0, 2.0], [1.0])
+    with pytest.raises(ValueError, match="resamples >= 1"):
+        _boot([1.0], [1.0], resamples=0)
+
+
+def _rows(variant: str, ids, prediction) -> list[dict]:
+    return [{"id": i, "variant": variant, "reference": f"tool {i} parses files",
+             "prediction": prediction(i)} for i in ids]
+
+
+def test_scores_carry_intervals_for_rl_against_both_mle_variants():
+    ids = list(range(30))
+    rows = (_rows("base", ids, lambda i: f"sure here is tool {i} that parses many files")
+            + _rows("mle", ids, lambda i: f"tool {i} parses files and more files")
+            + _rows("rl", ids, lambda i: f"tool {i} parses files")
+            + _rows("mle_cleaned", ids, lambda i: f"tool {i} parses files"))
+    scores = score_predictions(rows, LEXICAL_ONLY)
+    boot = scores[metrics.PAIRED_BOOTSTRAP]
+    assert (boot["resamples"], boot["seed"], boot["confidence"]) == (2000, 0, 0.95)
+    assert list(boot["comparisons"]) == ["rl-mle", "rl-mle_cleaned"]
+    versus_mle = boot["comparisons"]["rl-mle"]
+    assert (versus_mle["n"], versus_mle["paired_by"]) == (30, "id")
+    # Only the headline metrics, only those computed (no BLEURT or embeddings here).
+    assert list(versus_mle["metrics"]) == ["excess_length", "rougeL_f1", "la_rougeL_f1"]
+    length = versus_mle["metrics"]["excess_length"]
+    assert length["difference"] == pytest.approx(-3.0) and length["low"] == pytest.approx(-3.0)
+    assert length["winner"] == "a"
+    models = scores["models"]
+    la = versus_mle["metrics"]["la_rougeL_f1"]
+    assert (la["a"], la["b"]) == (pytest.approx(models["rl"]["la_rougeL_f1"]),
+                                  pytest.approx(models["mle"]["la_rougeL_f1"]))
+    same = boot["comparisons"]["rl-mle_cleaned"]["metrics"]  # identical outputs: no winner
+    assert all(e["low"] == e["high"] == 0.0 and e["winner"] is None for e in same.values())
+    # The CLI's Markdown prints them with the verdict.
+    md = markdown_tables(scores)
+    assert "RL against MLE, post-processed" in md
+    assert ("| extra length (words) | 0.00 | 3.00 | -3.00 | -3.00 to -3.00 | "
+            "**RL closer to the reference length** |") in md
+    assert ("| length-adjusted ROUGE-L F1 | 1.000 | 0.571 | +0.429 | +0.429 to +0.429 | "
+            "**RL better** |") in md  # every pair differs alike: 1 - 4/7
+    assert "| no clear difference |" in md
+
+
+def test_intervals_pair_by_id_whatever_the_row_order():
+    ids = list(range(40))
+    mle = _rows("mle", ids, lambda i: "tool parses" if i % 3 else f"tool {i} parses files ok")
+    rl = _rows("rl", ids, lambda i: f"tool {i} parses" if i % 2 else f"tool {i} parses files")
+    ordered = score_predictions(mle + rl, LEXICAL_ONLY)[metrics.PAIRED_BOOTSTRAP]
+    shuffled = score_predictions(mle[::-1] + rl, LEXICAL_ONLY)[metrics.PAIRED_BOOTSTRAP]
+    assert shuffled == ordered
+    # An MLE row missing: the comparison runs on the ids both have.
+    fewer = score_predictions(mle[:-1] + rl, LEXICAL_ONLY)[metrics.PAIRED_BOOTSTRAP]
+    assert fewer["comparisons"]["rl-mle"]["n"] == 39
+    # No ids: paired by position when both list the same number of rows, else skipped.
+    anonymous = [{k: v for k, v in r.items() if k != "id"} for r in mle + rl]
+    by_position = score_predictions(anonymous, LEXICAL_ONLY)[metrics.PAIRED_BOOTSTRAP]
+    assert by_position["comparisons"]["rl-mle"]["paired_by"] == "position"
+    assert by_position["comparisons"]["rl-mle"]["metrics"] == ordered["comparisons"]["rl-mle"][
+        "metrics"]
+    uneven = score_predictions(anonymous[1:], LEXICAL_ONLY)
+    assert "no unique ids" in uneven[metrics.PAIRED_BOOTSTRAP]["comparisons"]["rl-mle"]["skipped"]
+    assert "No interval: rl and mle have 40 and 39 rows" in markdown_tables(uneven)
+    # Without RL or without any MLE variant, scores.json keeps its old keys only.
+    assert set(score_predictions(mle, LEXICAL_ONLY)) == {"models", "bleurt_checkpoint", "notes"}
+
+
+def test_sharded_scoring_gives_the_same_intervals(tmp_path):
+    from lastmile import shards
+    from lastmile.io import write_json, write_jsonl
+
+    def predictions(variant, start, stop):
+        return _rows(variant, range(start, stop),
+                     lambda i: " ".join(["tool", str(i)] * (1 + i % (3 if variant == "rl" else 5)))
+                     + " parses files")
+
+    whole = []
+    for v in ("mle", "rl", "mle_cleaned"):
+        whole.append(tmp_path / f"{v}.jsonl")
+        write_jsonl(whole[-1], predictions(v, 0, 50))
+    expected = score_file(whole, tmp_path / "scores.json", LEXICAL_ONLY)
+    folders = []
+    for index, (start, stop) in enumerate([(0, 20), (20, 50)]):
+        folder = tmp_path / f"shard{index}"
+        parts = []
+        for v in ("mle", "rl", "mle_cleaned"):
+            parts.append(folder / f"{v}.jsonl")
+            write_jsonl(parts[-1], predictions(v, start, stop))
+        metrics.score_examples_file(parts, folder / shards.EXAMPLE_SCORES, LEXICAL_ONLY)
+        write_json(folder / "summary.json", {"shard": {"index": index, "count": 2,
+                                                       "rows": [start, stop]}})
+        folders.append(folder)
+    gathered = shards.gather_example_scores(folders[::-1], tmp_path / "g.json", LEXICAL_ONLY)
+    assert gathered[metrics.PAIRED_BOOTSTRAP] == expected[metrics.PAIRED_BOOTSTRAP]
+    assert json.loads((tmp_path / "g.json").read_text())[metrics.PAIRED_BOOTSTRAP][
+        "comparisons"]["rl-mle"]["n"] == 50
 
 
 # ----------------------------------------------------------------------------- semantic

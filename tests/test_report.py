@@ -1,5 +1,6 @@
 """lastmile.report: a whole report from small hand-made inputs, the HTML escaping of arbitrary
-model output, embedded plots, variant order, missing optional inputs, and the file layouts."""
+model output, embedded plots, variant order, best values and confidence intervals, the run's
+instruction and configuration, missing optional inputs, and the file layouts."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import pytest
 from lastmile import report
 from lastmile.config import ScoreConfig
 from lastmile.io import write_json, write_jsonl
-from lastmile.metrics import VARIANT_NAMES, score_file
+from lastmile.metrics import CATEGORY_NAMES, VARIANT_NAMES, score_file
 
 VARIANTS = ("base", "mle", "rl", "base_cleaned", "mle_cleaned")
 EVIL = '<script>alert("x")</script> & <b>bold</b> | pipe *star*'
@@ -128,12 +129,17 @@ def test_full_report_files_plots_and_content(full):
         positions = [text.index(s) for s in order]
         assert positions == sorted(positions), text[:400]
 
-    # Headline: winners, RL vs MLE on raw outputs, RL's and base's extra length.
-    assert "Best on la-ROUGE-L F1: RL (0.410); next Max LL cleaned (0.330)" in md
-    assert "Best on semantic similarity: RL (0.710)" in md
-    assert "la-ROUGE-L F1 0.410 vs 0.300 (RL higher)" in md
+    # Headline: winners, RL vs MLE on raw outputs, RL's and base's extra length. These
+    # scores carry no intervals (made before they existed): means only, and it says so.
+    assert ("Highest length-adjusted ROUGE-L F1: RL (0.410); next MLE, post-processed "
+            "(0.330)") in md
+    assert "Highest semantic similarity: RL (0.710)" in md
+    assert "length-adjusted ROUGE-L F1 0.410 vs 0.300 (no interval)" in md
+    assert "No confidence intervals in these scores" in md
+    assert "better" not in _section(md, "## Summary", "## Scores")  # no winner without one
     assert "RL +0.8, Base +24.3" in md
     assert "BLEURT not computed" in md and "BLEURT not computed" in html
+    assert "Instruction: not recorded" in md  # no configuration given
 
     # Tables 1 and 2 list the variants in the paper's order, whatever the input order.
     names = [VARIANT_NAMES[v] for v in VARIANTS]
@@ -143,13 +149,28 @@ def test_full_report_files_plots_and_content(full):
         assert [c.strip() for c in md_header.strip("|").split("|")][1:] == names
         html_head = _section(html[html.index("</nav>"):], table, "</thead>")
         assert re.findall(r"<th[^>]*>([^<]*)</th>", html_head)[1:] == names
-    assert "| extra length | 24.3 | 4.0 | 0.8 | 9.5 | 1.2 |" in md
+    # Each row's best value in bold: Table 1 closest to 0, Table 2 the highest; three
+    # decimals and labels in words in Table 2, rows in the paper's order.
+    assert "| extra length (words) | 24.3 | 4.0 | **0.8** | 9.5 | 1.2 |" in md
     assert '<td class="num">24.3</td>' in html  # numbers right-aligned
+    assert '<td class="num best"><strong>0.8</strong></td>' in html
+    assert "| length-adjusted ROUGE-L F1 | 0.120 | 0.300 | **0.410** | 0.220 | 0.330 |" in md
+    assert "| ROUGE-1 recall | 0.170 | 0.350 | **0.460** | 0.270 | 0.380 |" in md
+    assert "| semantic similarity | 0.500 | 0.600 | **0.710** | 0.550 | 0.620 |" in md
+    assert "| BLEURT | n/a | n/a | n/a | n/a | n/a |" in md  # nothing to mark
+    table2 = _section(md, "**Table 2", "Bold: the highest")
+    labels = [line.split(" | ")[0][2:] for line in table2.splitlines()
+              if line.startswith("| ") and not line.startswith("|  |")]
+    assert labels[:4] == ["BLEURT", "length-adjusted ROUGE-1 F1",
+                          "length-adjusted ROUGE-1 precision", "length-adjusted ROUGE-1 recall"]
+    assert labels[-2:] == ["ROUGE-L recall", "semantic similarity"] and len(labels) == 20
+    assert not re.search(r"la_|rougeL_|_f1|semantic_similarity", table2)
 
-    # Reward model: one row per negative category.
+    # Reward model: one row per negative category, each named in words.
     rm = _section(md, "## Reward model", "## PPO")
     for category, acc in RM_EVAL["accuracy"].items():
-        assert f"| {category.replace('_', chr(92) + '_')} | {acc:.1%}".replace(".0%", "%") in rm
+        assert f"| {CATEGORY_NAMES[category]} | {acc:.1%}".replace(".0%", "%") in rm
+    assert "| true output |  |  | 0.800 |" in rm and "\\_" not in rm
 
 
 def test_predictions_are_escaped_everywhere(full):
@@ -217,8 +238,8 @@ def test_scores_only_and_bleurt_present(tmp_path):
     md = paths["markdown"].read_text()
     assert set(paths) == {"markdown", "html"}
     assert "BLEURT not computed" not in md
-    assert "| bleurt | 0.42 |" in md
-    assert "RL vs Max LL: not both present" in md
+    assert "| BLEURT | 0.420 | 0.420 | 0.420 | 0.420 |" in md  # all alike: none marked
+    assert "RL vs MLE: not both present in the scores." in md
     assert "No predictions given" in md
 
 
@@ -227,6 +248,37 @@ def test_ppo_log_without_batch_kind_or_some_columns(tmp_path):
     assert report.plot_ppo(rows, tmp_path / "p.png") == tmp_path / "p.png"
     assert (tmp_path / "p.png").read_bytes()[:8] == PNG_MAGIC
     assert report.plot_ppo([{"update": 1, "seconds": 3.0}], tmp_path / "q.png") is None
+
+
+@pytest.mark.parametrize("ppo, drawn", [({"ppo_epochs": 1, "minibatches": 1}, False),
+                                         ({"ppo_epochs": 2, "minibatches": 1}, True),
+                                         ({"ppo_epochs": 1, "minibatches": 4}, True)])
+def test_ppo_panels_zero_by_construction_follow_the_configuration(ppo, drawn):
+    log = make_ppo_log()  # approx_kl is not 0 here: the configuration decides, not the data
+    for row in log:
+        row["clip_fraction"] = 0.0  # 0 by luck in a multi-step run: still drawn
+    keys = [key for key, *_ in report.ppo_panels(log, report.zero_by_construction({"ppo": ppo}))]
+    assert ("approx_kl" in keys) is drawn and ("clip_fraction" in keys) is drawn
+    assert {"reward_mean", "policy_loss", "excess_length_mean"} <= set(keys)
+    assert report.zero_by_construction(None) == ()  # no configuration: nothing hidden
+    assert report.zero_by_construction({"data": {}}) == ()
+
+
+def test_instruction_and_configuration_in_the_report(tmp_path):
+    config = {"data": {"instruction": EVIL}, "ppo": {"ppo_epochs": 1, "minibatches": 1}}
+    paths = report.build_report(tmp_path, make_scores(), None, ppo_log=make_ppo_log(),
+                                config=config)
+    md, html = paths["markdown"].read_text(), paths["html"].read_text()
+    assert "<script>" not in html
+    assert "Instruction given before every input: “&lt;script&gt;" in html
+    assert "Instruction given before every input: “&lt;script&gt;" in md
+    for text in (md, html):
+        assert "Approximate KL and clip fraction are not plotted" in text
+    paths = report.build_report(tmp_path / "none", make_scores(), None,
+                                config={"data": {"instruction": ""}})
+    assert "Instruction: none (the input alone is the prompt)." in paths["markdown"].read_text()
+    with pytest.raises(report.ReportInputError, match="config: expected an object"):
+        report.build_report(tmp_path, make_scores(), None, config=["not", "a", "dict"])
 
 
 @pytest.mark.parametrize("bad, message", [
@@ -275,7 +327,7 @@ def test_build_report_from_dir(tmp_path, combined):
     md = paths["markdown"].read_text()
     assert "| filter\\_data | 2.5 |" in md
     assert md.count("**Example id ") == 5
-    assert "Max LL cleaned | mle\\_cleaned output 1 |" in md
+    assert "| MLE, post-processed | mle\\_cleaned output 1 |" in md
 
 
 def test_build_report_from_dir_errors_name_the_file(tmp_path):
@@ -331,8 +383,24 @@ def test_build_report_from_stages_gathers_the_run(tmp_path):
     assert stage_rows == ["train_reward", "train_ppo", "generate_base", "generate_mle",
                           "generate_rl", "postprocess_base", "postprocess_mle", "score"]
     assert "| profile | smoke |" in md and "tiny-random" in md
-    # RL's outputs are the references but for the <script> one: best, and shortest excess.
-    assert "Best on la-ROUGE-L F1: RL (" in md
+    # RL's outputs are the references but for the <script> one: the highest means and the
+    # shortest excess, yet on 6 examples only the length difference is clear.
+    assert "Highest length-adjusted ROUGE-L F1: RL (" in md
+    summary = _section(md, "## Summary", "## Scores")
+    assert ("RL vs MLE: extra length (words) -0.7 vs +2.0: RL closer to the reference length "
+            "(95% CI of the difference -3.00 to -2.00); length-adjusted ROUGE-L F1 0.667 vs "
+            "0.571: no clear difference (95% CI of the difference -0.171 to +0.229)") in summary
+    assert "RL vs MLE, post-processed: " in summary
+    intervals = _section(md, "### RL against MLE: confidence intervals", "## Reward model")
+    assert ("| length-adjusted ROUGE-L F1 | 0.667 | 0.571 | +0.095 | -0.171 to +0.229 | "
+            "no clear difference |") in intervals
+    assert "| **RL closer to the reference length** |" in intervals
+    assert "**RL against MLE, post-processed**" in intervals
+    assert "2,000 resamples of the 6 test examples" in intervals
+    # The smoke profile's instruction, and its one-step PPO: no approximate KL panel.
+    instruction = get_profile("smoke").data.instruction
+    assert f"Instruction given before every input: “{instruction}”" in md
+    assert "Approximate KL and clip fraction are not plotted" in md
     rl_excess = scores["models"]["rl"]["excess_length"]
     assert f"RL {rl_excess:+.1f}, Base {scores['models']['base']['excess_length']:+.1f}" in md
     # The gathered folder rebuilds the same report.
