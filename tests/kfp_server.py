@@ -52,6 +52,7 @@ HTTP_STATUS = {3: 400, 5: 404, 6: 409, 9: 400, 12: 501, 13: 500, 16: 401}
 INT32 = (-(2 ** 31), 2 ** 31 - 1)
 INT64 = (-(2 ** 63), 2 ** 63 - 1)
 RFC3339 = re.compile(r"^\d{4}-\d{2}-\d{2}[Tt]\d{2}:\d{2}:\d{2}(\.\d{1,9})?([Zz]|[+-]\d{2}:\d{2})$")
+_ID, _VID = r"(?P<id>[^/:]+)", r"(?P<vid>[^/:]+)"  # path ids in ROUTES
 MAX_CONCURRENCY = (1, 10)  # recurring_run_server.go: "Support 1-10"
 
 
@@ -329,9 +330,7 @@ def _check_cron_item(item: str, name: str, low: int, high: int, fail) -> None:
     span, _, step = item.partition("/")
     if step and (not step.isdigit() or int(step) == 0):
         raise fail(f"bad step in {name}: {item!r}")
-    if span in ("*", "?"):
-        if span == "?" and name not in ("day of month", "day of week"):
-            raise fail(f"'?' is not allowed in {name}")
+    if span in ("*", "?"):  # robfig takes '?' as '*' in any field
         return
     first, _, last = span.partition("-")
     a = number(first)
@@ -516,48 +515,59 @@ class KfpApiServer:
         return [r.body for r in self.requests
                 if r.method == method.upper() and r.path.endswith(path_suffix)]
 
-    # routing
+    # routing: (method, path under /apis/v2beta1, handler, the response message)
     ROUTES = [
-        ("GET", r"/healthz", "healthz"),
-        ("POST", r"/experiments", "create_experiment"),
-        ("GET", r"/experiments", "list_experiments"),
-        ("GET", r"/experiments/(?P<id>[^/:]+)", "get_experiment"),
-        ("DELETE", r"/experiments/(?P<id>[^/:]+)", "delete_experiment"),
-        ("POST", r"/experiments/(?P<id>[^/:]+):(?P<verb>archive|unarchive)", "archive_experiment"),
-        ("POST", r"/pipelines/upload", "upload_pipeline"),
-        ("POST", r"/pipelines/upload_version", "upload_pipeline_version"),
-        ("POST", r"/pipelines", "create_pipeline"),
-        ("POST", r"/pipelines/create", "create_pipeline_and_version"),
-        ("GET", r"/pipelines", "list_pipelines"),
-        ("GET", r"/pipelines/names/(?P<name>[^/]+)", "get_pipeline_by_name"),
-        ("GET", r"/pipelines/(?P<id>[^/]+)", "get_pipeline"),
-        ("DELETE", r"/pipelines/(?P<id>[^/]+)", "delete_pipeline"),
-        ("POST", r"/pipelines/(?P<id>[^/]+)/versions", "create_pipeline_version"),
-        ("GET", r"/pipelines/(?P<id>[^/]+)/versions", "list_pipeline_versions"),
-        ("GET", r"/pipelines/(?P<id>[^/]+)/versions/(?P<vid>[^/]+)", "get_pipeline_version"),
-        ("DELETE", r"/pipelines/(?P<id>[^/]+)/versions/(?P<vid>[^/]+)", "delete_pipeline_version"),
-        ("POST", r"/runs", "create_run"),
-        ("GET", r"/runs", "list_runs"),
-        ("GET", r"/runs/(?P<id>[^/:]+)", "get_run"),
-        ("DELETE", r"/runs/(?P<id>[^/:]+)", "delete_run"),
-        ("POST", r"/runs/(?P<id>[^/:]+):(?P<verb>archive|unarchive|terminate)", "run_action"),
-        ("POST", r"/recurringruns", "create_recurring_run"),
-        ("GET", r"/recurringruns", "list_recurring_runs"),
-        ("GET", r"/recurringruns/(?P<id>[^/:]+)", "get_recurring_run"),
-        ("DELETE", r"/recurringruns/(?P<id>[^/:]+)", "delete_recurring_run"),
-        ("POST", r"/recurringruns/(?P<id>[^/:]+):(?P<verb>enable|disable)", "toggle_recurring_run"),
+        ("GET", r"/healthz", "healthz", "v2beta1GetHealthzResponse"),
+        ("POST", r"/experiments", "create_experiment", "v2beta1Experiment"),
+        ("GET", r"/experiments", "list_experiments", "v2beta1ListExperimentsResponse"),
+        ("GET", rf"/experiments/{_ID}", "get_experiment", "v2beta1Experiment"),
+        ("DELETE", rf"/experiments/{_ID}", "delete_experiment", None),
+        ("POST", rf"/experiments/{_ID}:(?P<verb>archive|unarchive)", "archive_experiment", None),
+        ("POST", r"/pipelines/upload", "upload_pipeline", "v2beta1Pipeline"),
+        ("POST", r"/pipelines/upload_version", "upload_pipeline_version",
+         "v2beta1PipelineVersion"),
+        ("POST", r"/pipelines", "create_pipeline", "v2beta1Pipeline"),
+        ("POST", r"/pipelines/create", "create_pipeline_and_version", "v2beta1Pipeline"),
+        ("GET", r"/pipelines", "list_pipelines", "v2beta1ListPipelinesResponse"),
+        ("GET", r"/pipelines/names/(?P<name>[^/]+)", "get_pipeline_by_name", "v2beta1Pipeline"),
+        ("GET", rf"/pipelines/{_ID}", "get_pipeline", "v2beta1Pipeline"),
+        ("DELETE", rf"/pipelines/{_ID}", "delete_pipeline", None),
+        ("POST", rf"/pipelines/{_ID}/versions", "create_pipeline_version",
+         "v2beta1PipelineVersion"),
+        ("GET", rf"/pipelines/{_ID}/versions", "list_pipeline_versions",
+         "v2beta1ListPipelineVersionsResponse"),
+        ("GET", rf"/pipelines/{_ID}/versions/{_VID}", "get_pipeline_version",
+         "v2beta1PipelineVersion"),
+        ("DELETE", rf"/pipelines/{_ID}/versions/{_VID}", "delete_pipeline_version", None),
+        ("POST", r"/runs", "create_run", "v2beta1Run"),
+        ("GET", r"/runs", "list_runs", "v2beta1ListRunsResponse"),
+        ("GET", rf"/runs/{_ID}", "get_run", "v2beta1Run"),
+        ("DELETE", rf"/runs/{_ID}", "delete_run", None),
+        ("POST", rf"/runs/{_ID}:(?P<verb>archive|unarchive|terminate)", "run_action", None),
+        ("POST", r"/recurringruns", "create_recurring_run", "v2beta1RecurringRun"),
+        ("GET", r"/recurringruns", "list_recurring_runs", "v2beta1ListRecurringRunsResponse"),
+        ("GET", rf"/recurringruns/{_ID}", "get_recurring_run", "v2beta1RecurringRun"),
+        ("DELETE", rf"/recurringruns/{_ID}", "delete_recurring_run", None),
+        ("POST", rf"/recurringruns/{_ID}:(?P<verb>enable|disable)", "toggle_recurring_run", None),
     ]
 
     def dispatch(self, req: Recorded) -> tuple[int, Any]:
         if not req.path.startswith(API):
             raise ApiError(5, f"{req.method} {req.path}: not a v2beta1 API path")
         rest = req.path[len(API):]
-        for method, pattern, name in self.ROUTES:
+        for method, pattern, name, response in self.ROUTES:
             match = re.fullmatch(pattern, rest)
             if match and method == req.method:
                 with self.lock:
-                    return 200, getattr(self, "_" + name)(req, **{
+                    payload = getattr(self, "_" + name)(req, **{
                         k: urllib.parse.unquote(v) for k, v in match.groupdict().items()})
+                    # the fake's own answers must be what the API defines (else: a 500)
+                    if response is not None:
+                        try:
+                            validate_message(response, payload, "")
+                        except ApiError as e:
+                            raise ApiError(13, f"the fake's {response} answer: {e.message}")
+                    return 200, json.loads(json.dumps(payload))
         raise ApiError(5, f"{req.method} {req.path}: no such v2beta1 method in the fake")
 
     # helpers

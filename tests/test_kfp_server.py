@@ -411,3 +411,12 @@ def test_multi_user_lists_filter_by_namespace(tiny_yaml):
         with pytest.raises(kfp_server_api.ApiException) as refused:
             alice._run_api.run_service_list_runs()
         assert refused.value.status == 400 and "namespace is required" in refused.value.body
+
+
+def test_the_fakes_own_answers_are_checked_against_the_schema(kfp_server, tiny_yaml):
+    client = _client(kfp_server)
+    run = client.create_run_from_pipeline_package(tiny_yaml, arguments={"count": 1, "label": "x"})
+    kfp_server.runs[run.run_id]["state"] = "DONE"  # not a v2beta1RuntimeState
+    with pytest.raises(kfp_server_api.ApiException) as broken:
+        client.get_run(run.run_id)
+    assert broken.value.status == 500 and "state: invalid value for enum" in kfp_server.errors[-1]
