@@ -409,9 +409,13 @@ def headline(scores: dict, absent: list[str]) -> list[str]:
         if not ranked:
             lines.append(f"{label}: not computed for any variant.")
             continue
-        top = ", ".join(variant_name(v) for v, x in ranked if x == ranked[0][1])
-        line = f"Highest {label}: {top} ({ranked[0][1]:.3f})"
         rest = [(v, x) for v, x in ranked if x != ranked[0][1]]
+        if not rest and len(ranked) > 1:
+            lines.append(f"{label}: all {len(ranked)} variants alike ({ranked[0][1]:.3f}).")
+            continue
+        # Names may hold commas ("MLE, post-processed"): ties are joined by semicolons.
+        top = "; ".join(variant_name(v) for v, x in ranked if x == ranked[0][1])
+        line = f"Highest {label}: {top} ({ranked[0][1]:.3f})"
         if rest:
             line += f"; next {variant_name(rest[0][0])} ({rest[0][1]:.3f})"
         lines.append(line + ".")

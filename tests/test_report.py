@@ -250,6 +250,18 @@ def test_ppo_log_without_batch_kind_or_some_columns(tmp_path):
     assert report.plot_ppo([{"update": 1, "seconds": 3.0}], tmp_path / "q.png") is None
 
 
+def test_headline_ties_and_variants_alike():
+    scores = make_scores()
+    for v in ("mle_cleaned", "base_cleaned"):  # tie with RL on both headline metrics
+        scores["models"][v].update(la_rougeL_f1=0.41, semantic_similarity=0.71)
+    lines = report.headline(scores, [])
+    assert ("Highest length-adjusted ROUGE-L F1: RL; Base, post-processed; MLE, "
+            "post-processed (0.410); next MLE (0.300).") in lines
+    for values in scores["models"].values():
+        values["semantic_similarity"] = 0.5
+    assert "semantic similarity: all 5 variants alike (0.500)." in report.headline(scores, [])
+
+
 @pytest.mark.parametrize("ppo, drawn", [({"ppo_epochs": 1, "minibatches": 1}, False),
                                          ({"ppo_epochs": 2, "minibatches": 1}, True),
                                          ({"ppo_epochs": 1, "minibatches": 4}, True)])
