@@ -40,9 +40,11 @@ from __future__ import annotations
 import csv
 import gzip
 import hashlib
+import io
 import json
 import math
 import re
+import zlib
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,7 +53,7 @@ from typing import Any, Iterable, Iterator
 import numpy as np
 
 from .config import DataConfig
-from .io import is_valid_unicode, write_json, write_jsonl
+from .io import human_bytes, is_valid_unicode, write_json, write_jsonl
 
 #: The bundled default dataset (Debian package descriptions -> synopses; PROVENANCE.md there).
 DEFAULT_DATA = Path(__file__).resolve().parent.parent / "data" / "debian-descriptions"
@@ -62,10 +64,24 @@ DEFAULT_OUTPUT_COLUMN = "output"
 DATA_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".csv", ".parquet")
 ID_COLUMN = "id"
 SPLITS = ("train", "test")
-DROP_REASONS = ("missing_column", "null", "non_string", "empty", "invalid_unicode", "duplicate",
-                "too_long")
+DROP_REASONS = ("missing_column", "null", "non_string", "empty", "invalid_unicode", "too_large",
+                "too_deep", "duplicate", "too_long")
 TOKENIZE_BATCH = 512
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(:[\w.-]+)?$")
+#: The largest record read as a row: a JSON line, a CSV record, a Parquet row's text cells (for
+#: a parsed .json array or hub split: its input and output cells). A larger one is dropped as
+#: `too_large` without being parsed or held: SmolLM2's longest token is 81 bytes, so 8 MiB is
+#: over 100,000 tokens, far past any `max_input_tokens`, and tokenizing it would take minutes.
+MAX_RECORD_BYTES = 8 << 20
+#: JSON nested deeper than this (a task row is flat) is dropped as `too_deep` before parsing:
+#: Python's parser recurses, so 100,000 nested arrays would raise RecursionError.
+MAX_JSON_DEPTH = 100
+_READ_CHUNK = 1 << 20
+#: `owner/name`, optional `:config`, optional `@revision` (a branch, tag or commit).
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(:[\w.-]+)?(@[\w./-]+)?$")
+#: File name endings that make a name a local path, never a hub id (DATA_SUFFIXES and kin).
+_FILE_ENDINGS = DATA_SUFFIXES + (".gz", ".bz2", ".xz", ".zst", ".zip", ".tar", ".tsv", ".txt",
+                                 ".arrow", ".ndjson", ".xlsx")
+_COMMIT = re.compile(r"^[0-9a-f]{40}$")
 
 
 class DataError(ValueError):
@@ -135,6 +151,16 @@ class Part:
     records: list[tuple[int, Any]]  # (1-based line or row number, record)
     unit: str = "line"  # what the number counts: "line" or "row"
     sha256: str | None = None  # of the file's bytes (None for a hub split)
+    revision: str | None = None  # the hub commit a hub split was loaded at
+
+
+@dataclass(frozen=True)
+class Unreadable:
+    """A record known only by its place: too large or nested too deeply to parse. It is a bad
+    row like the others (dropped and counted by `reason`, or raised with `strict`)."""
+
+    reason: str  # "too_large" or "too_deep"
+    detail: str  # for messages, e.g. "200,880,044 bytes, over the 8.0 MiB bound for one record"
 
 
 def is_data_file(path: Path) -> bool:
@@ -168,7 +194,7 @@ def read_file(path: Path, label: str | None = None, split: str | None = None) ->
                         f"{', '.join(DATA_SUFFIXES)})")
     try:
         records, columns, unit = reader(path, label)
-    except (UnicodeDecodeError, gzip.BadGzipFile, EOFError) as e:
+    except (UnicodeDecodeError, gzip.BadGzipFile, EOFError) as e:  # the readers name the line
         raise DataError(f"{label}: cannot decode the file ({e})") from None
     if not records:
         raise DataError(f"{label}: the file has no rows")
@@ -184,35 +210,139 @@ def _file_sha256(path: Path) -> str:
 
 
 Records = tuple[list[tuple[int, Any]], list[str], str]  # (records, columns, unit)
+_BOM = b"\xef\xbb\xbf"
+_LINE_END = {False: re.compile(rb"\n"), True: re.compile(rb"\r\n|\r|\n")}
+
+
+class _Overflow(Exception):
+    """Even squeezed, a record stays over the bound (megabytes of CSV quotes and commas)."""
+
+
+def _physical_lines(f, universal: bool, squeeze=None) -> Iterator[tuple[bytes, int, bool]]:
+    """(line, size, over) for each line of the binary stream `f`, its terminator kept. Lines
+    end at "\\n", or also at "\\r" and "\\r\\n" when `universal` (as open(newline="") reads CSV).
+
+    Memory stays bounded whatever the file holds: a line longer than MAX_RECORD_BYTES is never
+    held whole; it comes back `over`, as the pieces `squeeze` keeps of it (b"" without one),
+    with its true size."""
+    ends = _LINE_END[universal]
+    held, squeezed, size, carry = bytearray(), None, 0, b""
+    while True:
+        chunk = f.read1(_READ_CHUNK)  # read1: a truncated .gz yields what precedes the cut
+        block, carry = carry + chunk, b""
+        if chunk and universal and block.endswith(b"\r"):  # maybe the first half of "\r\n"
+            block, carry = block[:-1], b"\r"
+        pos = 0
+        found = ends.finditer(block) if b"\r" in block else _LINE_END[False].finditer(block)
+        cuts = [(m.end(), True) for m in found] + [(len(block), False)]  # \n alone: 8x faster
+        for end, complete in cuts:
+            piece, pos = block[pos:end], end
+            size += len(piece)
+            if squeezed is None:
+                held += piece
+                if len(held) > MAX_RECORD_BYTES:
+                    squeezed, kept = [], 0
+                    piece, held = bytes(held), bytearray()
+            if squeezed is not None and piece:
+                squeezed.append(squeeze(piece) if squeeze else b"")
+                kept += len(squeezed[-1])
+                if kept > MAX_RECORD_BYTES:
+                    raise _Overflow(size)
+            if size and (complete or not chunk):
+                yield (bytes(held), size, False) if squeezed is None else (
+                    b"".join(squeezed), size, True)
+                held, squeezed, size = bytearray(), None, 0
+        if not chunk:
+            return
+
+
+def _decode_line(raw: bytes, label: str, number: int) -> str:
+    """One line's bytes as text; invalid UTF-8 is an error naming the line and the bytes."""
+    if number == 1:
+        raw = raw.removeprefix(_BOM)
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        bad = e.object[e.start:e.start + 4]
+        raise DataError(f"{label}: line {number} is not valid UTF-8 ({e.reason} at byte "
+                        f"{e.start + 1} of the line: {bad!r}); save the file as UTF-8") from None
+
+
+def _too_large(size: int) -> Unreadable:
+    return Unreadable("too_large", f"{size:,} bytes, over the {human_bytes(MAX_RECORD_BYTES)} "
+                                   "bound for one record")
+
+
+_JSON_TOKEN = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"|[\[\]{},]')
+
+
+def _json_too_deep(text: str, limit: int) -> int | None:
+    """None when `text` nests at most `limit` levels of arrays/objects, else the 1-based index
+    of the top-level array element where it goes deeper (1 for a non-array). A linear scan:
+    json.loads would recurse once per level."""
+    if text.count("[") + text.count("{") <= limit:
+        return None
+    depth, element = 0, 1
+    for m in _JSON_TOKEN.finditer(text):
+        c = m.group()
+        if c in "[{":
+            depth += 1
+            if depth > limit:
+                return element
+        elif c in "]}":
+            depth -= 1
+        elif c == "," and depth == 1:
+            element += 1
+    return None
+
+
+def _json_record(text: str, label: str, number: int, unit: str) -> Any:
+    """One JSON Lines record: the parsed value, or Unreadable when nested too deeply."""
+    if _json_too_deep(text, MAX_JSON_DEPTH) is not None:
+        return Unreadable("too_deep", f"JSON nested deeper than {MAX_JSON_DEPTH} levels")
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{label}: {unit} {number} is not valid JSON ({e.msg})") from None
+
+
+def _json_lines(f, label: str) -> list[tuple[int, Any]]:
+    records, number = [], 0
+    try:
+        for number, (raw, size, over) in enumerate(_physical_lines(f, False), start=1):
+            if over:
+                records.append((number, _too_large(size)))
+                continue
+            line = _decode_line(raw, label, number)
+            if line.strip():
+                records.append((number, _json_record(line, label, number, "line")))
+    except (EOFError, gzip.BadGzipFile, zlib.error) as e:
+        raise DataError(f"{label}: the compressed data is cut short or corrupt after line "
+                        f"{number} ({type(e).__name__}: {e}); no row of this file was used"
+                        ) from None
+    return records
 
 
 def _read_json_records(path: Path, label: str) -> Records:
-    opener = gzip.open if path.name.lower().endswith(".gz") else open
-    with opener(path, "rt", encoding="utf-8-sig") as f:
-        text = f.read()
-    items = None
-    # A .json file may hold one array of objects; a .jsonl file is always lines (its first
-    # record may itself be an array: that is a bad record, reported by its line below).
-    if path.name.lower().endswith(".json") and text.lstrip().startswith("["):
-        try:
-            items = json.loads(text)
-        except json.JSONDecodeError as e:
-            if e.msg != "Extra data":  # more than one value: JSON Lines after all
-                raise DataError(f"{label}: not valid JSON ({e.msg}, line {e.lineno})") from None
-    if isinstance(items, list):
-        records = list(enumerate(items, start=1))
-        unit = "row"
+    records, unit = None, "line"
+    # A .json file may hold one array of objects (parsed whole); a .jsonl file is always lines,
+    # read as a stream (its first record may itself be an array: a bad record, named below).
+    if path.name.lower().endswith(".json"):
+        raw = path.read_bytes()
+        text = _decode_whole(raw, label)
+        if text.lstrip().startswith("["):
+            records = _json_array(text, label)
+            unit = "row" if records is not None else unit
+        if records is None:
+            records = _json_lines(io.BytesIO(raw), label)
     else:
-        records, unit = [], "line"
-        for lineno, line in enumerate(text.split("\n"), start=1):  # not splitlines: U+2028
-            if not line.strip():
-                continue
-            try:
-                records.append((lineno, json.loads(line)))
-            except json.JSONDecodeError as e:
-                raise DataError(f"{label}: line {lineno} is not valid JSON ({e.msg})") from None
+        opener = gzip.open if path.name.lower().endswith(".gz") else open
+        with opener(path, "rb") as f:
+            records = _json_lines(f, label)
     columns: dict[str, None] = {}  # the union of keys, in order of first appearance
     for number, rec in records:
+        if isinstance(rec, Unreadable):
+            continue
         if not isinstance(rec, dict):
             raise DataError(f"{label}: {unit} {number} is a JSON {type(rec).__name__}, "
                             "expected an object with the input and output columns")
@@ -220,32 +350,138 @@ def _read_json_records(path: Path, label: str) -> Records:
     return records, list(columns), unit
 
 
+def _decode_whole(raw: bytes, label: str) -> str:
+    try:
+        return raw.removeprefix(_BOM).decode("utf-8")
+    except UnicodeDecodeError:  # name the line: decode line by line
+        for number, (line, _, _) in enumerate(_physical_lines(io.BytesIO(raw), False), 1):
+            _decode_line(line, label, number)
+        raise
+
+
+def _json_array(text: str, label: str) -> list[tuple[int, Any]] | None:
+    """The rows of a .json file holding one array; None when it holds more than one value
+    (JSON Lines after all)."""
+    row = _json_too_deep(text, MAX_JSON_DEPTH + 1)  # + 1: the array itself
+    if row is not None:
+        raise DataError(f"{label}: row {row} is JSON nested deeper than {MAX_JSON_DEPTH} "
+                        "levels; a .json array is parsed whole, so nothing of it was used "
+                        "(JSON Lines would drop only that row)")
+    try:
+        items = json.loads(text)
+    except json.JSONDecodeError as e:
+        if e.msg == "Extra data":  # more than one value: JSON Lines after all
+            return None
+        raise DataError(f"{label}: not valid JSON ({e.msg}, line {e.lineno})") from None
+    if not isinstance(items, list):
+        return None
+    return list(enumerate(items, start=1))
+
+
+def _squeeze_csv(piece: bytes) -> bytes:
+    """What decides where an over-long CSV record ends, without its megabytes: quotes and line
+    ends are kept; every run of other bytes becomes its last byte, a comma or "x" (after such a
+    run the parser is in the same state either way: a field just started, or inside one)."""
+    return _CSV_RUN.sub(rb"\1", piece.translate(_CSV_SHAPE))
+
+
+_CSV_SHAPE = bytes(c if c in b'",\r\n' else ord("x") for c in range(256))
+_CSV_RUN = re.compile(rb"[x,]*([x,])")
+
+
 def _read_csv_records(path: Path, label: str) -> Records:
-    csv.field_size_limit(2**31 - 1)  # long documents in one cell
-    records = []
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        reader = csv.reader(f)
+    """CSV records, each numbered by its first physical line. A record over MAX_RECORD_BYTES
+    is read squeezed (`_squeeze_csv`) and kept as Unreadable; a quote never closed is an error:
+    where its cell was meant to end cannot be known, so no row after it can be trusted."""
+    state = {"record": 0, "line": 0, "eof": False}
+
+    def lines() -> Iterator[str]:
+        with open(path, "rb") as f:
+            for raw, size, over in _physical_lines(f, True, _squeeze_csv):
+                state["line"] += 1
+                state["record"] += size
+                if state["record"] > MAX_RECORD_BYTES and not over:
+                    raw = _squeeze_csv(raw)  # this record is already over: keep only its shape
+                yield _decode_line(raw, label, state["line"])
+        state["eof"] = True
+
+    records, start = [], 1
+    previous_limit = csv.field_size_limit(2 * MAX_RECORD_BYTES)
+    try:
+        reader = csv.reader(lines())
         header = next(reader, [])
-        start = reader.line_num + 1
+        if state["eof"] and header:  # the reader reached the end inside the header
+            raise _unclosed_quote(label, 1, state["line"])
+        if state["record"] > MAX_RECORD_BYTES:
+            raise DataError(f"{label}: the header is over {human_bytes(MAX_RECORD_BYTES)}")
+        start, state["record"] = state["line"] + 1, 0
         for values in reader:
-            if values:
+            if state["eof"]:  # a record ends at a line's end, never at the file's: a quote
+                raise _unclosed_quote(label, start, state["line"])
+            if state["record"] > MAX_RECORD_BYTES:
+                records.append((start, _too_large(state["record"])))
+            elif values:
                 # A short row lacks its last columns (missing_column); a long one is an error.
                 if len(values) > len(header):
                     raise DataError(f"{label}: line {start} has {len(values)} fields, the header "
                                     f"has {len(header)}")
                 records.append((start, dict(zip(header, values))))
-            start = reader.line_num + 1
+            start, state["record"] = state["line"] + 1, 0
+    except (csv.Error, _Overflow) as e:
+        raise DataError(f"{label}: line {start}: cannot parse the CSV record starting here "
+                        f"({type(e).__name__}: {e})") from None
+    finally:
+        csv.field_size_limit(previous_limit)
     return records, header, "line"
 
 
+def _unclosed_quote(label: str, start: int, last: int) -> DataError:
+    return DataError(f"{label}: line {start}: a quoted cell opened in this record is never "
+                     f"closed, so lines {start}-{last} would be one cell; close the quote (a "
+                     'quote inside a quoted cell is written twice: "")')
+
+
 def _read_parquet_records(path: Path, label: str) -> Records:
+    """Row group by row group (memory: one group); a row whose text cells hold more than
+    MAX_RECORD_BYTES is measured in Arrow and kept as Unreadable, never made a Python string."""
     import pyarrow.parquet as pq
 
     try:
-        table = pq.read_table(path)
+        f = pq.ParquetFile(path)
+        columns = list(f.schema_arrow.names)
     except Exception as e:  # pyarrow raises several types for a corrupt file
         raise DataError(f"{label}: cannot read Parquet ({e})") from None
-    return list(enumerate(table.to_pylist(), start=1)), table.column_names, "row"
+    records: list[tuple[int, Any]] = []
+    first = 1
+    for group in range(f.num_row_groups):
+        n = f.metadata.row_group(group).num_rows
+        try:
+            table = f.read_row_group(group)
+            sizes = _text_bytes_per_row(table)
+            small = sizes <= MAX_RECORD_BYTES
+            kept = table.filter(small) if not small.all() else table
+            rows = iter(kept.to_pylist())
+        except Exception as e:
+            raise DataError(f"{label}: rows {first}-{first + n - 1} (row group {group + 1} of "
+                            f"{f.num_row_groups}) cannot be read: {e}") from None
+        records += [(first + i, next(rows) if ok else _too_large(int(sizes[i])))
+                    for i, ok in enumerate(small)]
+        first += n
+    return records, columns, "row"
+
+
+def _text_bytes_per_row(table) -> np.ndarray:
+    """UTF-8 bytes of each row's string and binary cells, computed in Arrow."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    total = np.zeros(table.num_rows, dtype=np.int64)
+    for column in table.columns:
+        kind = column.type
+        if pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_binary(
+                kind) or pa.types.is_large_binary(kind):
+            total += pc.fill_null(pc.binary_length(column), 0).to_numpy().astype(np.int64)
+    return total
 
 
 def read_directory(path: Path, label: str | None = None) -> list[Part]:
@@ -265,21 +501,54 @@ def read_files(paths: list[Path], labels: list[str]) -> list[Part]:
     return [read_file(p, lab, split_from_name(p.name)) for p, lab in zip(paths, labels)]
 
 
+def parse_hub_id(name: str) -> tuple[str, str | None, str | None]:
+    """(repo, config, revision) of `owner/name[:config][@revision]` or `hf:name...`."""
+    rest, _, revision = name.removeprefix("hf:").partition("@")
+    repo, _, config = rest.partition(":")
+    return repo, config or None, revision or None
+
+
+def resolve_hub_revision(repo: str, revision: str | None = None, api=None) -> str:
+    """The commit SHA that `revision` (None: the default branch) of Hugging Face dataset `repo`
+    names now, so the run loads, and its fingerprint records, one fixed commit. A 40-hex-digit
+    revision is already a commit and needs no lookup."""
+    if revision and _COMMIT.match(revision):
+        return revision
+    if api is None:
+        from huggingface_hub import HfApi
+
+        api = HfApi()
+    try:
+        sha = api.dataset_info(repo, revision=revision).sha
+    except Exception as e:  # network, auth, unknown id or revision: one clear message
+        at = f" at {revision!r}" if revision else ""
+        raise DataError(f"cannot load Hugging Face dataset {repo!r}{at} (and no local file or "
+                        f"directory has that name): resolving it to a commit failed: "
+                        f"{type(e).__name__}: {e}") from None
+    if not (isinstance(sha, str) and _COMMIT.match(sha)):
+        raise DataError(f"Hugging Face dataset {repo!r}: the hub gave no commit for "
+                        f"{revision or 'its default branch'} (got {sha!r})")
+    return sha
+
+
 def read_hub(name: str) -> list[Part]:
-    """A Hugging Face dataset (`owner/name`, `hf:name`, optional `:config`), its named splits."""
+    """A Hugging Face dataset (`owner/name`, `hf:name`, optional `:config` and `@revision`),
+    its named splits, loaded at the commit the revision resolves to now."""
     import datasets
 
-    repo, _, config = name.removeprefix("hf:").partition(":")
+    repo, config, revision = parse_hub_id(name)
+    sha = resolve_hub_revision(repo, revision)
     try:
-        names = datasets.get_dataset_split_names(repo, config or None)
-        loaded = {s: datasets.load_dataset(repo, config or None, split=s)
+        names = datasets.get_dataset_split_names(repo, config, revision=sha)
+        loaded = {s: datasets.load_dataset(repo, config, split=s, revision=sha)
                   for s in _hub_splits_to_read(names)}
     except DataError:
         raise
     except Exception as e:  # network, auth, unknown id: all surface as one clear message
-        raise DataError(f"cannot load Hugging Face dataset {name!r} (and no local file or "
-                        f"directory has that name): {type(e).__name__}: {e}") from None
-    return parts_from_hub(name, loaded)
+        raise DataError(f"cannot load Hugging Face dataset {name!r} at commit {sha} (and no "
+                        f"local file or directory has that name): {type(e).__name__}: {e}"
+                        ) from None
+    return parts_from_hub(name, loaded, sha)
 
 
 def _hub_splits_to_read(names: list[str]) -> list[str]:
@@ -289,7 +558,8 @@ def _hub_splits_to_read(names: list[str]) -> list[str]:
     return ["train"] + ([extra] if extra else [])
 
 
-def parts_from_hub(name: str, splits: dict[str, Any]) -> list[Part]:
+def parts_from_hub(name: str, splits: dict[str, Any], revision: str | None = None
+                   ) -> list[Part]:
     """Parts from loaded `datasets.Dataset` objects keyed by hub split name."""
     parts = []
     for hub_split, ds in splits.items():
@@ -297,8 +567,23 @@ def parts_from_hub(name: str, splits: dict[str, Any]) -> list[Part]:
         if not records:
             raise DataError(f"{name} split {hub_split!r}: the split has no rows")
         parts.append(Part(f"{name} split {hub_split!r}", split_from_name(hub_split),
-                          list(ds.column_names), records, "row"))
+                          list(ds.column_names), records, "row", revision=revision))
     return parts
+
+
+def looks_local(text: str) -> bool:
+    """True when `text` can only mean a path: it starts like one (`.`, `/`, `~`), has a
+    backslash or a second `/`, ends with a file extension (`x.jsonl`, `a/b.csv.gz`), or its
+    first component is a directory here (`data/typo`). Such a name that does not exist is a
+    "no such file" error: it never reaches the Hugging Face hub."""
+    if text.startswith(("hf:", "s3://")):
+        return False
+    base = text.split("@")[0]  # a revision may hold slashes (refs/pr/1)
+    if text.startswith((".", "/", "~")) or "\\" in base or base.count("/") != 1:
+        return True
+    if base.lower().endswith(_FILE_ENDINGS) or not _HUB_ID.match(text):
+        return True
+    return Path(text.split("/")[0]).is_dir()
 
 
 def read_source(source: str | Path) -> tuple[str, list[Part]]:
@@ -315,10 +600,14 @@ def read_source(source: str | Path) -> tuple[str, list[Part]]:
         return "directory", read_directory(path, text)
     if path.is_file():
         return "file", [read_file(path, text)]
-    if text.startswith("hf:") or (_HUB_ID.match(text) and not text.lower().endswith(DATA_SUFFIXES)):
+    if text.startswith("hf:") or not looks_local(text):
         return "hub", read_hub(text)
-    raise DataError(f"task data not found: {text} (no such file or directory; a Hugging Face "
-                    "dataset id looks like owner/name or hf:name)")
+    why = ""
+    if "/" in text and Path(text.split("/")[0]).is_dir() and _HUB_ID.match(text):
+        why = (f"; a directory {text.split('/')[0]!r} exists here, so this names a path (for "
+               f"the Hugging Face dataset of that name write hf:{text})")
+    raise DataError(f"task data not found: {text} (no such file or directory{why}; a Hugging "
+                    "Face dataset id looks like owner/name or hf:name)")
 
 
 # ----------------------------------------------------------------------------- validation
@@ -335,6 +624,7 @@ class Rows:
     files: list[str] = field(default_factory=list)
     ignored: list[str] = field(default_factory=list)
     source_sha256: str | None = None  # over the used files' bytes; None for a hub dataset
+    source_revision: str | None = None  # the hub commit a hub dataset was loaded at
 
 
 def check_columns(part: Part, cfg: DataConfig) -> None:
@@ -361,7 +651,18 @@ def bad_reason(record: dict[str, Any], column: str) -> str | None:
 
 
 _REASON_TEXT = {"missing_column": "missing", "null": "null", "non_string": "not a string",
-                "empty": "empty", "invalid_unicode": "not valid Unicode (a lone surrogate)"}
+                "empty": "empty", "invalid_unicode": "not valid Unicode (a lone surrogate)",
+                "too_large": "too large"}
+
+
+def _cells_too_large(record: dict[str, Any], cfg: DataConfig) -> int | None:
+    """UTF-8 size of the input and output cells when over MAX_RECORD_BYTES (rows already parsed
+    whole: a .json array, a hub split), so that no such text reaches the tokenizer."""
+    texts = [record[c] for c in (cfg.input_column, cfg.output_column)]
+    if sum(map(len, texts)) * 4 <= MAX_RECORD_BYTES:  # 4: the most bytes one character takes
+        return None
+    size = sum(len(t.encode("utf-8")) for t in texts)
+    return size if size > MAX_RECORD_BYTES else None
 
 
 def _row_problem(record: dict[str, Any], cfg: DataConfig) -> tuple[str, str] | None:
@@ -370,6 +671,8 @@ def _row_problem(record: dict[str, Any], cfg: DataConfig) -> tuple[str, str] | N
         reason = bad_reason(record, column)
         if reason is not None:
             return column, reason
+    if _cells_too_large(record, cfg) is not None:
+        return cfg.input_column, "too_large"
     rid = record.get(ID_COLUMN)
     if rid is not None and not is_valid_unicode(str(rid)):
         return ID_COLUMN, "invalid_unicode"
@@ -381,6 +684,11 @@ def valid_rows(part: Part, cfg: DataConfig, dropped: Counter) -> list[dict[str, 
     check_columns(part, cfg)
     rows = []
     for number, rec in part.records:
+        if isinstance(rec, Unreadable):  # known only by its place: too large or too deep
+            if cfg.strict:
+                raise DataError(f"{part.label}: {part.unit} {number}: {rec.detail} (strict mode)")
+            dropped[rec.reason] += 1
+            continue
         problem = _row_problem(rec, cfg)
         if problem is not None:
             column, reason = problem
@@ -413,8 +721,10 @@ def load_rows(source: str | Path, cfg: DataConfig) -> Rows:
         method = "hash"
     splits = _deduplicate(splits, dropped)
     _unique_ids(splits)
+    revisions = sorted({p.revision for p in used if p.revision})
     return Rows(splits, kind, method, sum(len(p.records) for p in used), dropped,
-                [p.label for p in used], [p.label for p in ignored], _source_sha256(used))
+                [p.label for p in used], [p.label for p in ignored], _source_sha256(used),
+                revisions[0] if revisions else None)
 
 
 def _source_sha256(parts: list[Part]) -> str | None:
@@ -465,13 +775,26 @@ def _deduplicate(splits: dict[str, list[dict]], dropped: Counter) -> dict[str, l
 
 
 def _unique_ids(splits: dict[str, list[dict]]) -> None:
-    """Later rows that repeat an id get `~2`, `~3`, ...: stages join predictions on ids."""
-    counts: Counter = Counter()
-    for split in SPLITS:
+    """Make ids unique over both splits, here at filter time: stages join predictions on ids,
+    and a clash would surface only when the shards gather, after all the training.
+
+    Test rows come first (the report names them). A row keeps its id unless an earlier row has
+    it; then it gets the first free `id~2`, `id~3`, ... that is neither taken nor some other
+    row's own id, so `x, x, x~2` become `x, x~3, x~2`. Only the rows' order decides: the same
+    input gives the same ids in every run."""
+    own = {row["id"] for split in SPLITS for row in splits[split]}
+    taken: set[str] = set()
+    next_suffix: dict[str, int] = {}
+    for split in ("test", "train"):
         for row in splits[split]:
-            counts[row["id"]] += 1
-            if counts[row["id"]] > 1:
-                row["id"] = f"{row['id']}~{counts[row['id']]}"
+            rid = row["id"]
+            if rid in taken:
+                k = next_suffix.get(rid, 2)
+                while f"{rid}~{k}" in taken or f"{rid}~{k}" in own:
+                    k += 1
+                next_suffix[rid] = k + 1
+                row["id"] = f"{rid}~{k}"
+            taken.add(row["id"])
 
 
 def _check_config(cfg: DataConfig) -> None:
@@ -567,6 +890,7 @@ def _summary(source, rows: Rows, written: dict[str, list[dict]], per_split: dict
         "data_sha256": data_sha256,
         "output_sha256": output_sha256,
         "source_sha256": rows.source_sha256,
+        "source_revision": rows.source_revision,
         "input_words": word_stats(r["input"] for r in everything),
         "output_words": word_stats(r["output"] for r in everything),
     }

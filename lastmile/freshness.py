@@ -29,7 +29,9 @@ from dataclasses import asdict, dataclass
 from typing import Any, Mapping
 
 FINGERPRINT_FORMAT = "lastmile-fingerprint/1"
-#: The fields that decide "new"; base_model and data_source are kept for messages only.
+#: The fields that decide "new"; base_model, data_source and data_revision (the Hugging Face
+#: commit a hub dataset was loaded at) are recorded for messages and provenance only: the
+#: filtered rows' data_sha256 already decides whether the data changed.
 COMPARED = ("data_sha256", "base_model_hash", "config_sha256")
 LABELS = {"data_sha256": "the data", "base_model_hash": "the base model's weights",
           "config_sha256": "the configuration"}
@@ -64,13 +66,13 @@ def config_sha256(config_json: str) -> str:
 
 
 def fingerprint(data_sha256: str, base_model: str, base_model_hash: str, config_json: str,
-                data_source: str = "") -> dict[str, str]:
+                data_source: str = "", data_revision: str = "") -> dict[str, str]:
     """The run's input fingerprint; `digest` is one hash over the compared fields."""
     if not data_sha256:
         raise ValueError("fingerprint: data_sha256 is empty (filter_data's summary lacks it)")
     fp = {"format": FINGERPRINT_FORMAT, "data_sha256": data_sha256, "base_model": base_model,
           "base_model_hash": base_model_hash, "config_sha256": config_sha256(config_json),
-          "data_source": data_source}
+          "data_source": data_source, "data_revision": data_revision}
     fp["digest"] = _sha256(json.dumps({k: fp[k] for k in COMPARED}, sort_keys=True))
     return fp
 
@@ -167,7 +169,8 @@ def check(data_summary: Mapping[str, Any], config_json: str, base_model: str,
           force: bool = False, config=None) -> Decision:
     """The check_new_data step: fingerprint this run, look up the latest published one."""
     current = fingerprint(str(data_summary.get("data_sha256", "")), base_model,
-                          base_model_hash, config_json, data_source)
+                          base_model_hash, config_json, data_source,
+                          str(data_summary.get("source_revision") or ""))
     if force or not publish_to:  # nothing to look up: spares the store a request
         return decide(current, None, publish_to=publish_to, force=force)
     name, manifest = latest_published(publish_to, config=config)

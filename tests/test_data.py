@@ -6,6 +6,7 @@ import csv
 import gzip
 import hashlib
 import json
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -21,6 +22,9 @@ from s3server import s3_server  # noqa: F401 - the fixture (a real SeaweedFS S3 
 
 WORDS = ("alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi "
          "rho sigma tau upsilon phi chi psi omega").split()
+
+
+SHA = "0123456789abcdef0123456789abcdef01234567"  # a made-up hub commit
 
 
 def pairs(n: int, start: int = 0) -> list[dict]:
@@ -153,6 +157,7 @@ def test_hub_dataset_splits(tmp_path, monkeypatch):
     import datasets
 
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf-cache")
+    monkeypatch.setattr(data, "resolve_hub_revision", lambda repo, revision=None: SHA)
     d = tmp_path / "hubds"
     d.mkdir()
     write_jsonl(d / "train.jsonl", [{"document": f"doc {i}", "summary": f"s {i}"}
@@ -160,6 +165,7 @@ def test_hub_dataset_splits(tmp_path, monkeypatch):
     write_jsonl(d / "validation.jsonl", [{"document": "held out", "summary": "h"}])
     parts = data.read_hub(str(d))
     assert [(p.split, len(p.records)) for p in parts] == [("train", 8), ("validation", 1)]
+    assert {p.revision for p in parts} == {SHA}
     cfg = DataConfig(input_column="document", output_column="summary")
     dropped = Counter()
     assert [r["input"] for r in data.valid_rows(parts[1], cfg, dropped)] == ["held out"]
@@ -222,7 +228,8 @@ def test_invalid_json_line_names_file_and_line(tmp_path):
     with pytest.raises(DataError, match="bad.jsonl: line 2 is not valid JSON"):
         data.load_rows(path, DataConfig())
     (tmp_path / "latin1.csv").write_bytes("input,output\ncaf\xe9,x\n".encode("latin-1"))
-    with pytest.raises(DataError, match="latin1.csv: cannot decode the file"):
+    with pytest.raises(DataError, match=r"latin1.csv: line 2 is not valid UTF-8 \(invalid "
+                       r"continuation byte at byte 4 of the line: b'\\xe9,x"):
         data.load_rows(tmp_path / "latin1.csv", DataConfig())
 
 
@@ -415,7 +422,8 @@ def test_summary_json(tmp_path, tokenizer):
     assert summary["source"] == str(src) and summary["rows_in"] == 49
     assert summary["rows_out"] == {s: len(out[s]) for s in data.SPLITS}
     assert summary["dropped"] == {"missing_column": 1, "null": 2, "non_string": 2, "empty": 1,
-                                  "invalid_unicode": 0, "duplicate": 1, "too_long": 0}
+                                  "invalid_unicode": 0, "too_large": 0, "too_deep": 0,
+                                  "duplicate": 1, "too_long": 0}
     assert sum(summary["rows_out"].values()) + sum(summary["dropped"].values()) == 49
     digest = hashlib.sha256(b"".join((tmp_path / "out" / f"{s}.jsonl").read_bytes()
                                      for s in data.SPLITS)).hexdigest()
@@ -451,3 +459,293 @@ def test_bundled_dataset_with_defaults(tmp_path, tokenizer):
     summary = data.prepare(data.DEFAULT_DATA, tmp_path, demo, tokenizer)
     assert summary["rows_out"] == {"train": demo.max_train, "test": demo.max_test}
     assert 40 < summary["input_words"]["mean"] < 80 and 4 < summary["output_words"]["mean"] < 9
+
+
+# ----------------------------------------------------------------------------- hostile data
+# Each case below reproduced a failure before the fix (issue 18 point 6): an id clash, a file
+# swallowed by one quote, a bare RecursionError, errors that named no line, a hub download for a
+# mistyped path, an unpinned hub dataset.
+
+def ids_of(rows: data.Rows) -> dict[str, list[str]]:
+    return {s: [r["id"] for r in rows.splits[s]] for s in data.SPLITS}
+
+
+def test_duplicate_ids_become_unique_whatever_the_ids(tmp_path, tokenizer):
+    """`x, x, x~2` used to become `x, x~2, x~2`; the clash failed only at gather."""
+    rows = [{"id": rid, "input": f"document {i}", "output": f"summary {i}"}
+            for i, rid in enumerate(["x", "x", "x~2", "x~3", "x", 7, "7"])]
+    src = write_jsonl(tmp_path / "ids.jsonl", rows)
+    loaded = data.load_rows(src, DataConfig(test_fraction=0.01))
+    assert ids_of(loaded)["train"] == ["x", "x~4", "x~2", "x~3", "x~5", "7", "7~2"]
+    assert ids_of(data.load_rows(src, DataConfig(test_fraction=0.01))) == ids_of(loaded)
+    # a train/test clash is settled at filter time; the test row keeps its id
+    d = tmp_path / "named"
+    d.mkdir()
+    write_jsonl(d / "train.jsonl", [{"id": "a", "input": "t1", "output": "o"},
+                                    {"id": "b~2", "input": "t2", "output": "o"},
+                                    {"id": "b", "input": "t3", "output": "o"}])
+    write_jsonl(d / "test.jsonl", [{"id": "b", "input": "e1", "output": "o"},
+                                   {"id": "a", "input": "e2", "output": "o"}])
+    summary, out = prepare(d, tmp_path, tokenizer)
+    assert sorted(r["id"] for r in out["test"]) == ["a", "b"]
+    assert sorted(r["id"] for r in out["train"]) == ["a~2", "b~2", "b~3"]
+
+
+def test_unterminated_csv_quote_is_an_error_naming_its_line(tmp_path):
+    """It used to swallow the rest of the file: as one dropped row, or as one kept row whose
+    output held every later line. Where the cell was meant to end cannot be known, so neither
+    a drop nor a guess: an error, strict or not."""
+    path = tmp_path / "q.csv"
+    for body in ('a,b\n"c,d\ne,f\ng,h\n', 'a,b\nc,"d\ne,f\ng,h\n'):
+        path.write_text("input,output\n" + body)
+        for strict in (False, True):
+            with pytest.raises(DataError, match=r"q.csv: line 3: a quoted cell opened in this "
+                               r"record is never closed, so lines 3-5 would be one cell"):
+                data.load_rows(path, DataConfig(strict=strict))
+    path.write_text('"input,output\na,b\n')
+    with pytest.raises(DataError, match=r"q.csv: line 1: a quoted cell .* lines 1-2"):
+        data.load_rows(path, DataConfig())
+    # a closed multi-line cell ending the file without a newline is not that
+    path.write_text('input,output\n"x\ny",z\r\n"multi\r\nline",last')
+    rows = data.load_rows(path, DataConfig(test_fraction=0.01))
+    assert [r["output"] for r in rows.splits["train"]] == ["z", "last"]
+
+
+def test_invalid_utf8_names_the_line_in_every_format(tmp_path):
+    bad = b'{"input": "caf\xe9 au lait", "output": "x"}\n'
+    good = b'{"input": "fine", "output": "y"}\n'
+    (tmp_path / "u.jsonl").write_bytes(good * 2 + bad)
+    (tmp_path / "u.jsonl.gz").write_bytes(gzip.compress(good + bad + good))
+    (tmp_path / "u.json").write_bytes(b"[" + good.strip() + b",\n" + bad.strip() + b"]")
+    (tmp_path / "u.csv").write_bytes(b'input,output\n"two\r\nlines",ok\nna\xefve,x\n')
+    for name, line in (("u.jsonl", 3), ("u.jsonl.gz", 2), ("u.json", 2), ("u.csv", 4)):
+        with pytest.raises(DataError, match=rf"{re.escape(name)}: line {line} is not valid "
+                           r"UTF-8 \(invalid continuation byte at byte \d+ of the line"):
+            data.load_rows(tmp_path / name, DataConfig())
+
+
+def test_truncated_or_corrupt_gzip_names_the_last_whole_line(tmp_path):
+    lines = b"".join(json.dumps({"input": f"document {i} " + "word " * 40,
+                                 "output": f"s{i}"}).encode() + b"\n" for i in range(20000))
+    packed = gzip.compress(lines)
+    path = tmp_path / "t.jsonl.gz"
+    path.write_bytes(packed[: len(packed) // 2])
+    with pytest.raises(DataError, match=r"t.jsonl.gz: the compressed data is cut short or "
+                       r"corrupt after line (\d+) \(EOFError") as e:
+        data.load_rows(path, DataConfig())
+    last = int(re.search(r"after line (\d+)", str(e.value)).group(1))
+    assert 0 < last < 20000  # the whole lines before the cut were read, none used
+    damaged = bytearray(packed)
+    damaged[len(packed) // 2: len(packed) // 2 + 64] = bytes(64)  # inflates to garbage
+    path.write_bytes(bytes(damaged))
+    with pytest.raises(DataError, match=r"t.jsonl.gz: line 9984 is not valid JSON"):
+        data.load_rows(path, DataConfig())
+    damaged = bytearray(packed)
+    damaged[-8] ^= 0xFF  # only the checksum: every line inflates, the check fails at the end
+    path.write_bytes(bytes(damaged))
+    with pytest.raises(DataError, match=r"t.jsonl.gz: the compressed data is cut short or "
+                       r"corrupt after line 20000 \(BadGzipFile: CRC check failed"):
+        data.load_rows(path, DataConfig())
+    path.write_bytes(lines[:1000])  # not gzip at all
+    with pytest.raises(DataError, match=r"after line 0 \(BadGzipFile: Not a gzipped file"):
+        data.load_rows(path, DataConfig())
+
+
+def test_corrupt_parquet_names_file_or_rows(tmp_path):
+    table = pa.Table.from_pylist([{"input": f"document number {i} " * 5, "output": f"s {i}"}
+                                  for i in range(3000)])
+    good = tmp_path / "ok.parquet"
+    pq.write_table(table, good, row_group_size=1000)
+    raw = good.read_bytes()
+    (tmp_path / "cut.parquet").write_bytes(raw[: len(raw) // 2])
+    with pytest.raises(DataError, match=r"cut.parquet: cannot read Parquet \(.*magic bytes"):
+        data.load_rows(tmp_path / "cut.parquet", DataConfig())
+    offset = pq.ParquetFile(good).metadata.row_group(1).column(0).data_page_offset
+    broken = bytearray(raw)
+    broken[offset + 5: offset + 35] = bytes(b ^ 0xFF for b in raw[offset + 5: offset + 35])
+    (tmp_path / "page.parquet").write_bytes(bytes(broken))
+    with pytest.raises(DataError, match=r"page.parquet: rows 1001-2000 \(row group 2 of 3\) "
+                       "cannot be read"):
+        data.load_rows(tmp_path / "page.parquet", DataConfig())
+
+
+def test_deeply_nested_json_is_a_counted_row_never_a_recursion_error(tmp_path):
+    """100,000 nested arrays in a cell used to raise a bare RecursionError."""
+    deep = "[" * 100_000 + "]" * 100_000
+    lines = [json.dumps(r) for r in pairs(5)]
+    lines.insert(2, '{"input": "x", "output": "y", "extra": ' + deep + "}")
+    lines.insert(4, '{"input": "a", "output": ' + "[" * 99 + "]" * 99 + "}")  # at the limit
+    path = tmp_path / "deep.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    rows = data.load_rows(path, DataConfig(test_fraction=0.01))
+    assert dict(rows.dropped) == {"too_deep": 1, "non_string": 1} and rows.rows_in == 7
+    with pytest.raises(DataError, match=r"deep.jsonl: line 3: JSON nested deeper than 100 "
+                       r"levels \(strict mode\)"):
+        data.load_rows(path, DataConfig(strict=True))
+    array = tmp_path / "deep.json"
+    array.write_text("[" + ", ".join(lines[:2] + [deep, lines[3]]) + "]")
+    with pytest.raises(DataError, match=r"deep.json: row 3 is JSON nested deeper than 100 "
+                       "levels"):
+        data.load_rows(array, DataConfig())
+
+
+def _write_big_cell_file(path: Path, cell_bytes: int) -> None:
+    """Two good rows around one row whose input is `cell_bytes` of text, written in pieces."""
+    piece = b"lorem ipsum dolor sit amet " * 40_000  # 1.08 MB
+    csv_file = path.suffix == ".csv"
+    with open(path, "wb") as f:
+        f.write(b"input,output\nfirst row,ok\n" if csv_file
+                else b'{"input": "first row", "output": "ok"}\n')
+        f.write(b'"' if csv_file else b'{"output": "x", "input": "')
+        for _ in range(-(-cell_bytes // len(piece))):  # at least cell_bytes
+            f.write(piece)
+        f.write(b'",x\nlast row,ok\n' if csv_file
+                else b'"}\n{"input": "last row", "output": "ok"}\n')
+
+
+BIG_CELL_SCRIPT = """
+import json, re, sys, time
+from lastmile import data
+from lastmile.config import DataConfig
+
+def rss_mib(field):
+    status = open("/proc/self/status").read()
+    return int(re.search(field + r":\\s+(\\d+) kB", status).group(1)) / 1024
+
+before = rss_mib("VmRSS")
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")  # resets the peak (VmHWM) to the current RSS: the peak of the read alone
+start = time.perf_counter()
+rows = data.load_rows(sys.argv[1], DataConfig(test_fraction=0.01))
+print(json.dumps({"seconds": time.perf_counter() - start, "dropped": dict(rows.dropped),
+                  "inputs": [r["input"] for r in rows.splits["train"]],
+                  "rss_before_mib": before, "peak_growth_mib": rss_mib("VmHWM") - before}))
+"""
+
+
+@pytest.mark.parametrize("name", ["big.jsonl", "big.csv"])
+def test_a_200_mb_cell_is_dropped_in_bounded_memory_and_time(tmp_path, name):
+    """The loader used to hold such a file several times over (3.1 GiB peak, 28 s) and keep
+    the 200 MB input for the tokenizer. Now a record over MAX_RECORD_BYTES (8 MiB) is measured
+    while streaming past it and dropped as too_large. Measured in a fresh process (the peak RSS
+    reset after imports): under 64 MiB more than before the read, and seconds."""
+    import subprocess
+    import sys
+
+    path = tmp_path / name
+    _write_big_cell_file(path, 200 * 10**6)
+    assert path.stat().st_size > 200 * 10**6
+    done = subprocess.run([sys.executable, "-c", BIG_CELL_SCRIPT, str(path)], check=True,
+                          capture_output=True, text=True, timeout=120)
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    path.unlink()
+    print(name, {k: v for k, v in result.items() if k != "inputs"})
+    assert result["dropped"] == {"too_large": 1}
+    assert result["inputs"] == ["first row", "last row"]
+    assert result["peak_growth_mib"] < 64 and result["seconds"] < 20
+
+
+def test_too_large_rows_in_parquet_json_arrays_and_strict_mode(tmp_path, monkeypatch):
+    monkeypatch.setattr(data, "MAX_RECORD_BYTES", 1000)
+    big = "word " * 300  # 1,500 bytes
+    rows = pairs(4) + [{"id": "big", "input": big, "output": "s"}]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "b.parquet")
+    (tmp_path / "b.json").write_text(json.dumps(rows))
+    write_jsonl(tmp_path / "b.jsonl", rows)
+    for name in ("b.parquet", "b.json", "b.jsonl"):
+        loaded = data.load_rows(tmp_path / name, DataConfig(test_fraction=0.01))
+        assert dict(loaded.dropped) == {"too_large": 1} and loaded.rows_in == 5, name
+    with pytest.raises(DataError, match=r"b.parquet: row 5: 1,5\d\d bytes, over the 1000 B "
+                       r"bound for one record \(strict mode\)"):
+        data.load_rows(tmp_path / "b.parquet", DataConfig(strict=True))
+    with pytest.raises(DataError, match=r"b.json: row 5: column 'input' is too large"):
+        data.load_rows(tmp_path / "b.json", DataConfig(strict=True))
+    # a hub split is parsed whole too: its cells are measured before any tokenizer sees them
+    import datasets
+
+    part = data.parts_from_hub("org/name", {"train": datasets.Dataset.from_list(rows)})[0]
+    dropped = Counter()
+    assert len(data.valid_rows(part, DataConfig(), dropped)) == 4
+    assert dropped == {"too_large": 1}
+
+
+@pytest.mark.parametrize("source", ["./x", "../x", "/no/such/x", "~/x", "x.jsonl", "x.parquet",
+                                    "org/name.csv", "org/name.jsonl.gz", "a/b/c", "a\\b",
+                                    "data/typo", "data/typo:config", "xsum"])
+def test_a_path_that_looks_local_never_reaches_the_hub(tmp_path, monkeypatch, source):
+    """`data/typo` (a mistyped directory) used to become a Hugging Face download."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()
+    calls = []
+    monkeypatch.setattr(data, "read_hub", lambda name: calls.append(name))
+    with pytest.raises(DataError, match=r"task data not found: .*no such file or directory"):
+        data.load_rows(source, DataConfig())
+    assert calls == []
+    if source.startswith("data/"):
+        with pytest.raises(DataError, match="a directory 'data' exists here.*write hf:data/"):
+            data.load_rows(source, DataConfig())
+
+
+def test_hub_ids_go_to_the_hub(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    calls = []
+    monkeypatch.setattr(data, "read_hub", lambda name: calls.append(name) or [])
+    for source in ("org/name", "org/name:cfg", "org/name@v1.0", "hf:data/typo", "hf:xsum",
+                   "org/name.v2@refs/pr/1"):
+        data.load_rows(source, DataConfig())  # no parts from the stand-in: the route counts
+    assert calls == ["org/name", "org/name:cfg", "org/name@v1.0", "hf:data/typo", "hf:xsum",
+                     "org/name.v2@refs/pr/1"]
+    assert data.parse_hub_id("hf:org/name:cfg@main") == ("org/name", "cfg", "main")
+
+
+class FakeHubApi:
+    """Stands in for huggingface_hub.HfApi at the network boundary only."""
+
+    def __init__(self, calls: list):
+        self.calls = calls
+
+    def dataset_info(self, repo_id, revision=None):
+        from types import SimpleNamespace
+
+        self.calls.append((repo_id, revision))
+        if repo_id == "org/missing":
+            raise RuntimeError("404 Repository Not Found")
+        return SimpleNamespace(sha=SHA if revision in (None, "main") else "f" * 40)
+
+
+def test_a_hub_id_resolves_to_a_commit_recorded_in_the_fingerprint(tmp_path, monkeypatch,
+                                                                   tokenizer):
+    """Offline: HfApi.dataset_info and the `datasets` download calls are replaced (they are
+    the network); routing, resolution, the pinned loads, the summary and freshness's
+    fingerprint are the real code. Not testable here: that the real hub answers with the
+    branch's head commit and that `datasets` downloads exactly that commit."""
+    import datasets
+    import huggingface_hub
+
+    from lastmile import freshness
+
+    api_calls, loads = [], []
+    monkeypatch.setattr(huggingface_hub, "HfApi", lambda: FakeHubApi(api_calls))
+    hub = {"train": pairs(30), "test": pairs(5, start=100)}
+    monkeypatch.setattr(datasets, "get_dataset_split_names",
+                        lambda repo, config=None, revision=None: list(hub))
+    monkeypatch.setattr(datasets, "load_dataset", lambda repo, config=None, split=None,
+                        revision=None: loads.append((repo, config, split, revision))
+                        or datasets.Dataset.from_list(hub[split]))
+    monkeypatch.chdir(tmp_path)
+    summary, out = prepare("org/name", tmp_path, tokenizer)
+    assert api_calls == [("org/name", None)]
+    assert loads == [("org/name", None, "train", SHA), ("org/name", None, "test", SHA)]
+    assert summary["source_kind"] == "hub" and summary["source_revision"] == SHA
+    assert len(out["train"]) == 30
+    decision = freshness.check(summary, "{}", "tiny-random", "h", data_source="org/name")
+    assert decision.fingerprint["data_revision"] == SHA
+    # a named revision is resolved too; a commit is used as is, without asking
+    assert data.resolve_hub_revision("org/name", "v1.0") == "f" * 40
+    assert data.resolve_hub_revision("org/name", "a" * 40) == "a" * 40
+    assert api_calls[-1] == ("org/name", "v1.0")
+    with pytest.raises(DataError, match=r"cannot load Hugging Face dataset 'org/missing' .*"
+                       "resolving it to a commit failed: RuntimeError: 404"):
+        data.load_rows("org/missing", DataConfig())
+    files = write_jsonl(tmp_path / "f.jsonl", pairs(30))  # files have no hub revision
+    assert prepare(files, tmp_path / "f", tokenizer)[0]["source_revision"] is None
