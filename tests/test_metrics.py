@@ -350,6 +350,31 @@ def test_scores_carry_intervals_for_rl_against_both_mle_variants():
     assert "| no clear difference |" in md
 
 
+def test_intervals_cover_every_headline_metric_computed():
+    """Hand-made per-example scores (as the score stage writes them) with BLEURT and semantic
+    similarity: RL is 0.02 above MLE on both on every example, equal to MLE post-processed."""
+    def example(variant, i, shift):
+        row = {"variant": variant, "id": f"t{i}", **dict.fromkeys(metrics.LEXICAL_KEYS, 0.5)}
+        row.update(excess_length=float(i % 5), bleurt=0.3 + i / 100 + shift,
+                   semantic_similarity=0.6 - i / 200 + shift)
+        return row
+
+    rows = [example(v, i, 0.02 if v == "rl" else 0.0)
+            for v in ("mle", "mle_cleaned", "rl") for i in range(25)]
+    cfg = ScoreConfig(bleurt_checkpoint="some/checkpoint", semantic_similarity=True)
+    boot = metrics.aggregate(iter(rows), cfg, "hand-made")[metrics.PAIRED_BOOTSTRAP]
+    found = boot["comparisons"]["rl-mle"]["metrics"]
+    assert list(found) == list(metrics.BOOTSTRAP_KEYS)
+    for key in ("bleurt", "semantic_similarity"):
+        assert found[key]["low"] == pytest.approx(0.02) and found[key]["winner"] == "a"
+    for key in ("excess_length", "rougeL_f1", "la_rougeL_f1"):
+        assert found[key]["low"] == found[key]["high"] == 0.0 and found[key]["winner"] is None
+    md = markdown_tables({"models": {}, metrics.PAIRED_BOOTSTRAP: boot})
+    assert "| BLEURT | 0.440 | 0.420 | +0.020 | +0.020 to +0.020 | **RL better** |" in md
+    assert ("| semantic similarity | 0.560 | 0.540 | +0.020 | +0.020 to +0.020 | "
+            "**RL better** |") in md
+
+
 def test_intervals_pair_by_id_whatever_the_row_order():
     ids = list(range(40))
     mle = _rows("mle", ids, lambda i: "tool parses" if i % 3 else f"tool {i} parses files ok")
