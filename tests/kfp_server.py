@@ -273,14 +273,18 @@ def load_package(filename: str, content: bytes) -> list[dict]:
 
 
 def package_spec_doc(docs: list[dict], where: str) -> dict:
-    """Validate an uploaded package's documents; return the spec as the API stores it."""
-    parse_pipeline_spec(docs[0], where)
-    if len(docs) > 1:
-        platform = {}
-        for doc in docs[1:]:
-            platform.update(doc)
-        parse_pipeline_spec({"pipeline_spec": docs[0], "platform_spec": platform}, where)
-    return docs[0]
+    """Validate an uploaded package's documents; return the spec as the API answers it: the
+    PipelineSpec itself, or {"pipeline_spec", "platform_spec"} when the package has a platform
+    spec (the real server's YamlStringToPipelineSpecStruct)."""
+    if len(docs) == 1:
+        parse_pipeline_spec(docs[0], where)
+        return docs[0]
+    platform: dict = {}
+    for doc in docs[1:]:
+        platform.update(doc)
+    spec = {"pipeline_spec": docs[0], "platform_spec": platform}
+    parse_pipeline_spec(spec, where)
+    return spec
 
 
 # --- cron: robfig/cron v1's Parse, which KFP's recurring run server calls --------------------

@@ -216,6 +216,19 @@ def test_cli_run_create_parses_parameter_values(kfp_server, tiny_yaml):
     assert kfp_server.errors == []
 
 
+def test_cli_tables_read_what_the_fake_answers(kfp_server, tiny_yaml):
+    client = _client(kfp_server)
+    pipeline = client.upload_pipeline(tiny_yaml, "tiny")
+    run = client.create_run_from_pipeline_package(tiny_yaml, {"count": 1, "label": "x"},
+                                                  run_name="shown")
+    for args, shown in ((["run", "list"], run.run_id),
+                        (["pipeline", "list-versions", pipeline.pipeline_id], "tiny")):
+        proc = subprocess.run([KFP_CLI, "--endpoint", kfp_server.url, *args],
+                              capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 0 and shown in proc.stdout, (args, proc.stderr[-500:])
+    assert kfp_server.errors == []
+
+
 def test_lastmile_pipeline_uploads_and_runs_with_its_defaults(kfp_server, tmp_path):
     package = tmp_path / "lastmile.yaml"
     compiled = subprocess.run([sys.executable, "pipeline.py", "compile", "-o", str(package)],
@@ -227,8 +240,13 @@ def test_lastmile_pipeline_uploads_and_runs_with_its_defaults(kfp_server, tmp_pa
                                                      experiment_name="lastmile")
     assert client.get_run(result.run_id).state == "PENDING"
     (version,) = client.list_pipeline_versions(pipeline.pipeline_id).pipeline_versions
-    defined = version.pipeline_spec["root"]["inputDefinitions"]["parameters"]
-    assert "profile" in defined
+    # with a platform spec (Kubernetes settings) the API answers both documents, wrapped
+    assert set(version.pipeline_spec) == {"pipeline_spec", "platform_spec"}
+    assert "kubernetes" in version.pipeline_spec["platform_spec"]["platforms"]
+    root = version.pipeline_spec["pipeline_spec"]["root"]
+    assert "profile" in root["inputDefinitions"]["parameters"]
+    (body,) = kfp_server.bodies("POST", "/runs")
+    assert set(body["pipeline_spec"]) == {"pipeline_spec", "platform_spec"}
     assert kfp_server.errors == []
 
 
