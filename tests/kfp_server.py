@@ -515,7 +515,8 @@ class KfpApiServer:
 
     # what reached the server
     def bodies(self, method: str, path_suffix: str) -> list[Any]:
-        """Parsed JSON bodies of the requests with this method whose path ends with the suffix."""
+        """Parsed JSON bodies of the requests with this method whose path ends with the suffix,
+        refused ones included (their `Recorded.status` says which)."""
         return [r.body for r in self.requests
                 if r.method == method.upper() and r.path.endswith(path_suffix)]
 
@@ -928,6 +929,7 @@ class KfpApiServer:
 class _Handler(BaseHTTPRequestHandler):
     api: KfpApiServer
     protocol_version = "HTTP/1.1"
+    timeout = 10  # seconds an idle keep-alive connection holds its thread
 
     def log_message(self, *args) -> None:  # quiet: tests read server.requests instead
         pass
