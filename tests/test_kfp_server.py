@@ -438,3 +438,22 @@ def test_the_fakes_own_answers_are_checked_against_the_schema(kfp_server, tiny_y
     with pytest.raises(kfp_server_api.ApiException) as broken:
         client.get_run(run.run_id)
     assert broken.value.status == 500 and "state: invalid value for enum" in kfp_server.errors[-1]
+
+
+def test_create_pipeline_and_versions_from_json_bodies(kfp_server, tiny_yaml):
+    status, pipeline = _post(kfp_server, "/pipelines", {"display_name": "made", "tags": {"a": "b"}})
+    assert status == 200 and pipeline["name"] == "made"
+    url = {"pipeline_url": Path(tiny_yaml).as_uri()}
+    status, version = _post(kfp_server, f"/pipelines/{pipeline['pipeline_id']}/versions",
+                            {"display_name": "v1", "package_url": url})
+    assert status == 200 and version["pipeline_spec"]["pipelineInfo"]["name"] == "tiny-typed"
+    status, both = _post(kfp_server, "/pipelines/create", {
+        "pipeline": {"display_name": "both"}, "pipeline_version": {"package_url": url}})
+    assert status == 200
+    found = _client(kfp_server)._pipelines_api.pipeline_service_get_pipeline_by_name("both")
+    assert found.pipeline_id == both["pipeline_id"] and len(kfp_server.versions) == 2
+    status, answer = _post(kfp_server, "/pipelines", {"display_name": "x", "tags": ["a"]})
+    assert status == 400 and "tags: map field must be a JSON object" in answer["message"]
+    status, answer = _post(kfp_server, f"/pipelines/{pipeline['pipeline_id']}/versions", {
+        "display_name": "v2", "package_url": {"pipeline_url": "https://example.com/p.yaml"}})
+    assert status == 400 and "file://" in answer["message"]
