@@ -398,6 +398,125 @@ def test_csv_row_with_more_fields_than_the_header_names_its_line(tokenizer, rows
             data.prepare(path, Path(tmp) / "out", DataConfig(), tokenizer)
 
 
+# ----------------------------------------------------------------------------- hostile files
+
+#: Bytes that break readers: a quote (an unclosed CSV cell), invalid and partial UTF-8, NUL,
+#: bare CR and LF, brackets (nesting), a BOM mid-file, a backslash (a JSON escape).
+DAMAGE = [b'"', b"\xff", b"\xc3", b"\xe6\x97", b"\x00", b"\r", b"\n", b"[" * 300, b"{", b",",
+          b"\xef\xbb\xbf", b"\\", b'"\n"']
+damage_ops = st.one_of(
+    st.tuples(st.just("truncate"), st.floats(0, 1)),
+    st.tuples(st.just("flip"), st.floats(0, 1), st.integers(1, 255)),
+    st.tuples(st.just("insert"), st.floats(0, 1), st.sampled_from(DAMAGE)),
+    st.tuples(st.just("zero"), st.floats(0, 1), st.integers(1, 64)))
+#: Where a line of only brackets would make json.loads recurse 100,000 times.
+DEEP = "[" * 100_000 + "]" * 100_000
+
+
+def damage(raw: bytes, ops: list[tuple]) -> bytes:
+    out = bytearray(raw)
+    for op in ops:
+        at = int(op[1] * len(out))
+        if op[0] == "truncate":
+            del out[at:]
+        elif op[0] == "flip" and at < len(out):
+            out[at] ^= op[2]
+        elif op[0] == "insert":
+            out[at:at] = op[2]
+        elif op[0] == "zero":
+            out[at:at + op[2]] = bytes(len(out[at:at + op[2]]))
+    return bytes(out)
+
+
+def write_plain(path: Path, rows: list[dict], fmt: str, deep_row: int | None) -> bytes:
+    """The undamaged file's bytes (for .gz: before compression); `deep_row` gets a cell of
+    100,000 nested arrays (JSON formats)."""
+    if fmt == "parquet":
+        pq.write_table(pa.Table.from_pylist(rows), path, row_group_size=3)
+        return path.read_bytes()
+    if fmt == "csv":
+        with open(path, "w", newline="", encoding="utf-8") as f:
+            csv.writer(f).writerows([["input", "output"]] + [[r["input"], r["output"]]
+                                                             for r in rows])
+        return path.read_bytes()
+    lines = [json.dumps(r, ensure_ascii=False) for r in rows]
+    if deep_row is not None:
+        lines[deep_row] = lines[deep_row][:-1] + ', "deep": ' + DEEP + "}"
+    if fmt == "json":
+        return ("[" + ",\n".join(lines) + "]").encode()
+    return ("\n".join(lines) + "\n").encode()
+
+
+@settings(FUZZ, max_examples=300)
+@given(fmt=st.sampled_from(["jsonl", "jsonl.gz", "json", "csv", "parquet"]),
+       rows=st.lists(st.fixed_dictionaries({"input": good_text, "output": good_text}),
+                     min_size=1, max_size=8),
+       ops=st.lists(damage_ops, min_size=1, max_size=3), inner=st.booleans(),
+       deep=st.one_of(st.none(), st.integers(0, 7)), strict=rarely)
+def test_damaged_files_give_one_clear_error_or_count_every_row(fmt, rows, ops, inner, deep,
+                                                               strict):
+    """Any file damaged on disk (cut short, bytes flipped or zeroed, quotes, bad UTF-8, NUL,
+    brackets inserted; a .gz damaged before or after compression; a cell nested 100,000 deep)
+    either loads with every row counted (kept or dropped for a reason) or raises one DataError
+    naming the file, and its line/row when the damage is in one. Never another exception."""
+    deep = deep if deep is not None and deep < len(rows) and fmt != "csv" else None
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / f"damaged.{fmt}"
+        raw = write_plain(path, rows, fmt, deep)
+        if fmt == "jsonl.gz":
+            raw = gzip.compress(damage(raw, ops) if inner else raw, mtime=0)
+            raw = raw if inner else damage(raw, ops)
+        else:
+            raw = damage(raw, ops)
+        path.write_bytes(raw)
+        try:
+            loaded = data.load_rows(path, DataConfig(strict=strict, test_fraction=0.5))
+        except DataError as e:
+            message = str(e)
+            assert str(path) in message, message
+            kind = re.sub(r"^.*?damaged\.[a-z.]+:? ", "", message)
+            kind = re.sub(r"\d[\d,]*", "N", kind)[:60]
+            assert re.search(r"\b(line|lines|row|rows) N", kind) or kind.startswith((
+                "cannot read Parquet", "the file has no rows", "not valid JSON",
+                "input_column", "output_column", "no such")), message
+            event(f"error: {kind}")
+            return
+        kept = sum(len(loaded.splits[s]) for s in data.SPLITS)
+        assert kept + sum(loaded.dropped.values()) == loaded.rows_in
+        ids = [r["id"] for s in data.SPLITS for r in loaded.splits[s]]
+        assert len(ids) == len(set(ids))
+        event("loaded, every row counted" + (" (a row dropped)" if loaded.dropped else ""))
+        for reason in loaded.dropped:
+            event(f"dropped: {reason}")
+
+
+@FUZZ
+@given(ids=st.lists(st.one_of(st.sampled_from(["x", "x~2", "x~3", "x~2~2", "y", "7", "~", ""]),
+                              plain), min_size=1, max_size=12),
+       n_test=st.integers(0, 12))
+def test_ids_are_unique_after_filtering_whatever_the_input_ids(ids, n_test):
+    """Stages join on ids: after filter_data no two rows share one. The first row (test rows
+    first) with an id keeps it, every other gets `id~k`; the same input, the same ids."""
+    def fresh() -> dict[str, list[dict]]:
+        rows = [{"id": i} for i in ids]
+        return {"test": rows[:n_test], "train": rows[n_test:]}
+
+    splits = fresh()
+    data._unique_ids(splits)
+    out = [r["id"] for r in splits["test"] + splits["train"]]
+    assert len(out) == len(set(out))
+    seen = set()
+    for before, after in zip(ids, out):
+        if before not in seen:
+            assert after == before
+        else:
+            assert after.startswith(before + "~") and after[len(before) + 1:].isdigit()
+        seen.add(before)
+    again = fresh()
+    data._unique_ids(again)
+    assert [r["id"] for r in again["test"] + again["train"]] == out
+
+
 # ----------------------------------------------------------------------------- negatives
 
 neg_text = st.one_of(sentence, word, plain, long_text, st.sampled_from(TRICKY[20:]))
