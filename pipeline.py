@@ -35,7 +35,8 @@ import components
 from lastmile import config
 
 #: Pipeline parameters beside the configuration ones (config.PIPELINE_PARAMETERS), with their
-#: type, default and the description the Kubeflow UI shows.
+#: type, default and the description the Kubeflow UI shows. All text, like the configuration
+#: parameters: the kfp CLI passes every KEY=VALUE as a string.
 RUN_PARAMETERS: dict[str, tuple[type, object, str]] = {
     "data_source": (str, "", "Task data: a JSON Lines, CSV or Parquet file, a directory of them, "
                     "an s3:// prefix or a Hugging Face dataset id. Empty: the bundled Debian "
@@ -50,8 +51,8 @@ RUN_PARAMETERS: dict[str, tuple[type, object, str]] = {
     "publish_to": (str, "", "s3:// prefix to publish adapters, scores and the report under; a "
                    "run whose data, base model and configuration match the latest published "
                    "run there trains nothing. Empty: not published."),
-    "force": (bool, False, "Train even when the data, base model and configuration match the "
-              "latest published run."),
+    "force": (str, "false", "true: train even when the data, base model and configuration "
+              "match the latest published run."),
 }
 
 #: Kubeflow's own object-store Secret (KFP creates it in each namespace runs execute in); its
@@ -287,6 +288,21 @@ class UsageError(Exception):
     """A bad flag, parameter or file: one line naming it, exit status 2, nothing uploaded."""
 
 
+class ServerError(Exception):
+    """The Kubeflow Pipelines host answered, but not as the API does: exit status 1."""
+
+
+def _answered(obj, field: str, what: str):
+    """`obj`'s `field`, which the API always sets. A Dex-fronted endpoint answers a request
+    without a session with a redirect to its sign-in page, which the client follows and reads
+    as an empty object: say so instead of printing "run None started"."""
+    value = getattr(obj, field, None)
+    if not value:
+        raise ServerError(f"{what}: the host answered without a {field}, as a sign-in page "
+                          f"does; pass --cookies 'authservice_session=...' (Dex) or --token")
+    return value
+
+
 @dataclass
 class RunSettings:
     """A run as the user asked for it, from --config, --profile, --param and the shorthands.
@@ -307,7 +323,8 @@ class RunSettings:
         if key == "profile":
             self.profile = str(value)
         elif key in RUN_PARAMETERS and key != "overrides":
-            self.run[key] = config.as_bool(value, f"{source} {key}") if key == "force" else value
+            self.run[key] = (_as_text(config.as_bool(value, f"{source} {key}")) if key == "force"
+                             else value)
         elif key == "overrides":
             self.overrides.update(config.parse_overrides(value, f"{source} overrides"))
         elif key in config.PIPELINE_PARAMETERS:
@@ -418,7 +435,7 @@ def settings_from_args(args, default_profile: str = "paper") -> RunSettings:
         if getattr(args, flag, None):
             settings.set(key, getattr(args, flag), f"--{flag.replace('_', '-')}")
     if getattr(args, "force", False):
-        settings.run["force"] = True
+        settings.run["force"] = "true"
     for dotted in config.COMPILE_TIME_FIELDS:
         if getattr(args, dotted.split(".")[-1], False):
             settings.compiled[dotted] = True
@@ -576,18 +593,31 @@ def upload_version(client, package: Path, pipeline_name: str, version_name: str,
     empty, when missing); (pipeline_id, version_id). An existing version name is an error."""
     import kfp_server_api
 
-    pipeline_id = client.get_pipeline_id(pipeline_name)
+    pipeline_id = find_pipeline(client, pipeline_name, namespace)
     if pipeline_id is None:
         created = client._pipelines_api.pipeline_service_create_pipeline(
             kfp_server_api.V2beta1Pipeline(display_name=pipeline_name, namespace=namespace,
                                            description=description or _PIPELINE_DESCRIPTION))
-        pipeline_id = created.pipeline_id
+        pipeline_id = _answered(created, "pipeline_id", "creating the pipeline")
     elif find_version(client, pipeline_id, version_name) is not None:
         raise UsageError(f"--version-name {version_name}: pipeline {pipeline_name!r} already has "
                          f"that version; commit your change or name another version")
     version = client.upload_pipeline_version(str(package), version_name, pipeline_id=pipeline_id,
                                              description=description or None)
-    return pipeline_id, version.pipeline_version_id
+    return pipeline_id, _answered(version, "pipeline_version_id", "uploading the version")
+
+
+def find_pipeline(client, name: str, namespace: str | None) -> str | None:
+    """The id of the pipeline named `name` in `namespace` (multi-user Kubeflow keeps a
+    team's pipelines in its profile namespace), or None."""
+    name_filter = json.dumps({"predicates": [
+        {"operation": "EQUALS", "key": "display_name", "stringValue": name}]})
+    found = client.list_pipelines(filter=name_filter, namespace=namespace,
+                                  page_size=100).pipelines or []
+    ids = [p.pipeline_id for p in found if p.display_name == name]
+    if len(ids) > 1:
+        raise UsageError(f"--pipeline-name {name}: {len(ids)} pipelines have that name")
+    return ids[0] if ids else None
 
 
 def find_version(client, pipeline_id: str, version: str):
@@ -607,7 +637,7 @@ def _pipeline_reference(client, args) -> tuple[str, str] | None:
     """(pipeline_id, version_id) of --pipeline-version, or None to compile a package."""
     if not args.pipeline_version:
         return None
-    pipeline_id = client.get_pipeline_id(args.pipeline_name)
+    pipeline_id = find_pipeline(client, args.pipeline_name, args.namespace or None)
     if pipeline_id is None:
         raise UsageError(f"--pipeline-name {args.pipeline_name}: no such pipeline on {args.host} "
                          f"(upload it first: python pipeline.py upload)")
@@ -633,6 +663,7 @@ def schedule(client, args, arguments: dict, experiment_id: str, package: Path | 
         pipeline_package_path=str(package) if package else None, pipeline_id=pipeline_id,
         version_id=version_id, params=arguments, max_concurrency=1, no_catchup=True,
         enabled=True, service_account=args.service_account or None)
+    _answered(job, "recurring_run_id", f"recurring run {args.name}")
     replaced = []
     for old in existing:
         if old.display_name == args.name and old.recurring_run_id != job.recurring_run_id:
@@ -819,6 +850,9 @@ def main(argv: list[str] | None = None) -> int:
     except (UsageError, config.ConfigError, StorageError) as exc:
         print(f"pipeline.py {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except ServerError as exc:
+        print(f"pipeline.py {args.command}: error: {exc}", file=sys.stderr)
+        return 1
     except Exception as exc:  # the server's answer, in one line instead of a client traceback
         message = _server_error(exc, getattr(args, "host", ""))
         if message is None:
@@ -897,6 +931,7 @@ def _main(parser, args) -> int:
                              "--init-policy-from-mle: fixed when the version was uploaded")
         arguments = settings.pipeline_arguments()
         experiment = client.create_experiment(args.experiment, namespace=namespace)
+        _answered(experiment, "experiment_id", f"experiment {args.experiment}")
         if args.command == "submit":
             run_name = args.run_name or f"lastmile {_dt.datetime.now():%Y-%m-%d %H-%M-%S}"
             pipeline_id, version_id = reference or (None, None)
@@ -905,7 +940,7 @@ def _main(parser, args) -> int:
                 pipeline_package_path=str(package) if package else None, params=arguments,
                 pipeline_id=pipeline_id, version_id=version_id,
                 service_account=args.service_account or None)
-            print(f"run {run.run_id} started")
+            print(f"run {_answered(run, 'run_id', 'the run')} started")
         else:
             job_id, replaced = schedule(client, args, arguments, experiment.experiment_id,
                                         package, reference)

@@ -88,7 +88,7 @@ def filter_data(config: str, data_source: str, data: Output[Dataset]):
 
 
 def check_new_data(config: str, data: Input[Dataset], data_source: str, publish_to: str,
-                   force: bool, decision: Output[Artifact]) -> bool:
+                   force: str, decision: Output[Artifact]) -> bool:
     """Fingerprint data, base model and configuration; compare with the last published run.
 
     Returns True when the run should train (something is new, force, or nothing to compare).
@@ -97,7 +97,7 @@ def check_new_data(config: str, data: Input[Dataset], data_source: str, publish_
     from pathlib import Path
 
     from lastmile import freshness
-    from lastmile.config import profile_from_json
+    from lastmile.config import as_bool, profile_from_json
     from lastmile.modeling import base_fingerprint
 
     profile = profile_from_json(config)
@@ -105,7 +105,8 @@ def check_new_data(config: str, data: Input[Dataset], data_source: str, publish_
     result = freshness.check(summary, config, profile.base_model,
                              base_fingerprint(profile.base_model),
                              data_source=data_source or str(summary.get("source", "")),
-                             publish_to=publish_to, force=force)
+                             publish_to=publish_to,
+                             force=as_bool(force, "force"))
     Path(decision.path).write_text(result.to_json())
     decision.metadata.update({"changed": result.changed, "reason": result.reason,
                               "previous_run": result.previous_run or ""})
@@ -369,6 +370,9 @@ def report(config: str, data: Input[Dataset], negatives: Input[Dataset],
     paths = rep.build_report_from_stages(stage_dirs, out, profile_from_json(config))
     shutil.copyfile(paths["markdown"], markdown.path)
     shutil.copyfile(paths["html"], html.path)
+    from lastmile import tracking  # MLflow: scores, report, end of run (MLFLOW_TRACKING_URI)
+
+    tracking.log_report(out, config)
     return freshness.trained_outcome(report_dir.uri)
 
 
