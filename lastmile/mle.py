@@ -111,7 +111,7 @@ def train_mle_adapter(model: AdapterModel, tokenizer, rows: Sequence[dict], cfg:
         seed=cfg.seed, log_path=log_path, desc="MLE",
         checkpoint_dir=checkpoint_dir or cfg.checkpoint_dir,
         checkpoint_every=cfg.checkpoint_every, max_bad_updates=cfg.max_bad_updates,
-        example_ids=[r.get("id") for r in rows])
+        example_ids=[r.get("id") for r in rows], config=cfg)
 
 
 def train_mle(train_path: str | os.PathLike, out_dir: str | os.PathLike, cfg: MLEConfig,

@@ -950,7 +950,8 @@ def _train_ppo(train_path: str | os.PathLike, reward_adapter_dir: str | os.PathL
         run=_run_key(cfg, batches, prompts, references, micro_batch_size, precision))
     start, extras = ckpt.resume()
     guard = NonFiniteGuard("PPO", cfg.max_bad_updates, extras.get("bad_streak", 0))
-    logger = StepLog(out / "ppo_log.jsonl" if world.is_main else None, extras.get("log", []))
+    logger = StepLog(out / "ppo_log.jsonl" if world.is_main else None, extras.get("log", []),
+                     stage="PPO", config=cfg)
     bar = progress(len(batches), "PPO", unit="update", initial=start)
     try:
         for update in range(start + 1, len(batches) + 1):

@@ -220,7 +220,7 @@ def train_reward(model: AdapterModel, tokenizer, rows: Sequence[dict], cfg: Rewa
         checkpoint_dir=checkpoint_dir or cfg.checkpoint_dir,
         checkpoint_every=cfg.checkpoint_every, max_bad_updates=cfg.max_bad_updates,
         example_ids=[r.get("id") for r in rows], groups=[_source(r) for r in rows],
-        head_params=list(model.heads[ADAPTER].parameters()))
+        head_params=list(model.heads[ADAPTER].parameters()), config=cfg)
 
 
 # ----------------------------------------------------------------------------- scoring

@@ -210,29 +210,46 @@ def micro_batches(batch: Sequence[TokenExample], micro_batch_size: int | None,
 # ----------------------------------------------------------------------------- logging
 
 class StepLog:
-    """JSON Lines, one row per optimiser step, flushed as it goes (a stage can be watched)."""
+    """JSON Lines, one row per optimiser step, flushed as it goes (a stage can be watched).
 
-    def __init__(self, path: str | os.PathLike | None, rows: Sequence[dict] = ()):
+    With `stage` (its description, e.g. "PPO") the same rows also become the stage's curves:
+    TensorBoard event files in the log's folder/tensorboard/ and, when MLFLOW_TRACKING_URI is
+    set, MLflow metrics, with `config` (the stage's dataclass) as parameters
+    (`lastmile.tracking`).
+    """
+
+    def __init__(self, path: str | os.PathLike | None, rows: Sequence[dict] = (),
+                 stage: str | None = None, config: object | None = None):
         """Starts the file afresh with `rows` (a resumed run's rows up to its checkpoint)."""
         self.path = Path(path) if path is not None else None
         self.rows: list[dict] = []
         self._file = None
+        self._tracker = None
         if self.path is not None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._file = open(self.path, "w", encoding="utf-8")
-        for row in rows:
-            self.write(row)
+            if stage is not None:
+                from .tracking import StageTracker, stage_name
 
-    def write(self, row: dict) -> None:
+                self._tracker = StageTracker(stage_name(stage), self.path.parent, config)
+        for row in rows:
+            self.write(row, replayed=True)
+
+    def write(self, row: dict, replayed: bool = False) -> None:
         self.rows.append(row)
         if self._file is not None:
             self._file.write(json.dumps(row) + "\n")
             self._file.flush()
+        if self._tracker is not None:
+            self._tracker.log(row, replayed)
 
     def close(self) -> None:
         if self._file is not None:
             self._file.close()
             self._file = None
+        if self._tracker is not None:
+            self._tracker.close()
+            self._tracker = None
 
 
 def progress(total: int, desc: str, unit: str = "step", initial: int = 0):
@@ -262,12 +279,14 @@ def train_loop(params: Sequence[torch.nn.Parameter], examples: Sequence[TokenExa
                checkpoint_dir: str | os.PathLike | None = None, checkpoint_every: int = 0,
                max_bad_updates: int = 3, example_ids: Sequence | None = None,
                groups: Sequence | None = None,
-               head_params: Sequence[torch.nn.Parameter] = ()) -> dict:
+               head_params: Sequence[torch.nn.Parameter] = (),
+               config: object | None = None) -> dict:
     """Optimise `params` on `examples`; returns a summary of the run.
 
     `groups`: one key per example; a group's examples stay together in batches
     (`epoch_batches`). `token_budget` / `token_cost`: see `micro_batches`. `head_params`: the
-    scalar heads among `params` (`make_optimizer`).
+    scalar heads among `params` (`make_optimizer`). `config`: the stage's configuration,
+    logged beside its curves (`StepLog`, `lastmile.tracking`).
 
     Loss of a batch = sum(numerator(micro) for its micro-batches) / sum(denominator(row)),
     a weighted mean whose gradient does not depend on the micro-batch split.
@@ -292,7 +311,8 @@ def train_loop(params: Sequence[torch.nn.Parameter], examples: Sequence[TokenExa
     ckpt = Checkpointer(checkpoint_dir, checkpoint_every, params, optimizer, scheduler, run)
     start, extras = ckpt.resume()
     guard = NonFiniteGuard(desc, max_bad_updates, extras.get("bad_streak", 0))
-    logger = StepLog(log_path if distributed.world().is_main else None, extras.get("log", []))
+    logger = StepLog(log_path if distributed.world().is_main else None, extras.get("log", []),
+                     stage=desc, config=config)
     bar = progress(len(steps), desc, initial=start)
     started = time.perf_counter()
     try:
