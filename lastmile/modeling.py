@@ -223,39 +223,66 @@ def _gguf_elements(buf, path: Path) -> int:
 
 
 def _dequantized_gguf(gguf: Path) -> Path:
-    """Dequantize a GGUF once (~20 s) into safetensors under the cache, keyed by its hash."""
+    """Dequantize a GGUF once (~20 s) into safetensors under the cache, keyed by its hash.
+
+    Safe for many processes (pods) on one cache directory: the entry's file lock
+    (`lastmile.cachelock`) lets exactly one of them write it, into `<entry>.tmp-<random>`,
+    which is renamed into place with its COMPLETE marker; the others wait for the lock and
+    read the finished entry. A complete entry is never modified or deleted.
+    """
     gguf = Path(gguf)
     digest = file_sha256(gguf)[:16]
     target = cache_dir() / "bases" / f"{gguf.stem}-{digest}"
-    with _resolve_lock:
-        if (target / "COMPLETE").exists():
-            return target
-        ensure_free_space(target.parent, dequantized_size(gguf),
-                          f"the dequantized base model {gguf.name}",
-                          hint="set LASTMILE_CACHE to a larger disk")
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+    if (target / "COMPLETE").exists():
+        return target
+    from .cachelock import EntryLock
 
-        log.info("dequantizing %s into %s (once)", gguf.name, target)
-        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
-                                                     dtype=torch.float32)
-        # The weights are already dequantized fp32; transformers refuses to save a
-        # "gguf-quantized" model unless these markers are cleared (FINDINGS.md).
-        model.hf_quantizer = None
-        model.is_quantized = False
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
-        tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+    # flock separates threads too (each EntryLock opens the file anew), but NFS emulates it
+    # with POSIX locks, which are per process: the thread lock keeps threads apart there.
+    with _resolve_lock:
+        lock = EntryLock(target)
+        lock.exclusive()  # waits while another process writes this entry
+        try:
+            if not (target / "COMPLETE").exists():
+                _write_dequantized(gguf, target, digest)
+        finally:
+            lock.unlock()
+    return target
+
+
+def _write_dequantized(gguf: Path, target: Path, digest: str) -> None:
+    """With the entry's lock held: dequantize `gguf` into `target` (replacing leftovers)."""
+    import secrets
+    import shutil
+
+    for stale in target.parent.glob(target.name + ".tmp*"):  # writers that died (we hold
+        shutil.rmtree(stale, ignore_errors=True)            # the lock, so not in progress)
+    ensure_free_space(target.parent, dequantized_size(gguf),
+                      f"the dequantized base model {gguf.name}",
+                      hint="set LASTMILE_CACHE to a larger disk")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.info("dequantizing %s into %s (once)", gguf.name, target)
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
+                                                 dtype=torch.float32)
+    # The weights are already dequantized fp32; transformers refuses to save a
+    # "gguf-quantized" model unless these markers are cleared (FINDINGS.md).
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    tmp = target.with_name(f"{target.name}.tmp-{secrets.token_hex(6)}")
+    try:
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
         (tmp / "SOURCE.json").write_text(json.dumps({"gguf": str(gguf), "sha256_16": digest}))
         (tmp / "COMPLETE").write_text("ok\n")
-        if target.exists():  # a stale incomplete entry
-            import shutil
-
+        if target.exists():  # an incomplete entry (no COMPLETE): nobody reads it
             shutil.rmtree(target)
         os.replace(tmp, target)
-        return target
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 _FILE_HASHES: dict[tuple[str, int, int], str] = {}
@@ -278,11 +305,20 @@ def base_fingerprint(source: str) -> str:
     weights replaced in place are noticed even at the same size (`lastmile.freshness` relies
     on this to decide whether to retrain). A hub id: the id itself - what is cached locally
     varies from pod to pod, so hashing it would flip; pin a revision for reproducibility.
-    Never refuses a source: hashing reads bytes, it does not unpickle them.
+    Never refuses a source: hashing reads bytes, it does not unpickle them. An s3 source is
+    fetched as loading it by default would (without pickle files beside safetensors), so the
+    fingerprint costs no extra download; pickle-only weights are fetched as they are.
     """
     if source == TINY_BASE:
         return "tiny-random"
-    resolved = Path(resolve_base(source, allow_pickle=True))
+    try:
+        resolved = Path(resolve_base(source, allow_pickle=False))
+    except UnsafeWeightsError:
+        resolved = Path(resolve_base(source, allow_pickle=True))
+    except Exception as e:  # noqa: BLE001 - only a refused pickle-only s3 prefix is retried
+        if getattr(e, "kind", None) != "unsupported-format" or not source.startswith("s3://"):
+            raise
+        resolved = Path(resolve_base(source, allow_pickle=True))
     if not resolved.is_dir():
         return str(source)
     if (resolved / "SOURCE.json").exists():

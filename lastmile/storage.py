@@ -21,11 +21,19 @@ Guarantees (docs/storage.md has the user-facing version):
   * Retries: connection errors, timeouts and 5xx answers are retried with exponential backoff
     and jitter; a download resumes at the byte it reached (HTTP Range, with If-Match on the
     ETag so a replaced object is never spliced). 403/404 are final.
-  * Atomic cache: an entry is downloaded into `<entry>.partial-<pid>-<thread>`, gets a
-    completion marker, and is renamed into place; an entry without its marker (or with a file
-    of the wrong size) is discarded, and partials of dead processes are deleted.
-  * Atomic publish: every file is uploaded first, then a `_COMPLETE` object holding the
-    manifest (paths, sizes, ETags) is written last; readers ignore runs without it.
+  * Checked bytes: a download's MD5 is compared with the object's ETag where the ETag is an
+    MD5, a published file's sha256 with the run manifest's, and a cache hit re-hashes its files
+    against the sha256 recorded when they were downloaded; a mismatch is an error naming the
+    object, and the bad copy is never returned.
+  * A shared cache: many processes (pods on one ReadWriteMany volume) can use one cache
+    directory. Each entry has a lock file (`lastmile.cachelock`): exclusive while it is
+    downloaded (so exactly one process downloads it, into `<entry>.partial-<random>`, which
+    only the lock's holder may delete), shared while a process uses it, and a superseded
+    version of the same source and variant is deleted only when no process holds it.
+  * Atomic publish: a `_PUBLISHING` claim is created with `If-None-Match: *` (one publisher
+    per run name), every file is uploaded, then the `_COMPLETE` object holding the manifest
+    (paths, sizes, ETags, sha256) is written last, conditionally too; readers ignore runs
+    without it. Multipart uploads retry per part and are aborted when they fail.
   * Disk space: a download checks the free space of its destination first
     (`io.ensure_free_space`), so a full disk fails at once with the sizes and the fix.
   * Secrets: credentials come from the environment only and never appear in a log line, an
@@ -47,7 +55,9 @@ import logging
 import os
 import random
 import re
+import secrets
 import shutil
+import socket
 import threading
 import time
 from dataclasses import dataclass, field
@@ -58,8 +68,10 @@ from urllib.parse import urlsplit
 import certifi
 import urllib3
 from minio import Minio
+from minio.datatypes import Part
 from minio.error import InvalidResponseError, S3Error, ServerError
 
+from . import cachelock
 from .io import ensure_free_space
 
 log = logging.getLogger(__name__)
@@ -104,10 +116,17 @@ WEIGHT_SUFFIXES = (".safetensors", ".gguf")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 #: Object written last by `publish`; its body is the run's manifest.
 MARKER = "_COMPLETE"
+#: Object a publisher creates first (only if absent): one publish per run name at a time.
+CLAIM = "_PUBLISHING"
+#: A claim older than this (seconds) belongs to a publish that died, and is taken over.
+CLAIM_STALE_S = 900.0
 MANIFEST_FORMAT = "lastmile-run/1"
 #: File inside a local cache entry, written just before the entry is renamed into place.
 LOCAL_MARKER = ".lastmile-complete"
 CHUNK = 1 << 20
+#: Uploads above this size go in parts of this size, each retried on its own (S3 allows
+#: 10,000 parts, so parts grow for files over 80 GB).
+PART_SIZE = 8 << 20
 
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
@@ -118,7 +137,7 @@ class StorageError(Exception):
 
     `kind` lets callers branch without parsing text: one of "config", "unreachable",
     "access-denied", "no-such-bucket", "no-such-key", "empty-prefix", "unsupported-format",
-    "server", "changed", "conflict", "not-published", "local".
+    "server", "changed", "checksum", "conflict", "not-published", "local".
     """
 
     def __init__(self, message: str, *, kind: str, uri: str | None = None):
@@ -424,7 +443,8 @@ def fetch_model(uri: str, cache_dir: str | os.PathLike | None = None, *,
     Cached under a digest of the sorted (path, ETag, size) list, so an unchanged model is
     never downloaded twice. Pickle-based weights (PICKLE_SUFFIXES) are skipped when
     safetensors/GGUF weights sit beside them, and refused when they are the only weights,
-    unless `allow_pickle=True`.
+    unless `allow_pickle=True`. A selection that includes pickle files is its own variant of
+    the source (`pickle-<digest>`): fetching one variant never prunes the other.
     """
     cfg, s3, client = _open(uri, config)
     objects, prefix = _objects_at(client, cfg, s3)
@@ -433,8 +453,9 @@ def fetch_model(uri: str, cache_dir: str | os.PathLike | None = None, *,
     else:
         files = [(o, _safe_rel(o.key[len(prefix):], s3, o.key)) for o in objects]
     files = _select_model_files(files, allow_pickle, s3)
+    variant = "pickle" if any(rel.lower().endswith(PICKLE_SUFFIXES) for _, rel in files) else ""
     entry = (_cache_root(cache_dir) / "models" / _slug(s3.bucket, prefix or s3.key)
-             / _digest([(rel, o) for o, rel in files]))
+             / _entry_name(variant, _digest([(rel, o) for o, rel in files])))
     return _materialize(client, cfg, s3.bucket, entry, files, progress)
 
 
@@ -468,13 +489,22 @@ def fetch_file(uri: str, dest: str | os.PathLike, *, config: S3Config | None = N
 
 
 def publish(local_dir: str | os.PathLike, uri_prefix: str, run_name: str, *,
-            config: S3Config | None = None, metadata: Mapping[str, Any] | None = None) -> str:
+            config: S3Config | None = None, metadata: Mapping[str, Any] | None = None,
+            owner: str | None = None, stale_claim_after: float = CLAIM_STALE_S) -> str:
     """Upload every file under `local_dir` to `<uri_prefix>/<run_name>/`; returns that URI.
 
-    Atomic from a reader's view: the files go first, then the `_COMPLETE` marker holding the
-    manifest, last. A run that already has its marker is never overwritten; leftovers of an
-    interrupted attempt (no marker) are deleted before uploading again. `metadata` (JSON
-    values, e.g. the run's input fingerprint) is stored in the manifest under "metadata".
+    Atomic from a reader's view, and one winner per run name:
+      1. a `_PUBLISHING` claim is created only if absent (`If-None-Match: *`); a second
+         publisher of the same run name gets a "conflict" error before it uploads anything.
+         A claim older than `stale_claim_after` seconds, or one made with the same `owner`
+         (e.g. the KFP run and task, so that a retry of a killed publish step goes on), is
+         taken over with `If-Match` on its ETag;
+      2. leftovers of an interrupted attempt (files without a marker, incomplete multipart
+         uploads) are deleted, then the files are uploaded with their sha256;
+      3. the `_COMPLETE` marker holding the manifest is written last, only if absent, and the
+         claim is deleted.
+    A run that has its marker is never overwritten. `metadata` (JSON values, e.g. the run's
+    input fingerprint) is stored in the manifest under "metadata".
     """
     src = Path(local_dir)
     if not src.is_dir():
@@ -490,27 +520,121 @@ def publish(local_dir: str | os.PathLike, uri_prefix: str, run_name: str, *,
     files = sorted(p for p in src.rglob("*") if p.is_file())
     if not files:
         raise StorageError(f"publish: {src} holds no files", kind="local", uri=str(run))
-    if (src / MARKER).exists():
-        raise StorageError(f"publish: {src / MARKER} would collide with the completion marker",
-                           kind="local", uri=str(run))
-    if _stat(client, cfg, run.child(MARKER)) is not None:
-        raise StorageError(f"{run}: already published (it has {MARKER}); runs are immutable, "
-                           "choose another run name", kind="conflict", uri=str(run))
-    _delete_all(client, cfg, run)
-    entries = [_upload(client, cfg, run, path, path.relative_to(src).as_posix())
-               for path in files]
-    manifest = {"format": MANIFEST_FORMAT, "run_name": run_name, "files": entries,
-                "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
-    if metadata is not None:
-        manifest["metadata"] = metadata
-    body = json.dumps(manifest, indent=2).encode()
-    marker = run.child(MARKER)
-    _retrying(lambda: client.put_object(run.bucket, marker.key, io.BytesIO(body), len(body),
-                                        content_type="application/json"),
-              cfg, marker, "writing the completion marker")
+    for reserved in (MARKER, CLAIM):
+        if (src / reserved).exists():
+            raise StorageError(f"publish: {src / reserved} would collide with the publish "
+                               "markers", kind="local", uri=str(run))
+    _refuse_if_published(client, cfg, run)
+    claim = _claim_run(client, cfg, run, owner, stale_claim_after)
+    try:
+        _refuse_if_published(client, cfg, run)  # finished by someone between the two checks
+        _delete_all(client, cfg, run, keep={run.child(CLAIM).key})
+        _abort_incomplete_uploads(client, cfg, run)
+        entries = [_upload(client, cfg, run, path, path.relative_to(src).as_posix())
+                   for path in files]
+        manifest = {"format": MANIFEST_FORMAT, "run_name": run_name, "files": entries,
+                    "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
+        if metadata is not None:
+            manifest["metadata"] = metadata
+        body = json.dumps(manifest, indent=2).encode()
+        marker = run.child(MARKER)
+        if _read_claim(client, cfg, run) != claim:
+            raise StorageError(f"{run}: another publish took this run name over while this one "
+                               "was uploading (its claim was stale); nothing was marked "
+                               "complete by this attempt", kind="conflict", uri=str(run))
+        if not _put_if_absent(client, cfg, marker, body, "application/json",
+                              "writing the completion marker"):
+            raise StorageError(f"{run}: already published by another attempt (it wrote "
+                               f"{MARKER} first); runs are immutable, choose another run name",
+                               kind="conflict", uri=str(run))
+    except BaseException:
+        _abandon(client, cfg, run, claim)
+        raise
+    _release_claim(client, cfg, run, claim)
     log.info("published %d file(s), %.1f MB, to %s", len(entries),
              sum(e["size"] for e in entries) / 1e6, run)
     return str(run)
+
+
+def _refuse_if_published(client: Minio, cfg: S3Config, run: S3Uri) -> None:
+    if _stat(client, cfg, run.child(MARKER)) is not None:
+        raise StorageError(f"{run}: already published (it has {MARKER}); runs are immutable, "
+                           "choose another run name", kind="conflict", uri=str(run))
+
+
+def _claim_run(client: Minio, cfg: S3Config, run: S3Uri, owner: str | None,
+               stale_after: float) -> dict[str, Any]:
+    """Create `<run>/_PUBLISHING` if absent (or take over a stale one); returns its body."""
+    claim = {"attempt": secrets.token_hex(8), "host": socket.gethostname(),
+             "pid": os.getpid(), "owner": owner,
+             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
+    body = json.dumps(claim).encode()
+    target = run.child(CLAIM)
+    if _put_if_absent(client, cfg, target, body, "application/json", "claiming the run name"):
+        return claim
+    current = _stat_full(client, cfg, target)
+    held = _read_claim(client, cfg, run)
+    if current is None or held is None:  # released meanwhile: try once more
+        if _put_if_absent(client, cfg, target, body, "application/json",
+                          "claiming the run name"):
+            return claim
+        raise StorageError(f"{run}: another publish of this run name started at the same "
+                           "moment", kind="conflict", uri=str(run))
+    etag, modified = current
+    age = (_dt.datetime.now(_dt.timezone.utc) - modified).total_seconds()
+    same_owner = owner is not None and held.get("owner") == owner
+    if not same_owner and age < stale_after:
+        raise StorageError(
+            f"{run}: another publish of this run name is in progress (attempt "
+            f"{held.get('attempt')} on {held.get('host')}, pid {held.get('pid')}, "
+            f"{age:.0f} s ago); choose another run name, or if that publish died, run again "
+            f"after {stale_after:.0f} s (its claim is then taken over)",
+            kind="conflict", uri=str(run))
+    log.warning("%s: taking over the claim of publish attempt %s (%s, %.0f s old)", run,
+                held.get("attempt"), "same owner" if same_owner else "stale", age)
+    if not _put_if_match(client, cfg, target, body, etag):
+        raise StorageError(f"{run}: another publish took over the same stale claim first",
+                           kind="conflict", uri=str(run))
+    return claim
+
+
+def _read_claim(client: Minio, cfg: S3Config, run: S3Uri) -> dict[str, Any] | None:
+    try:
+        return json.loads(_get_bytes(client, cfg, run.child(CLAIM), "reading the claim"))
+    except StorageError as e:
+        if e.kind == "no-such-key":
+            return None
+        raise
+    except ValueError:
+        return {}
+
+
+def _abandon(client: Minio, cfg: S3Config, run: S3Uri, claim: dict[str, Any]) -> None:
+    """A publish failed: if the run is still ours, delete what this attempt uploaded (no
+    marker, so readers never saw it) and our claim. Best effort, never raises: what is left
+    is cleaned by the next attempt."""
+    try:
+        if _read_claim(client, cfg, run) != claim:
+            return  # taken over by another attempt: its files, not ours to touch
+        if _stat(client, cfg, run.child(MARKER)) is None:  # else: published by another
+            _abort_incomplete_uploads(client, cfg, run)
+            _delete_all(client, cfg, run, keep={run.child(CLAIM).key})
+    except Exception as e:  # noqa: BLE001 - the publish's own error is the one to raise
+        log.warning("%s: could not clean up after the failed publish (%s); the next attempt "
+                    "will", run, e)
+    _release_claim(client, cfg, run, claim)
+
+
+def _release_claim(client: Minio, cfg: S3Config, run: S3Uri, claim: dict[str, Any]) -> None:
+    """Delete our claim, if it is still ours; never raises (a stale claim times out)."""
+    try:
+        if _read_claim(client, cfg, run) == claim:
+            target = run.child(CLAIM)
+            _retrying(lambda: client.remove_object(target.bucket, target.key), cfg, target,
+                      "deleting the claim")
+    except Exception as e:  # noqa: BLE001 - cleanup must not hide the real outcome
+        log.warning("%s: could not delete the publish claim (%s); it goes stale in %.0f s",
+                    run, e, CLAIM_STALE_S)
 
 
 def read_manifest(uri: str, *, config: S3Config | None = None) -> dict[str, Any]:
@@ -542,6 +666,8 @@ def read_manifest(uri: str, *, config: S3Config | None = None) -> dict[str, Any]
         for entry in manifest["files"]:
             if not isinstance(entry["size"], int) or not isinstance(entry["etag"], str):
                 raise ValueError(f"bad entry {entry!r}")
+            if "sha256" in entry and not _SHA256.fullmatch(str(entry["sha256"])):
+                raise ValueError(f"bad sha256 in {entry!r}")
             _safe_rel(entry["path"], run, entry["path"])
     except StorageError:
         raise
@@ -553,21 +679,27 @@ def read_manifest(uri: str, *, config: S3Config | None = None) -> dict[str, Any]
 
 def read_published(uri: str, cache_dir: str | os.PathLike | None = None, *,
                    config: S3Config | None = None, progress: Progress | None = None) -> Path:
-    """A local directory holding the published run at `uri`, exactly as its manifest lists it."""
+    """A local directory holding the published run at `uri`, exactly as its manifest lists it.
+
+    Each file's sha256 is checked against the manifest's (runs published before sha256 was
+    recorded are checked by ETag and size), after the download and on every cache hit.
+    """
     manifest = read_manifest(uri, config=config)
     cfg, s3, client = _open(uri, config)
     run = s3.as_prefix()
     present = {o.key[len(run.key):]: o for o in _list(client, cfg, run)}
-    files = []
+    files, expected = [], {}
     for entry in manifest["files"]:
         obj = present.get(entry["path"])
         if obj is None or obj.etag != _clean_etag(entry["etag"]) or obj.size != entry["size"]:
             raise StorageError(f"{run.child(entry['path'])}: missing or changed since the run "
                                "was published", kind="changed", uri=str(run))
         files.append((obj, entry["path"]))
+        if "sha256" in entry:
+            expected[entry["path"]] = entry["sha256"]
     entry_dir = (_cache_root(cache_dir) / "runs" / _slug(run.bucket, run.key)
                  / _digest([(rel, o) for o, rel in files]))
-    return _materialize(client, cfg, run.bucket, entry_dir, files, progress)
+    return _materialize(client, cfg, run.bucket, entry_dir, files, progress, expected)
 
 
 def list_runs(uri_prefix: str, *, config: S3Config | None = None) -> list[str]:
@@ -693,86 +825,171 @@ def _digest(files: list[tuple[str, _Obj]]) -> str:
     return hashlib.sha256(json.dumps(items).encode()).hexdigest()[:20]
 
 
+def _entry_name(variant: str, digest: str) -> str:
+    return f"{variant}-{digest}" if variant else digest
+
+
+def _variant(name: str) -> str:
+    """The variant part of an entry name (digests hold no '-')."""
+    return name.rpartition("-")[0]
+
+
 def _partial_suffix() -> str:
     return f".partial-{os.getpid()}-{threading.get_ident()}"
 
 
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+_LOCAL_SHA256: dict[tuple[int, int, int, int], str] = {}
+
+
+def _local_sha256(path: Path) -> str:
+    """sha256 of a cached file, memoised per process by (device, inode, size, mtime): a file
+    changed in place gets a new mtime and is hashed again."""
+    st = path.stat()
+    key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    if key not in _LOCAL_SHA256:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            while block := f.read(CHUNK):
+                h.update(block)
+        _LOCAL_SHA256[key] = h.hexdigest()
+    return _LOCAL_SHA256[key]
+
+
+def _remember_sha256(path: Path, digest: str) -> None:
+    st = path.stat()
+    _LOCAL_SHA256[(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)] = digest
+
+
+def release_cache_entries() -> None:
+    """Stop holding the cache entries this process has used (exiting does the same), so
+    that newer versions can prune them. For long-lived processes and tests."""
+    cachelock.release_all()
+
+
 def _materialize(client: Minio, cfg: S3Config, bucket: str, entry: Path,
-                 files: list[tuple[_Obj, str]], progress: Progress | None) -> Path:
-    """Make `entry` a complete local copy of `files`, downloading only on a cache miss."""
-    if _entry_complete(entry, files):
-        _count(cache_hits=len(files))
-        log.info("s3://%s: %d object(s) already cached in %s", bucket, len(files), entry)
-        return entry
+                 files: list[tuple[_Obj, str]], progress: Progress | None,
+                 expected: Mapping[str, str] | None = None) -> Path:
+    """Make `entry` a complete, checked local copy of `files`, downloading only on a miss.
+
+    Returns with this process holding the entry's shared lock (until it exits), so no other
+    process deletes it. `expected` maps a file's path to the sha256 it must have.
+    """
     entry.parent.mkdir(parents=True, exist_ok=True)
-    _discard_stale(entry)
+    lock = cachelock.entry_lock(entry)
+    downloaded = False
+    with lock.thread_lock:
+        while True:
+            lock.shared()
+            problem = _entry_problem(entry, files, expected)
+            if problem is None:
+                if not downloaded:
+                    _count(cache_hits=len(files))
+                    log.info("s3://%s: %d object(s) already cached in %s", bucket, len(files),
+                             entry)
+                _prune_other_versions(entry)  # those the processes that used them let go of
+                return entry
+            if downloaded:  # our own download does not check out: never loop on it
+                raise StorageError(f"{entry}: the cache entry just downloaded fails its check "
+                                   f"({problem})", kind="checksum", uri=f"s3://{bucket}")
+            if problem == "missing":
+                lock.exclusive()  # waits while another process downloads it
+                problem = _entry_problem(entry, files, expected)
+                if problem is None:
+                    continue  # another process finished it meanwhile
+            elif not lock.exclusive(blocking=False):
+                raise StorageError(
+                    f"{entry}: the cached copy is damaged ({problem}) and another process is "
+                    "using it, so it is left in place and not used; run again when that "
+                    "process has finished, or delete the entry", kind="checksum",
+                    uri=f"s3://{bucket}")
+            if problem != "missing":
+                log.warning("discarding cache entry %s: %s", entry, problem)
+            _download_entry(client, cfg, bucket, entry, files, progress, expected)
+            downloaded = True
+
+
+def _entry_problem(entry: Path, files: list[tuple[_Obj, str]],
+                   expected: Mapping[str, str] | None) -> str | None:
+    """None when `entry` is complete and every file has its recorded size and sha256 (and the
+    expected sha256, if given); otherwise what is wrong ("missing" when there is no entry)."""
+    if not entry.exists():
+        return "missing"
+    try:
+        record = json.loads((entry / LOCAL_MARKER).read_text(encoding="utf-8"))
+        recorded = {f["path"]: f.get("sha256") for f in record["files"]}
+    except FileNotFoundError:
+        return f"no {LOCAL_MARKER} marker (an interrupted download)"
+    except (ValueError, KeyError, TypeError) as e:
+        return f"unreadable {LOCAL_MARKER} ({e})"
+    for obj, rel in files:
+        path = entry / rel
+        if not path.is_file() or path.stat().st_size != obj.size:
+            return f"{rel} is missing or not {obj.size} bytes"
+        want = recorded.get(rel)
+        if not want:
+            return f"{rel} has no recorded sha256"
+        if expected and rel in expected and expected[rel] != want:
+            return f"{rel} was downloaded with sha256 {want}, the manifest says {expected[rel]}"
+        got = _local_sha256(path)
+        if got != want:
+            return f"{rel} has sha256 {got}, recorded {want} when it was downloaded"
+    return None
+
+
+def _download_entry(client: Minio, cfg: S3Config, bucket: str, entry: Path,
+                    files: list[tuple[_Obj, str]], progress: Progress | None,
+                    expected: Mapping[str, str] | None) -> None:
+    """With the entry's exclusive lock held: replace whatever is there by a fresh download."""
+    shutil.rmtree(entry, ignore_errors=True)
+    for partial in entry.parent.glob(entry.name + ".partial-*"):
+        # Only the holder of the exclusive lock writes partials, and that is us now.
+        log.info("deleting partial download %s left by an interrupted process", partial)
+        shutil.rmtree(partial, ignore_errors=True)
     # Before any byte moves: a full disk fails at once, naming the sizes, not mid-download.
     ensure_free_space(entry.parent, sum(o.size for o, _ in files),
                       f"{len(files)} object(s) from s3://{bucket} in {entry.parent}",
                       hint="set LASTMILE_CACHE to a larger disk")
-    tmp = entry.with_name(entry.name + _partial_suffix())
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = entry.with_name(f"{entry.name}.partial-{secrets.token_hex(6)}")
     tmp.mkdir()
     try:
+        record = []
         for obj, rel in files:
-            _download(client, cfg, bucket, obj, tmp / rel, progress)
-        record = {"files": [{"path": rel, "key": o.key, "etag": o.etag, "size": o.size}
-                            for o, rel in files]}
-        (tmp / LOCAL_MARKER).write_text(json.dumps(record, indent=2), encoding="utf-8")
-        try:
-            os.rename(tmp, entry)  # atomic; fails if another process completed it first
-        except OSError:
-            if not _entry_complete(entry, files):
-                raise
+            digest = _download(client, cfg, bucket, obj, tmp / rel, progress)
+            want = (expected or {}).get(rel)
+            if want is not None and digest != want:
+                raise StorageError(
+                    f"s3://{bucket}/{obj.key}: downloaded bytes have sha256 {digest}, the run "
+                    f"manifest says {want}; the local copy was discarded",
+                    kind="checksum", uri=f"s3://{bucket}/{obj.key}")
+            record.append({"path": rel, "key": obj.key, "etag": obj.etag, "size": obj.size,
+                           "sha256": digest})
+        (tmp / LOCAL_MARKER).write_text(json.dumps({"files": record}, indent=2),
+                                        encoding="utf-8")
+        os.rename(tmp, entry)  # atomic; `entry` is absent (we hold its lock)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    _prune_older_versions(entry)
     log.info("s3://%s: downloaded %d object(s), %.1f MB, into %s", bucket, len(files),
              sum(o.size for o, _ in files) / 1e6, entry)
-    return entry
 
 
-def _entry_complete(entry: Path, files: list[tuple[_Obj, str]]) -> bool:
-    """An entry counts only with its marker and every file at its expected size."""
-    if not (entry / LOCAL_MARKER).is_file():
-        return False
-    for obj, rel in files:
-        path = entry / rel
-        if not path.is_file() or path.stat().st_size != obj.size:
-            return False
-    return True
-
-
-def _discard_stale(entry: Path) -> None:
-    """Delete an incomplete entry and the partial downloads of processes that are gone."""
-    if entry.exists():
-        log.warning("discarding incomplete cache entry %s", entry)
-        shutil.rmtree(entry, ignore_errors=True)
-    for partial in entry.parent.glob(entry.name + ".partial-*"):
-        pid = partial.name.rsplit(".partial-", 1)[1].split("-")[0]
-        if not (pid.isdigit() and _alive(int(pid))):
-            log.info("deleting partial download %s left by process %s", partial, pid)
-            shutil.rmtree(partial, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _prune_older_versions(entry: Path) -> None:
-    """Keep one version per key/prefix: siblings of `entry` are older ETags of the same source."""
+def _prune_other_versions(entry: Path) -> None:
+    """Delete siblings of `entry` of the same variant (older ETags of the same source) that no
+    process holds; another variant (e.g. with pickle files) is never touched."""
     for sibling in entry.parent.iterdir():
-        if sibling != entry and ".partial-" not in sibling.name and sibling.is_dir():
-            log.info("removing superseded cache entry %s", sibling)
+        if (sibling == entry or not sibling.is_dir() or ".partial-" in sibling.name
+                or _variant(sibling.name) != _variant(entry.name)):
+            continue
+
+        def delete(sibling: Path = sibling) -> None:
+            for partial in sibling.parent.glob(sibling.name + ".partial-*"):
+                shutil.rmtree(partial, ignore_errors=True)
             shutil.rmtree(sibling, ignore_errors=True)
+
+        if cachelock.try_delete(sibling, delete):
+            log.info("removed superseded cache entry %s", sibling)
+        else:
+            log.info("keeping superseded cache entry %s: a process is using it", sibling)
 
 
 # ----------------------------------------------------------------------------- S3 operations
@@ -852,30 +1069,58 @@ class _Truncated(ConnectionError):
     """The body ended before the object's size: retried like a dropped connection."""
 
 
+_MD5_ETAG = re.compile(r"[0-9a-f]{32}")
+
+
+def _etag_is_md5(etag: str, headers: Mapping[str, str] | None, parts: bool = False) -> bool:
+    """Whether an object's ETag is the MD5 of its bytes (`parts`: the MD5 of its parts' MD5s
+    and "-<count>"): not for objects encrypted with SSE-KMS or SSE-C, whose ETags S3 documents
+    as something else."""
+    headers = headers or {}
+    sse = (headers.get("x-amz-server-side-encryption") or "").lower()
+    md5, dash, count = etag.partition("-")
+    shape = bool(_MD5_ETAG.fullmatch(md5)) and (count.isdigit() if parts else not dash)
+    return (shape and not sse.startswith("aws:kms")
+            and not headers.get("x-amz-server-side-encryption-customer-algorithm"))
+
+
 def _download(client: Minio, cfg: S3Config, bucket: str, obj: _Obj, dest: Path,
-              progress: Progress | None) -> None:
-    """Stream one object to `dest` in CHUNK pieces, resuming at the byte reached on retry."""
+              progress: Progress | None) -> str:
+    """Stream one object to `dest` in CHUNK pieces, resuming at the byte reached on retry;
+    returns its sha256. The bytes are checked against the ETag where it is an MD5."""
     uri = S3Uri(bucket, obj.key)
     dest.parent.mkdir(parents=True, exist_ok=True)
     done = 0
+    sha, md5 = hashlib.sha256(), hashlib.md5(usedforsecurity=False)
+    check_md5: list[bool] = []
     with open(dest, "wb") as f:
         def attempt() -> None:
-            nonlocal done
+            nonlocal done, sha, md5
             if done and done == obj.size:
                 return
             # If-Match: a resumed range must come from the same object version we started.
             response = client.get_object(bucket, obj.key, offset=done,
                                          request_headers={"If-Match": f'"{obj.etag}"'})
             try:
+                served = _clean_etag(response.headers.get("ETag"))
+                if served and served != obj.etag:  # a server that ignored If-Match
+                    raise StorageError(f"{uri}: the object changed while it was being "
+                                       f"downloaded (ETag {served}, expected {obj.etag}); "
+                                       "run again", kind="changed", uri=str(uri))
+                if not check_md5:
+                    check_md5.append(_etag_is_md5(obj.etag, response.headers))
                 if done and response.status != 206:  # Range ignored: the body starts at 0
                     f.seek(0)
                     f.truncate()
                     done = 0
+                    sha, md5 = hashlib.sha256(), hashlib.md5(usedforsecurity=False)
                 for chunk in response.stream(CHUNK):
                     if done + len(chunk) > obj.size:
                         raise StorageError(f"{uri}: the server sent more than the object's "
                                            f"{obj.size} bytes", kind="server", uri=str(uri))
                     f.write(chunk)
+                    sha.update(chunk)
+                    md5.update(chunk)
                     done += len(chunk)
                     _count(bytes_downloaded=len(chunk))
                     if progress is not None:
@@ -887,21 +1132,201 @@ def _download(client: Minio, cfg: S3Config, bucket: str, obj: _Obj, dest: Path,
                 raise _Truncated(f"got {done} of {obj.size} bytes")
 
         _retrying(attempt, cfg, uri, "downloading", progress_of=lambda: done)
+    if check_md5 and check_md5[0] and md5.hexdigest() != obj.etag:
+        dest.unlink(missing_ok=True)
+        raise StorageError(f"{uri}: the downloaded bytes have MD5 {md5.hexdigest()}, not the "
+                           f"object's ETag {obj.etag} (corrupted in transit, or the object "
+                           "changed during the download); the local copy was discarded, run "
+                           "again", kind="checksum", uri=str(uri))
     _count(objects_downloaded=1)
+    _remember_sha256(dest, sha.hexdigest())
+    return sha.hexdigest()
 
 
 def _upload(client: Minio, cfg: S3Config, run: S3Uri, path: Path, rel: str) -> dict[str, Any]:
+    """Upload `path` to `run`/`rel` (one PUT, or parts retried one by one); its manifest
+    entry {path, size, etag, sha256}. The server's ETag is checked against the bytes sent."""
     target = run.child(rel)
     size = path.stat().st_size
-    result = _retrying(lambda: client.fput_object(run.bucket, target.key, str(path)),
-                       cfg, target, "uploading")
+    sha = hashlib.sha256()
+    if size <= PART_SIZE:
+        data = path.read_bytes()
+        sha.update(data)
+        result = _retrying(lambda: client.put_object(run.bucket, target.key, io.BytesIO(data),
+                                                     len(data)),
+                           cfg, target, "uploading")
+        want_etag = hashlib.md5(data, usedforsecurity=False).hexdigest()
+        parts = False
+    else:
+        result, want_etag = _upload_parts(client, cfg, target, path, size, sha)
+        parts = True
+    etag = _clean_etag(result.etag)
+    if _etag_is_md5(etag, result.http_headers, parts) and etag != want_etag:
+        raise StorageError(f"{target}: the server reports ETag {etag} for the upload, the bytes "
+                           f"sent give {want_etag}; the file changed while it was uploaded, or "
+                           "the transfer was corrupted", kind="checksum", uri=str(target))
     _count(bytes_uploaded=size, objects_uploaded=1)
-    return {"path": rel, "size": size, "etag": _clean_etag(result.etag)}
+    return {"path": rel, "size": size, "etag": etag, "sha256": sha.hexdigest()}
 
 
-def _delete_all(client: Minio, cfg: S3Config, prefix: S3Uri) -> None:
+def _upload_parts(client: Minio, cfg: S3Config, target: S3Uri, path: Path, size: int,
+                  sha: Any) -> tuple[Any, str]:
+    """A multipart upload that retries each part on its own and is aborted if it fails, so
+    no incomplete upload is left behind. Returns (the server's result, the expected ETag).
+
+    Uses minio's multipart primitives (`_create_multipart_upload`, `_upload_part`, ...):
+    the public `fput_object` retries nothing and loses the upload id when its abort fails.
+    """
+    part_size = max(PART_SIZE, -(-size // 10_000))
+    upload_id = _retrying(lambda: client._create_multipart_upload(
+        target.bucket, target.key, {"Content-Type": "application/octet-stream"}),
+        cfg, target, "starting a multipart upload")
+    try:
+        parts, md5s = [], []
+        with open(path, "rb") as f:
+            while data := f.read(part_size):
+                number = len(parts) + 1
+                sha.update(data)
+                md5s.append(hashlib.md5(data, usedforsecurity=False).digest())
+                etag = _retrying(lambda: client._upload_part(
+                    target.bucket, target.key, data, None, upload_id, number),
+                    cfg, target, f"uploading part {number}")
+                parts.append(Part(number, _clean_etag(etag)))
+        result = _retrying(lambda: client._complete_multipart_upload(
+            target.bucket, target.key, upload_id, parts), cfg, target,
+            "completing a multipart upload")
+    except BaseException:
+        _abort_upload(client, cfg, target, upload_id)
+        raise
+    want = hashlib.md5(b"".join(md5s), usedforsecurity=False).hexdigest() + f"-{len(parts)}"
+    return result, want
+
+
+def _abort_upload(client: Minio, cfg: S3Config, target: S3Uri, upload_id: str) -> None:
+    """Abort a multipart upload (its parts are deleted); logs, never raises."""
+    try:
+        _retrying(lambda: client._abort_multipart_upload(target.bucket, target.key, upload_id),
+                  cfg, target, "aborting a multipart upload")
+        log.info("%s: aborted the incomplete multipart upload", target)
+    except Exception as e:  # noqa: BLE001 - the upload's own error is the one to raise
+        if not (isinstance(e, S3Error) and e.code == "NoSuchUpload"):
+            log.warning("%s: could not abort multipart upload %s (%s); a bucket lifecycle "
+                        "rule (AbortIncompleteMultipartUpload) removes it later", target,
+                        upload_id, redact(str(e))[:200])
+
+
+def _abort_incomplete_uploads(client: Minio, cfg: S3Config, prefix: S3Uri) -> int:
+    """Abort every multipart upload under `prefix` (left by a publisher that was killed)."""
+    aborted = 0
+    for _ in range(100):  # each round aborts what one listing returned
+        try:
+            uploads = _retrying(lambda: client._list_multipart_uploads(
+                prefix.bucket, prefix=prefix.key).uploads, cfg, prefix,
+                "listing incomplete uploads")
+        except StorageError as e:
+            log.warning("%s: could not list incomplete uploads (%s)", prefix, e)
+            return aborted
+        if not uploads:
+            break
+        for upload in uploads:
+            _abort_upload(client, cfg, S3Uri(prefix.bucket, upload.object_name),
+                          upload.upload_id)
+            aborted += 1
+    return aborted
+
+
+def _get_bytes(client: Minio, cfg: S3Config, uri: S3Uri, action: str) -> bytes:
+    def get() -> bytes:
+        response = client.get_object(uri.bucket, uri.key)
+        try:
+            return response.read()
+        finally:
+            response.close()
+            response.release_conn()
+
+    return _retrying(get, cfg, uri, action)
+
+
+def _stat_full(client: Minio, cfg: S3Config,
+               uri: S3Uri) -> tuple[str, _dt.datetime] | None:
+    """(ETag, last modified) of `uri`, None if absent."""
+    try:
+        st = _retrying(lambda: client.stat_object(uri.bucket, uri.key), cfg, uri, "reading")
+    except StorageError as e:
+        if e.kind == "no-such-key":
+            return None
+        raise
+    return _clean_etag(st.etag), st.last_modified
+
+
+class _Precondition(Exception):
+    """A conditional write found the condition false (HTTP 412)."""
+
+
+class _NoConditionalWrites(Exception):
+    """The server refused the conditional header itself (HTTP 501 NotImplemented)."""
+
+
+_warned_unconditional: set[str] = set()
+
+
+def _conditional_put(client: Minio, cfg: S3Config, uri: S3Uri, body: bytes, content_type: str,
+                     condition: dict[str, str], action: str) -> bool:
+    """PUT `body` only if `condition` holds; False when it does not. A 412 after a retry is
+    checked against the stored object: our own earlier attempt that succeeded counts."""
+    headers = {"Content-Type": content_type, **condition}
+    attempts = []
+
+    def put() -> None:
+        attempts.append(1)
+        try:
+            client._put_object(uri.bucket, uri.key, body, headers)
+        except S3Error as e:
+            if e.code == "PreconditionFailed":
+                raise _Precondition() from None
+            if e.code == "NotImplemented":
+                raise _NoConditionalWrites() from None
+            raise
+
+    try:
+        _retrying(put, cfg, uri, action)
+        return True
+    except _NoConditionalWrites:
+        if cfg.endpoint not in _warned_unconditional:
+            _warned_unconditional.add(cfg.endpoint)
+            log.warning("%s does not support conditional writes (%s): two publishes of one "
+                        "run name at the same moment are not arbitrated", cfg.endpoint,
+                        ", ".join(condition))
+        if "If-None-Match" in condition and _stat(client, cfg, uri) is not None:
+            return False
+        _retrying(lambda: client._put_object(uri.bucket, uri.key, body,
+                                             {"Content-Type": content_type}), cfg, uri, action)
+        return True
+    except _Precondition:
+        if len(attempts) > 1:  # was the one that "failed" our own write, answered late?
+            try:
+                return _get_bytes(client, cfg, uri, action) == body
+            except StorageError:
+                return False
+        return False
+
+
+def _put_if_absent(client: Minio, cfg: S3Config, uri: S3Uri, body: bytes, content_type: str,
+                   action: str) -> bool:
+    """Create `uri` only if no object has that key (`If-None-Match: *`); False if one has."""
+    return _conditional_put(client, cfg, uri, body, content_type, {"If-None-Match": "*"},
+                            action)
+
+
+def _put_if_match(client: Minio, cfg: S3Config, uri: S3Uri, body: bytes, etag: str) -> bool:
+    """Replace `uri` only if it still has `etag`; False if it changed meanwhile."""
+    return _conditional_put(client, cfg, uri, body, "application/json",
+                            {"If-Match": f'"{etag}"'}, "taking over the claim")
+
+
+def _delete_all(client: Minio, cfg: S3Config, prefix: S3Uri, keep: set[str] = frozenset()) -> None:
     """Remove what an interrupted publish left under `prefix` (it has no marker)."""
-    leftovers = _list(client, cfg, prefix)
+    leftovers = [o for o in _list(client, cfg, prefix) if o.key not in keep]
     if leftovers:
         log.info("%s: removing %d object(s) left by an interrupted publish", prefix,
                  len(leftovers))

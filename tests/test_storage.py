@@ -129,12 +129,16 @@ def test_task_data_prefix_sorted_and_new_objects_picked_up(s3_env, bucket):
     delta = moved(before)
     assert (delta.objects_downloaded, delta.bytes_downloaded, delta.cache_hits) == (1, 8, 3)
 
-    # A replaced object (new ETag) is downloaded again; the superseded copy is pruned.
+    # A replaced object (new ETag) is downloaded again; the superseded copy is kept while a
+    # process (this one) holds it, and pruned once none does.
     old_a = paths[0]
     s3_env.put(bucket, "data/a.jsonl", jsonl({"input": "a", "output": "new"}))
     paths = storage.fetch_task_data(f"s3://{bucket}/data/")
     assert paths[0].read_bytes() == jsonl({"input": "a", "output": "new"})
-    assert not old_a.exists()
+    assert old_a.read_bytes() == jsonl({"input": "a", "output": "b"})
+    storage.release_cache_entries()  # what exiting does
+    storage.fetch_task_data(f"s3://{bucket}/data/")
+    assert not old_a.exists() and not Path(f"{old_a.parent}.lock").exists()
 
 
 def test_task_data_single_key_and_unsupported_key(s3_env, bucket):
@@ -184,8 +188,9 @@ def test_model_downloaded_once_then_served_from_cache(s3_env, bucket, tmp_path):
     second = moved(before)
     assert (second.bytes_downloaded, second.objects_downloaded, second.cache_hits) == (0, 0, 4)
 
-    # Changed weights: a new entry; the old version is pruned.
+    # Changed weights: a new entry; the old version is pruned once no process holds it.
     s3_env.put(bucket, "models/m1/model.safetensors", b"new weights")
+    storage.release_cache_entries()
     newer = storage.fetch_model(uri, cache)
     assert newer != local and (newer / "model.safetensors").read_bytes() == b"new weights"
     assert not local.exists()
@@ -469,8 +474,8 @@ def test_download_killed_midway_leaves_nothing_usable_and_retry_after_restart_wo
             storage.fetch_model(uri, cache, progress=kill_after_first_chunk)
         assert killed and killed[0] < len(weights)
         assert e.value.kind == "unreachable" and uri in str(e.value)
-        leftovers = [p for p in cache.rglob("*") if p.is_file()]
-        assert leftovers == []  # no partial file, no entry, no marker
+        leftovers = [p for p in cache.rglob("*") if p.is_file() and p.suffix != ".lock"]
+        assert leftovers == []  # no partial file, no entry, no marker (only the lock file)
     finally:
         s3_env.ensure_running()
 
