@@ -5,13 +5,20 @@
 1. **Read** the source: a JSON Lines (`.jsonl`, `.jsonl.gz`, `.json` lines or array), CSV or
    Parquet file; a directory of them (sorted by name); `s3://bucket/key` or `s3://bucket/prefix/`
    (fetched by `lastmile.storage`, then read like a directory); or a Hugging Face dataset id
-   (`owner/name`, or `hf:name[:config]`), only ever when the user names one. The default is the
-   bundled Debian-descriptions dataset (`DEFAULT_DATA`).
+   (`owner/name`, or `hf:name`, with optional `:config` and `@revision`), only ever when the
+   user names one, loaded at the commit the revision resolves to (`source_revision`). A name
+   that looks like a path (`looks_local`) and does not exist is "not found", never a hub id.
+   The default is the bundled Debian-descriptions dataset (`DEFAULT_DATA`).
+   JSON Lines and CSV are streamed line by line: a record over MAX_RECORD_BYTES (8 MiB) is
+   measured in passing, never held. A file whose rows cannot be told apart is an error naming
+   the file and line (or rows), strict or not: invalid JSON or UTF-8, a CSV quote never closed,
+   a .gz cut short or corrupt, an unreadable Parquet footer or row group.
 2. **Validate** each row: the configured input/output columns must hold non-empty strings of
    valid Unicode (and an `id`, when present, must be valid Unicode). A bad row is dropped and
    counted by reason (`missing_column`, `null`, `non_string`, `empty`, `invalid_unicode`: a
    lone surrogate, which JSON escapes like "\\ud800" can produce and no tokenizer or UTF-8
-   file can hold), or with `strict=True` raises naming the file, its 1-based line/row and the
+   file can hold; `too_large`: over MAX_RECORD_BYTES; `too_deep`: JSON nested deeper than
+   MAX_JSON_DEPTH), or with `strict=True` raises naming the file, its 1-based line/row and the
    column. A column that no row of a file has is an error naming the column, the file and the
    columns that do exist.
 3. **Split**: named splits are used when the source has them (hub splits; files whose names
@@ -21,6 +28,7 @@
 4. **Deduplicate**: an exact repeat of an (input, output) pair is dropped (`duplicate`), the
    first occurrence kept; test rows are seen first, so a pair present in both named splits stays
    in test only. Same input with different outputs is kept (several references are legitimate).
+   Ids are then made unique over both splits (`_unique_ids`), so no later stage meets a clash.
 5. **Format** each input with the base model's chat template and the instruction
    (`format_prompt`), and drop prompts longer than `max_input_tokens` tokens (`too_long`; paper
    §4.2: 400 tokens).
@@ -32,6 +40,7 @@ Output: `train.jsonl`, `test.jsonl` (records `{"id", "input", "output", "prompt"
 `summary.json`, all written atomically. Every row read is accounted for in the summary:
 ``rows_in == sum(rows_out) + sum(dropped) + sum(splits[s]["capped"])``. The summary also
 records ``source_sha256`` (the bytes of the files read; null for a hub dataset),
+``source_revision`` (the hub commit a hub dataset was loaded at; null for files),
 ``output_sha256`` ({"train.jsonl", "test.jsonl"} each) and ``data_sha256`` (both outputs).
 """
 
@@ -715,9 +724,9 @@ def load_rows(source: str | Path, cfg: DataConfig) -> Rows:
         splits = {s: [r for p in named[s] for r in valid_rows(p, cfg, dropped)] for s in SPLITS}
         method = "named"
     else:
-        every = [r for p in used for r in valid_rows(p, cfg, dropped)]
-        splits = {s: [r for r in every if split_of(r["input"], cfg.test_fraction) == s]
-                  for s in SPLITS}
+        splits = {s: [] for s in SPLITS}
+        for r in (r for p in used for r in valid_rows(p, cfg, dropped)):
+            splits[split_of(r["input"], cfg.test_fraction)].append(r)
         method = "hash"
     splits = _deduplicate(splits, dropped)
     _unique_ids(splits)
