@@ -436,9 +436,13 @@ def _read_csv_records(path: Path, label: str) -> Records:
                                     f"has {len(header)}")
                 records.append((start, dict(zip(header, values))))
             start, state["record"] = state["line"] + 1, 0
-    except (csv.Error, _Overflow) as e:
+    except _Overflow:
+        raise DataError(f"{label}: line {start}: a record over {human_bytes(MAX_RECORD_BYTES)} "
+                        "even with its text cut out (megabytes of quotes and commas); this is "
+                        "not a table the loader reads") from None
+    except csv.Error as e:
         raise DataError(f"{label}: line {start}: cannot parse the CSV record starting here "
-                        f"({type(e).__name__}: {e})") from None
+                        f"({e})") from None
     finally:
         csv.field_size_limit(previous_limit)
     return records, header, "line"

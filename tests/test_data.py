@@ -491,7 +491,7 @@ def test_duplicate_ids_become_unique_whatever_the_ids(tmp_path, tokenizer):
     assert sorted(r["id"] for r in out["train"]) == ["a~2", "b~2", "b~3"]
 
 
-def test_unterminated_csv_quote_is_an_error_naming_its_line(tmp_path):
+def test_unterminated_csv_quote_is_an_error_naming_its_line(tmp_path, monkeypatch):
     """It used to swallow the rest of the file: as one dropped row, or as one kept row whose
     output held every later line. Where the cell was meant to end cannot be known, so neither
     a drop nor a guess: an error, strict or not."""
@@ -505,6 +505,12 @@ def test_unterminated_csv_quote_is_an_error_naming_its_line(tmp_path):
     path.write_text('"input,output\na,b\n')
     with pytest.raises(DataError, match=r"q.csv: line 1: a quoted cell .* lines 1-2"):
         data.load_rows(path, DataConfig())
+    path.write_text("input,output\n" + '"",' * 400 + "x\nok,fine\n")  # all quotes and commas
+    monkeypatch.setattr(data, "MAX_RECORD_BYTES", 1000)
+    with pytest.raises(DataError, match=r"q.csv: line 2: a record over 1000 B even with its "
+                       "text cut out"):
+        data.load_rows(path, DataConfig())
+    monkeypatch.undo()
     # a closed multi-line cell ending the file without a newline is not that
     path.write_text('input,output\n"x\ny",z\r\n"multi\r\nline",last')
     rows = data.load_rows(path, DataConfig(test_fraction=0.01))
@@ -660,7 +666,20 @@ def test_too_large_rows_in_parquet_json_arrays_and_strict_mode(tmp_path, monkeyp
         data.load_rows(tmp_path / "b.parquet", DataConfig(strict=True))
     with pytest.raises(DataError, match=r"b.json: row 5: column 'input' is too large"):
         data.load_rows(tmp_path / "b.json", DataConfig(strict=True))
+    # CSV: an over-long quoted cell over many lines, with commas, "" and CRs in it, is read
+    # squeezed to its quotes and line ends: the records after it keep their cells and lines
+    cell = ('long, "quoted" text\r\nover lines ' * 60).replace('"', '""')
+    (tmp_path / "b.csv").write_text(f'input,output\nfirst,1\n"{cell}",2\nlast,3\n"a\nb",4\n')
+    loaded = data.load_rows(tmp_path / "b.csv", DataConfig(test_fraction=0.01))
+    assert dict(loaded.dropped) == {"too_large": 1}
+    assert [r["output"] for r in loaded.splits["train"]] == ["1", "3", "4"]
+    with pytest.raises(DataError, match=r"b.csv: line 3: 2,\d+ bytes, over the 1000 B bound"):
+        data.load_rows(tmp_path / "b.csv", DataConfig(strict=True))
+    monkeypatch.setattr(data, "MAX_RECORD_BYTES", 10_000)  # the same file, under the bound
+    loaded = data.load_rows(tmp_path / "b.csv", DataConfig(test_fraction=0.01))
+    assert [r["input"] for r in loaded.splits["train"]][1] == cell.replace('""', '"').strip()
     # a hub split is parsed whole too: its cells are measured before any tokenizer sees them
+    monkeypatch.setattr(data, "MAX_RECORD_BYTES", 1000)
     import datasets
 
     part = data.parts_from_hub("org/name", {"train": datasets.Dataset.from_list(rows)})[0]
