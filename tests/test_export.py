@@ -25,6 +25,8 @@ from lastmile.cli import main
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from s3server import s3_server  # noqa: E402,F401 - the fixture
+
 #: The smoke profile's PPO step size (1e-5) leaves LoRA B at ~1e-5 after its 2 updates: the
 #: adapter would move the tiny model's logits by ~1e-6, under float tolerance, and its greedy
 #: texts would be the base's (empty: the tiny model repeats "\n"), so a check that an export
@@ -374,3 +376,41 @@ def test_predict_bad_input_names_file_row_column_flag(small_run, tmp_path, capsy
                  "--input-column", "text", "--max-new-tokens", "3"]) == 0
     (row,) = [json.loads(line) for line in pred.open()]
     assert row["id"] == 1 and row["input"] == "a package" and isinstance(row["prediction"], str)
+
+
+# ----------------------------------------------------------------------------- published runs
+
+@pytest.mark.e2e
+def test_export_and_predict_from_a_published_run(smoke_run, s3_server, monkeypatch, tmp_path):
+    from safetensors.torch import load_file
+
+    from lastmile import results, storage
+
+    for name in [n for pair in storage.CREDENTIAL_VARS for n in pair] + [
+            storage.CREDENTIALS_DIR_VAR, *storage.ENDPOINT_VARS, storage.SECURE_VAR]:
+        monkeypatch.delenv(name, raising=False)
+    for name, value in s3_server.env().items():
+        monkeypatch.setenv(name, value)
+    bucket = f"export-{tmp_path.name[-20:].lower().replace('_', '-')}"
+    s3_server.client().make_bucket(bucket)
+    (pipeline_run,) = smoke_run.resolve().glob("kfp/lastmile-*")
+    uri = results.publish_run(
+        f"s3://{bucket}/runs/", ppo_dir=next(pipeline_run.glob("*/ppo_model")),
+        mle_dir=next(pipeline_run.glob("*/mle_model")),
+        report_dir=next(pipeline_run.glob("*/report_dir")), run_name="20260101T000000Z-test")
+
+    assert main(["export", uri, "--out", str(tmp_path / "from-s3")]) == 0
+    assert main(["export", str(smoke_run), "--out", str(tmp_path / "local")]) == 0
+    remote, local = (json.loads((tmp_path / d / "lastmile.json").read_text())
+                     for d in ("from-s3", "local"))
+    assert remote["run"]["source"] == uri
+    assert remote["run"]["data_sha256"] == local["run"]["data_sha256"]
+    assert {k: v for k, v in remote.items() if k != "run"} == {
+        k: v for k, v in local.items() if k != "run"}
+    a, b = (load_file(tmp_path / d / "adapter_model.safetensors") for d in ("from-s3", "local"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    out = tmp_path / "pred.jsonl"
+    assert main(["predict", uri, "--input", str(_test_split(smoke_run)), "--out", str(out)]) == 0
+    assert [json.loads(line)["prediction"] for line in out.open()] == [
+        r["prediction"] for r in _pipeline_rows(smoke_run)]
