@@ -517,6 +517,26 @@ def test_ids_are_unique_after_filtering_whatever_the_input_ids(ids, n_test):
     assert [r["id"] for r in again["test"] + again["train"]] == out
 
 
+def _record_ends(lines: list[str]) -> list[int]:
+    """The physical line each CSV record ends on, as csv.reader splits them."""
+    reader = csv.reader(iter(lines))
+    return [reader.line_num for _ in reader]
+
+
+@settings(FUZZ, max_examples=300)
+@given(text=st.lists(st.sampled_from(['"', '"', ",", "a", "b", " ", "\r", "\n", "\r\n", "é"]),
+                    max_size=60).map("".join))
+def test_a_squeezed_csv_record_ends_where_the_original_does(text):
+    """An over-long CSV record is read squeezed (quotes and line ends kept, every other run cut
+    to its last byte, a comma or "x"): the reader must find the same record ends, or the rows
+    after a dropped record would shift."""
+    raw = text.encode()
+    lines = [raw[m.start():m.end()] for m in re.finditer(rb"[^\r\n]*(\r\n|\r|\n|$)", raw)
+             if m.end() > m.start()]
+    squeezed = [data._squeeze_csv(line).decode() for line in lines]
+    assert _record_ends([line.decode() for line in lines]) == _record_ends(squeezed)
+
+
 # ----------------------------------------------------------------------------- negatives
 
 neg_text = st.one_of(sentence, word, plain, long_text, st.sampled_from(TRICKY[20:]))
