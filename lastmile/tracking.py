@@ -266,10 +266,16 @@ class MLflowRun:
         self._guard(call)
 
     def log_artifacts(self, files: list[Path], artifact_path: str) -> None:
-        def call():
+        """Upload files; a failure here (e.g. an s3:// artifact root without boto3 on this
+        side) is warned about but leaves the run usable for what follows."""
+        if self.broken:
+            return
+        try:
             for f in files:
                 self.client.log_artifact(self.run_id, str(f), artifact_path)
-        self._guard(call)
+        except Exception as e:  # noqa: BLE001 - tracking never stops the pipeline
+            log.warning("MLflow: the %s could not upload %s (%s: %s); the files stay in the "
+                        "KFP artifact", self.what, artifact_path, type(e).__name__, e)
 
     def finish(self) -> None:
         self._guard(lambda: self.client.set_terminated(self.run_id, "FINISHED"))

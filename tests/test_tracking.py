@@ -379,3 +379,22 @@ def test_a_down_server_warns_once_and_training_goes_on(tokenizer, tmp_path, monk
     warned = [r for r in caplog.records if r.name == "lastmile.tracking"]
     assert len(warned) == 1 and "training goes on" in warned[0].getMessage()
     _assert_tensorboard_equals_log(out, "mle", _log(out / "train_log.jsonl"))
+
+
+def test_report_files_that_cannot_be_uploaded_leave_the_run_finished(mlflow_env, tmp_path,
+                                                                    request, caplog):
+    """An experiment whose artifacts live in s3:// (client-side upload needs boto3, which the
+    images do not have): the report's scores still arrive, the upload failure is a warning,
+    and the run is still marked FINISHED."""
+    client = mlflow_env
+    client.create_experiment(request.node.name, artifact_location="s3://nowhere/artifacts")
+    report_dir = tmp_path / "kfp" / RUN / "report" / "report_dir"
+    write_json(report_dir / "scores.json", {"models": {"rl": {"n": 2, "excess_length": 0.5}}})
+    (report_dir / "report.md").write_text("# Report\n")
+    with caplog.at_level(logging.WARNING, logger="lastmile.tracking"):
+        tracking.log_report(report_dir)
+    (run,) = _runs(client, request.node.name)
+    assert run.data.metrics == {"scores/rl_n": 2.0, "scores/rl_excess_length": 0.5}
+    assert run.info.status == "FINISHED"
+    warned = [r.getMessage() for r in caplog.records if r.name == "lastmile.tracking"]
+    assert len(warned) == 1 and "could not upload report" in warned[0]
