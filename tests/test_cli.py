@@ -103,3 +103,37 @@ def test_help_documents_defaults(capsys):
     help_text = " ".join(capsys.readouterr().out.split())
     assert "scores.json in the current directory" in help_text
     assert "--bleurt" in help_text and "--no-semantic" in help_text
+
+
+def test_export_and_predict_are_subcommands_with_documented_flags(capsys):
+    for command, flags in (("export", ("--out", "--variant", "--merged", "runs/latest",
+                                       "s3://")),
+                           ("predict", ("--input", "--out", "--input-column", "--postprocess",
+                                        "--batch-size", "--max-new-tokens", "--precision",
+                                        ".parquet"))):
+        with pytest.raises(SystemExit) as exit_info:
+            main([command, "--help"])
+        assert exit_info.value.code == 0
+        help_text = " ".join(capsys.readouterr().out.split())
+        for flag in flags:
+            assert flag in help_text, (command, flag)
+    with pytest.raises(SystemExit):
+        main(["export", "runs/latest", "--out", "x", "--variant", "base"])  # rl or mle only
+    assert "invalid choice: 'base'" in capsys.readouterr().err
+
+
+def test_console_predict_and_export_errors_are_one_line(tmp_path):
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    inputs = tmp_path / "in.csv"
+    inputs.write_text("text\nhello\n")
+    for args, message in (
+            (["export", str(tmp_path / "no-run"), "--out", str(tmp_path / "e")],
+             f"lastmile export: error: run {tmp_path / 'no-run'}: no such directory"),
+            (["predict", str(tmp_path), "--input", str(inputs), "--out",
+              str(tmp_path / "p.jsonl"), "--input-column", "body"],
+             f"lastmile predict: error: --input-column 'body' not found in {inputs}")):
+        proc = subprocess.run([sys.executable, "-m", "lastmile.cli", *args], capture_output=True,
+                              text=True, env=env, timeout=120)
+        assert proc.returncode == 2, proc.stderr
+        assert "Traceback" not in proc.stderr and proc.stderr.count("\n") == 1, proc.stderr
+        assert message in proc.stderr
