@@ -57,6 +57,8 @@ class EntryLock:
         self.unlock()  # never convert in place: flock conversion is not atomic anyway
         while True:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            # Opened for writing: NFS emulates an exclusive flock with a write lock, which
+            # needs it. All processes sharing a cache must be able to write its directories.
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
             try:
                 fcntl.flock(fd, mode | (0 if blocking else fcntl.LOCK_NB))

@@ -1152,9 +1152,10 @@ def _upload(client: Minio, cfg: S3Config, run: S3Uri, path: Path, rel: str) -> d
     if size <= PART_SIZE:
         data = path.read_bytes()
         sha.update(data)
-        result = _retrying(lambda: client.put_object(run.bucket, target.key, io.BytesIO(data),
-                                                     len(data)),
-                           cfg, target, "uploading")
+        # One PUT (put_object would go multipart above 5 MiB, outside these retries).
+        result = _retrying(lambda: client._put_object(
+            run.bucket, target.key, data, {"Content-Type": "application/octet-stream"}),
+            cfg, target, "uploading")
         want_etag = hashlib.md5(data, usedforsecurity=False).hexdigest()
         parts = False
     else:

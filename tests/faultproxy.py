@@ -97,6 +97,16 @@ class _Handler(BaseHTTPRequestHandler):
         pass
 
     def _handle(self) -> None:
+        with self.server.proxy._busy:
+            self.server.proxy._in_flight += 1
+        try:
+            self._handle_one()
+        finally:
+            with self.server.proxy._busy:
+                self.server.proxy._in_flight -= 1
+                self.server.proxy._busy.notify_all()
+
+    def _handle_one(self) -> None:
         proxy = self.server.proxy
         parts = urlsplit(self.path)
         seen = Seen(self.command, parts.path, parse_qs(parts.query, keep_blank_values=True),
@@ -119,8 +129,8 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_header("Content-Type", "application/xml")
             self.send_header("Content-Length", str(len(xml)))
             self.end_headers()
-            self.wfile.write(xml)
             proxy._record(seen, rule.name, rule.status)
+            self.wfile.write(xml)
             return
         if rule is not None and rule.before is not None:
             rule.before(seen)
@@ -134,10 +144,11 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_header(name, value)
         self.send_header("Content-Length", str(declared))
         self.end_headers()
+        # Recorded once the status is out: a client may hang up before reading the body.
+        proxy._record(seen, rule.name if rule is not None else None, status)
         if rule is not None and rule.cut_response_after is not None:
             self.wfile.write(data[:rule.cut_response_after])
             self.wfile.flush()
-            proxy._record(seen, rule.name, status)
             self.close_connection = True
             try:
                 self.connection.shutdown(socket.SHUT_RDWR)
@@ -146,7 +157,6 @@ class _Handler(BaseHTTPRequestHandler):
             return
         if self.command != "HEAD":
             self.wfile.write(data)
-        proxy._record(seen, rule.name if rule is not None else None, status)
 
     def _forward(self, body: bytes) -> tuple[int, list[tuple[str, str]], bytes, int]:
         """Send the request upstream as it came (signed headers intact); the answer."""
@@ -207,6 +217,8 @@ class FaultProxy:
         self.requests: list[Seen] = []
         self._lock = threading.Lock()
         self._slots = threading.BoundedSemaphore(max_connections)
+        self._busy = threading.Condition()
+        self._in_flight = 0
         self._server = _Server(("127.0.0.1", 0), _Handler)
         self._server.proxy = self
         self._thread: threading.Thread | None = None
@@ -245,6 +257,12 @@ class FaultProxy:
         with self._lock:
             return sum(1 for s in self.requests
                        if probe.matches(s) and (fault is None or s.fault == fault))
+
+    def wait_idle(self, timeout: float = 10.0) -> None:
+        """Until no request is being handled (so `requests` holds every answered one)."""
+        with self._busy:
+            if not self._busy.wait_for(lambda: self._in_flight == 0, timeout):
+                raise TimeoutError(f"proxy still busy after {timeout} s")
 
     def start(self) -> "FaultProxy":
         self._thread = threading.Thread(target=self._server.serve_forever,
