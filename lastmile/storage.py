@@ -877,7 +877,7 @@ def _materialize(client: Minio, cfg: S3Config, bucket: str, entry: Path,
     """
     entry.parent.mkdir(parents=True, exist_ok=True)
     lock = cachelock.entry_lock(entry)
-    downloaded = False
+    downloaded = 0
     with lock.thread_lock:
         while True:
             lock.shared()
@@ -889,7 +889,9 @@ def _materialize(client: Minio, cfg: S3Config, bucket: str, entry: Path,
                              entry)
                 _prune_other_versions(entry)  # those the processes that used them let go of
                 return entry
-            if downloaded:  # our own download does not check out: never loop on it
+            # Between our rename and our shared lock, a process that found a newer version
+            # may have pruned the entry: download once more (the objects' ETags decide).
+            if downloaded and (problem != "missing" or downloaded >= 2):
                 raise StorageError(f"{entry}: the cache entry just downloaded fails its check "
                                    f"({problem})", kind="checksum", uri=f"s3://{bucket}")
             if problem == "missing":
@@ -906,7 +908,7 @@ def _materialize(client: Minio, cfg: S3Config, bucket: str, entry: Path,
             if problem != "missing":
                 log.warning("discarding cache entry %s: %s", entry, problem)
             _download_entry(client, cfg, bucket, entry, files, progress, expected)
-            downloaded = True
+            downloaded += 1
 
 
 def _entry_problem(entry: Path, files: list[tuple[_Obj, str]],

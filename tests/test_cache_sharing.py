@@ -508,3 +508,30 @@ def test_object_replaced_between_two_range_reads_is_detected_not_mixed(
     assert not [p for p in cache.rglob("*") if p.is_file() and p.suffix != ".lock"]
     [path] = storage.fetch_task_data(f"s3://{bucket}/d/", cache)  # run again: the new object
     assert sha(path.read_bytes()) == sha(new)
+
+
+def test_an_entry_held_survives_a_forked_child_and_is_deletable_after_release(tmp_path):
+    """A forked child (a DataLoader worker, say) shares its parent's open lock files: nothing
+    it does with them (release_all, exiting) may release the parent's hold, as flock(LOCK_UN)
+    on a shared open file would; the parent's release_all (or exit) does."""
+    import multiprocessing
+
+    from lastmile import cachelock
+
+    entry = tmp_path / "entry"
+    entry.mkdir()
+    lock = cachelock.entry_lock(entry)
+    lock.shared()
+    child = multiprocessing.get_context("fork").Process(target=cachelock.release_all)
+    child.start()
+    child.join(timeout=30)
+    assert child.exitcode == 0
+    probe = subprocess.run(
+        [sys.executable, "-c", "import sys, shutil; from pathlib import Path; "
+         "from lastmile import cachelock; e = Path(sys.argv[1]); "
+         "print(cachelock.try_delete(e, lambda: shutil.rmtree(e)))", str(entry)],
+        capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert probe.stdout.strip() == "False" and entry.is_dir()  # still held by this process
+    cachelock.release_all()
+    assert cachelock.try_delete(entry, lambda: entry.rmdir())
+    assert not entry.exists() and not cachelock.lock_path(entry).exists()
