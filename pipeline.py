@@ -474,7 +474,8 @@ class LocalRun:
     published: str | None = None  # the published run's URI, when publish_to was given
 
 
-def run_locally(settings: RunSettings, out_dir: Path | None = None) -> LocalRun:
+def run_locally(settings: RunSettings, out_dir: Path | None = None,
+                verbose: bool = False) -> LocalRun:
     """Run the whole DAG in this environment through kfp.local; copy the report to out_dir.
 
     The pipeline gets exactly the arguments a cluster run would (RunSettings.
@@ -482,38 +483,64 @@ def run_locally(settings: RunSettings, out_dir: Path | None = None) -> LocalRun:
     `publish_to`, the results are published there and a run whose data, base model and
     configuration match the latest published run trains nothing (`force` retrains anyway):
     the result then says so and out_dir holds only `no-new-data.md`.
+
+    The screen (lastmile.console) gets one line per stage as it starts and ends, the running
+    stage's progress bar and where things are; kfp.local's output and every stage's full log
+    go to out_dir/logs/ (`verbose`: shown live too). runs/latest points at the run from its
+    start, so a failed run is found too; out_dir/COMPLETE or FAILED says how it ended. A
+    failed stage raises console.RunFailed once its error and log path are on the screen.
     """
+    from google.protobuf import json_format
     from kfp import local
 
-    from lastmile import freshness
+    from lastmile import console, freshness
 
-    settings.resolve("demo")  # fail fast on a bad parameter, before any stage
+    profile = settings.resolve("demo")  # fail fast on a bad parameter, before any stage
     arguments = {"profile": "demo", **settings.pipeline_arguments()}
     stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     out_dir = out_dir or Path("runs") / stamp
     out_dir.mkdir(parents=True, exist_ok=True)
-    local.init(runner=local.SubprocessRunner(use_venv=False),
-               pipeline_root=str((out_dir / "kfp").resolve()), raise_on_error=True)
-    result = build_pipeline(compiled=settings.compiled)(**arguments)
-    outcome = json.loads(result.output)
-    if outcome["status"] == "skipped":
-        (out_dir / "no-new-data.md").write_text(f"# No new data\n\n{outcome['message']}\n")
-        return LocalRun(out_dir, trained=False, message=outcome["message"])
-    report_dir = Path(outcome["report"])
-    for item in report_dir.iterdir():
-        target = out_dir / item.name
-        if item.is_dir():
-            shutil.copytree(item, target, dirs_exist_ok=True)
-        else:
-            shutil.copy2(item, target)
-    published = None
-    publish_to = settings.run.get("publish_to")
-    if publish_to:
-        name, _ = freshness.latest_published(publish_to)
-        published = freshness.run_uri(publish_to, name) if name else None
-    return LocalRun(out_dir, trained=True,
-                    message=f"report: {out_dir / 'report.html'}\n        {out_dir / 'report.md'}",
-                    published=published)
+    console.point_latest(out_dir)
+    pipeline_root = (out_dir / "kfp").resolve()
+    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(pipeline_root),
+               raise_on_error=True)
+    pipeline = build_pipeline(compiled=settings.compiled)
+    names = console.display_names(json_format.MessageToDict(pipeline.pipeline_spec))
+    title = (f"lastmile run {out_dir} (profile {profile.name}): full logs in "
+             f"{out_dir / console.LOG_DIR}/" + ("" if verbose else " (-v shows them here)"))
+    with console.RunConsole(out_dir, names=names, verbose=verbose, title=title) as screen:
+        try:
+            result = pipeline(**arguments)
+        except (Exception, KeyboardInterrupt) as exc:  # kfp's "Inner task failed" wrapper
+            raise screen.fail(exc) from None
+        outcome = json.loads(result.output)
+        if outcome["status"] == "skipped":
+            (out_dir / "no-new-data.md").write_text(f"# No new data\n\n{outcome['message']}\n")
+            screen.finish([f"no new data: {outcome['message']}"], outcome="no new data",
+                          status={"note": out_dir / "no-new-data.md"})
+            return LocalRun(out_dir, trained=False, message=outcome["message"])
+        report_dir = Path(outcome["report"])
+        for item in report_dir.iterdir():
+            target = out_dir / item.name
+            if item.is_dir():
+                shutil.copytree(item, target, dirs_exist_ok=True)
+            else:
+                shutil.copy2(item, target)
+        published = None
+        publish_to = settings.run.get("publish_to")
+        if publish_to:
+            name, _ = freshness.latest_published(publish_to)
+            published = freshness.run_uri(publish_to, name) if name else None
+        # <pipeline run>/report/report_dir: the adapters are its siblings' outputs.
+        pipeline_run = out_dir / report_dir.parent.parent.relative_to(out_dir.resolve())
+        adapters = {"RL adapter (PPO)": pipeline_run / "train-ppo" / "ppo_model" / "adapter",
+                    "MLE adapter": pipeline_run / "train-mle" / "mle_model" / "adapter"}
+        lines = console.where_things_are(out_dir, adapters, published)
+        screen.finish(lines, status={"report": out_dir / "report.html",
+                                     "rl_adapter": adapters["RL adapter (PPO)"],
+                                     "mle_adapter": adapters["MLE adapter"],
+                                     **({"published": published} if published else {})})
+    return LocalRun(out_dir, trained=True, message="\n".join(lines), published=published)
 
 
 def show_config(profile: config.Profile, out=None) -> None:
@@ -771,6 +798,9 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-column")
     p.add_argument("--base-model")
     p.add_argument("--out", type=Path, help="report directory (default runs/<timestamp>)")
+    p.add_argument("-v", "--verbose", action="store_true",
+                   help="show kfp.local's output and every stage's full log live (always "
+                        "written to <run>/logs/)")
     result_flags(p)
     compile_time_flags(p)
 
@@ -887,10 +917,12 @@ def _main(parser, args) -> int:
         show_config(settings.resolve("paper"))
         return 0
     if args.command == "run":
-        result = run_locally(settings_from_args(args, default_profile="demo"), args.out)
-        print(result.message if result.trained else f"no new data: {result.message}")
-        if result.published:
-            print(f"published: {result.published}")
+        from lastmile.console import RunFailed
+
+        try:  # the console prints the stages, where things are and the next commands
+            run_locally(settings_from_args(args, default_profile="demo"), args.out, args.verbose)
+        except RunFailed as failed:  # its error and log are already the last lines shown
+            return failed.exit_code
         return 0
     settings = settings_from_args(args)
     if args.command == "compile":
