@@ -49,7 +49,6 @@ import dataclasses
 import datetime as _dt
 import hashlib
 import http.client
-import io
 import json
 import logging
 import os
