@@ -77,9 +77,15 @@ PLAIN_TRANSFORMERS = textwrap.dedent("""
     export_dir, inputs_path, logits_path = sys.argv[1:4]
     settings = json.load(open(f"{export_dir}/lastmile.json"))
     prompt, gen = settings["prompt"], settings["generation"]
+    precision = sys.argv[4] if len(sys.argv) > 4 else gen["precision"]
     tok = AutoTokenizer.from_pretrained(export_dir)
     tok.padding_side = "left"
-    model = AutoModelForCausalLM.from_pretrained(export_dir, dtype=torch.float32).eval()
+    if precision == "bfloat16":  # as lastmile decodes in bf16 on a CPU (docs/using-the-model)
+        model = AutoModelForCausalLM.from_pretrained(
+            export_dir, dtype=torch.float32, attn_implementation="eager").to(torch.bfloat16)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(export_dir, dtype=torch.float32)
+    model.eval()
     inputs = [json.loads(line)["input"] for line in open(inputs_path)]
     prompts = [tok.apply_chat_template(
         [{"role": "user", "content": prompt["user_turn"].format(
@@ -100,7 +106,7 @@ PLAIN_TRANSFORMERS = textwrap.dedent("""
                 eos = tok.eos_token_id
                 tokens[i] = row[:row.index(eos) + 1] if eos in row else row
     with torch.no_grad():
-        last = torch.stack([model(torch.tensor([x])).logits[0, -1] for x in ids])
+        last = torch.stack([model(torch.tensor([x])).logits[0, -1].float() for x in ids])
     torch.save(last, logits_path)
     texts = [tok.decode(t, skip_special_tokens=True).strip() for t in tokens]
     leaked = sorted(m for m in sys.modules if m == "lastmile" or m.startswith("lastmile."))
@@ -414,3 +420,64 @@ def test_export_and_predict_from_a_published_run(smoke_run, s3_server, monkeypat
     assert main(["predict", uri, "--input", str(_test_split(smoke_run)), "--out", str(out)]) == 0
     assert [json.loads(line)["prediction"] for line in out.open()] == [
         r["prediction"] for r in _pipeline_rows(smoke_run)]
+
+
+# ----------------------------------------------------------------------------- the real base
+
+def _plain_transformers(export_dir: Path, inputs: Path, tmp_path: Path,
+                        precision: str | None = None) -> dict:
+    proc = subprocess.run([sys.executable, "-c", PLAIN_TRANSFORMERS, str(export_dir),
+                           str(inputs), str(tmp_path / "logits.pt"), *filter(None, [precision])],
+                          capture_output=True, text=True, timeout=600, cwd=tmp_path,
+                          env={"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1",
+                               "TRANSFORMERS_VERBOSITY": "error"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["leaked"] == []
+    return result
+
+
+@pytest.mark.slow
+def test_smollm2_merged_export_reproduces_predict_in_bf16_and_float32(tmp_path):
+    """The demo profile decodes in bf16. A merged export holds float32 weights; lastmile
+    predict casts them as the generate stage does (`modeling.cast_for_decoding`: the whole
+    model, RoPE frequencies included, to bf16; eager attention on a CPU), and plain
+    transformers doing the same gives the same text; in float32 both agree too."""
+    import gzip
+
+    from lastmile.config import EMBEDDED_BASE, LoraSpec, get_profile
+    from lastmile.modeling import AdapterModel, load_base
+
+    base, _ = load_base(EMBEDDED_BASE)
+    model = AdapterModel(base)
+    model.add_adapter("policy", LoraSpec(r=32, alpha=16))
+    with torch.no_grad(), torch.random.fork_rng():
+        torch.manual_seed(0)
+        for p in model.adapter_parameters("policy"):  # B starts at zero: a real update
+            p.add_(torch.randn_like(p) * 2e-3)
+    run = tmp_path / "run"
+    model.save_adapter("policy", run / "ppo" / "adapter")
+    del model, base
+    config = get_profile("demo").to_dict()
+    assert config["generate"]["precision"] == "bfloat16"
+    config["generate"]["max_new_tokens"] = 40  # a test's budget; the wording is what counts
+    (run / "report").mkdir()
+    (run / "report" / "config.json").write_text(json.dumps(config))
+    inputs = tmp_path / "in.jsonl"
+    with gzip.open(ROOT / "data" / "debian-descriptions" / "test.jsonl.gz", "rt") as f:
+        inputs.write_text("".join(line for _, line in zip(range(6), f)))
+
+    out = tmp_path / "merged"
+    assert main(["export", str(run), "--out", str(out), "--merged"]) == 0
+    predicted = {}
+    for precision in ("bfloat16", "float32"):
+        path = tmp_path / f"{precision}.jsonl"
+        assert main(["predict", str(out), "--input", str(inputs), "--out", str(path),
+                     "--precision", precision]) == 0
+        predicted[precision] = [json.loads(line)["prediction"] for line in path.open()]
+        plain = _plain_transformers(out, inputs, tmp_path, precision)
+        assert plain["texts"] == predicted[precision], precision
+    assert all(predicted["bfloat16"]) and all(predicted["float32"])  # real text, not empty
+    differ = sum(a != b for a, b in zip(predicted["bfloat16"], predicted["float32"]))
+    print(f"bf16 vs float32: {differ} of {len(predicted['float32'])} predictions differ",
+          file=sys.stderr)  # measured for docs/using-the-model.md, not asserted
