@@ -24,6 +24,7 @@ import dataclasses
 import datetime as _dt
 import inspect
 import json
+import re
 import shutil
 import sys
 from dataclasses import dataclass, field
@@ -66,25 +67,59 @@ LASTMILE_SECRET_KEYS = {key: key for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_AC
 ENDPOINT_VAR = "LASTMILE_S3_ENDPOINT"
 
 
+#: Steps that read or write object storage (task data, base models, checkpoints, published
+#: runs): only they get the object-store credentials.
+STORAGE_STEPS = frozenset({"filter_data", "check_new_data", "synthesize_negatives", "train_reward",
+                           "train_mle", "train_ppo", "generate", "publish"})
+#: Steps that load a tokenizer or model: they mount the model cache.
+MODEL_STEPS = frozenset(STORAGE_STEPS - {"publish"} | {"score"})
+#: Training steps' default checkpoint prefix (lastmile.checkpoint.task_scope reads it).
+CHECKPOINT_PREFIX_VAR = "LASTMILE_CHECKPOINT_PREFIX"
+#: The image's user (docker/Dockerfile): steps run as it, never as root.
+IMAGE_UID = 1000
+
+
 @dataclass
 class ClusterSettings:
-    """Where tasks run on a cluster; compile-time choices, never in effect for local runs."""
+    """Where and how tasks run on a cluster; compile-time choices, never in effect for local
+    runs. Requests per GPU scale with the GPUs a training task gets."""
 
-    accelerator_type: str = "nvidia.com/gpu"
+    accelerator_type: str = "nvidia.com/gpu"  # "none": a cluster without GPUs (CPU image)
     # GPUs of each training task (reward, MLE, PPO); with train_processes=0 (the paper
     # profile) the stage runs one data-parallel process per GPU. Generation shards take one.
     train_gpus: int = 1
-    gpu_cpu_request: str = "4"
-    gpu_memory_request: str = "24Gi"
-    gpu_memory_limit: str = "48Gi"
+    gpu_cpu_request: str = "4"  # per GPU of a task (per GPU-step on a CPU-only cluster)
+    gpu_memory_request: str = "24Gi"  # per GPU
+    gpu_memory_limit: str = "48Gi"  # per GPU
     cpu_request: str = "1"
     memory_request: str = "4Gi"
-    node_selector: dict[str, str] = field(default_factory=dict)
-    tolerations: list[dict[str, str]] = field(default_factory=list)
+    # Per step (a components.stages function name): {"cpu": "8", "memory": "64Gi",
+    # "memory_limit": "96Gi"}, replacing the requests above for that step.
+    step_resources: dict[str, dict[str, str]] = field(default_factory=dict)
+    node_selector: dict[str, str] = field(default_factory=dict)  # GPU steps only
+    tolerations: list[dict[str, str]] = field(default_factory=list)  # GPU steps only
     s3_secret: str | None = None  # a Secret whose keys become environment variables
     s3_endpoint: str | None = None  # plain LASTMILE_S3_ENDPOINT (default for Kubeflow's Secret)
     cache_pvc: str | None = None  # a PersistentVolumeClaim mounted at /cache (model cache)
     training_retries: int = 2
+    # Pod deadlines (activeDeadlineSeconds): a hung step frees its node, GPU included.
+    training_timeout_s: int = 24 * 3600
+    generation_timeout_s: int = 6 * 3600
+    step_timeout_s: int = 4 * 3600
+    shard_parallelism: int = 4  # generation shards running at once (each holds a GPU)
+    # Training checkpoints go here unless the run sets checkpoint_dir, so a retry on a new
+    # pod resumes ('' keeps them on the pod's disk).
+    checkpoint_prefix: str = "s3://lastmile/checkpoints/"
+    security_context: bool = True  # run as IMAGE_UID, runAsNonRoot
+
+    @property
+    def has_gpus(self) -> bool:
+        return self.accelerator_type != "none"
+
+    def retry_window(self) -> str:
+        """Argo counts a retry's backoff window from the first attempt, and KFP's default is
+        an hour (kubeflow/pipelines#14245): cover every attempt running to its deadline."""
+        return f"{(self.training_retries + 1) * self.training_timeout_s + 3600}s"
 
     def s3_environment(self) -> tuple[dict[str, str], dict[str, str]]:
         """(Secret key -> environment variable, plain environment variables) of every step.
@@ -120,55 +155,72 @@ def build_pipeline(image: str = components.DEFAULT_IMAGE,
     c = components.build(image)
     init_policy_from_mle = bool((compiled or {}).get("ppo.init_policy_from_mle"))
 
-    def gpu(task, retries: int = 0, gpus: int = 1):
-        if cluster is not None:
-            task.set_accelerator_type(cluster.accelerator_type).set_accelerator_limit(gpus)
-            task.set_cpu_request(cluster.gpu_cpu_request)
-            task.set_memory_request(cluster.gpu_memory_request)
-            task.set_memory_limit(cluster.gpu_memory_limit)
-            if retries:
-                task.set_retry(num_retries=retries, backoff_duration="60s")
-        return _platform(task, cached=True)
-
-    def cpu(task, cached: bool = True):
-        if cluster is not None:
-            task.set_cpu_request(cluster.cpu_request).set_memory_request(cluster.memory_request)
-        return _platform(task, cached=cached)
-
-    def _platform(task, cached: bool):
+    def place(task, kind: str, cached: bool = True, gpus: int = 1):
+        """Resources, placement, credentials and limits of one step: kind "train", "gpu"
+        (generation) or "cpu"."""
         task.set_caching_options(cached)
         if cluster is None:
             return task
         from kfp import kubernetes
 
-        secret_keys, plain_env = cluster.s3_environment()
-        if secret_keys:
-            kubernetes.use_secret_as_env(task, secret_name=cluster.s3_secret,
-                                         secret_key_to_env=secret_keys)
-        for name, value in plain_env.items():
-            task.set_env_variable(name, value)
-        if cluster.cache_pvc:
+        step = task.component_spec.name.replace("-", "_")
+        on_gpu = kind != "cpu" and cluster.has_gpus
+        if kind == "cpu":
+            cpu_request, memory, limit = cluster.cpu_request, cluster.memory_request, None
+        else:  # requests per GPU, for every GPU the task holds
+            cpu_request = _scale(cluster.gpu_cpu_request, gpus)
+            memory = _scale(cluster.gpu_memory_request, gpus)
+            limit = _scale(cluster.gpu_memory_limit, gpus)
+        own = cluster.step_resources.get(step, {})
+        task.set_cpu_request(own.get("cpu", cpu_request))
+        task.set_memory_request(own.get("memory", memory))
+        if own.get("memory_limit", limit):
+            task.set_memory_limit(own.get("memory_limit", limit))
+        if on_gpu:
+            task.set_accelerator_type(cluster.accelerator_type).set_accelerator_limit(gpus)
+            for key, value in cluster.node_selector.items():
+                kubernetes.add_node_selector(task, label_key=key, label_value=value)
+            for tol in cluster.tolerations:
+                kubernetes.add_toleration(task, key=tol.get("key"),
+                                          operator=tol.get("operator", "Equal"),
+                                          value=tol.get("value"), effect=tol.get("effect"))
+        timeout = {"train": cluster.training_timeout_s, "gpu": cluster.generation_timeout_s,
+                   "cpu": cluster.step_timeout_s}[kind]
+        kubernetes.set_timeout(task, timeout)
+        if kind == "train" and cluster.checkpoint_prefix:
+            # Where checkpoints go unless the run's configuration names a place (placement,
+            # like the cache volume: the run's configuration is the profile's).
+            task.set_env_variable(CHECKPOINT_PREFIX_VAR, cluster.checkpoint_prefix)
+        if kind == "train" and cluster.training_retries:
+            task.set_retry(num_retries=cluster.training_retries, backoff_duration="60s",
+                           backoff_factor=2, backoff_max_duration=cluster.retry_window())
+        if step in STORAGE_STEPS:
+            secret_keys, plain_env = cluster.s3_environment()
+            if secret_keys:
+                kubernetes.use_secret_as_env(task, secret_name=cluster.s3_secret,
+                                             secret_key_to_env=secret_keys)
+            for name, value in plain_env.items():
+                task.set_env_variable(name, value)
+        if cluster.cache_pvc and step in MODEL_STEPS:
             kubernetes.mount_pvc(task, pvc_name=cluster.cache_pvc, mount_path="/cache")
-        for key, value in cluster.node_selector.items():
-            kubernetes.add_node_selector(task, label_key=key, label_value=value)
-        for tol in cluster.tolerations:
-            kubernetes.add_toleration(task, key=tol.get("key"), operator=tol.get("operator", "Equal"),
-                                      value=tol.get("value"), effect=tol.get("effect"))
-        return task
-
-    retries = cluster.training_retries if cluster is not None else 0
-    train_gpus = cluster.train_gpus if cluster is not None else 1
-
-    def train(task):
-        task = gpu(task, retries, train_gpus)
-        if cluster is not None and train_gpus > 1:
+        if cluster.security_context:
+            kubernetes.set_security_context(task, run_as_user=IMAGE_UID,
+                                            run_as_group=IMAGE_UID, run_as_non_root=True)
+        if kind == "train" and gpus > 1:
             # One process per GPU (train_processes=0): NCCL and torch multiprocessing share
             # memory through /dev/shm, which is 64 MiB in a pod unless mounted.
-            from kfp import kubernetes
-
             kubernetes.empty_dir_mount(task, volume_name="dshm", mount_path="/dev/shm",
                                        medium="Memory")
         return task
+
+    def cpu(task, cached: bool = True):
+        return place(task, "cpu", cached)
+
+    def gpu(task):
+        return place(task, "gpu")
+
+    def train(task):
+        return place(task, "train", gpus=cluster.train_gpus if cluster is not None else 1)
 
     compiled_json = json.dumps(dict(sorted((compiled or {}).items())))
 
@@ -205,7 +257,8 @@ def build_pipeline(image: str = components.DEFAULT_IMAGE,
             # the shards back in order, as one unsharded run would have written them.
             plan = cpu(c.plan_shards(config=cfg, data=data.outputs["data"]))
             plan.set_display_name("plan shards")
-            with dsl.ParallelFor(plan.output, name="shards") as shard:
+            parallelism = cluster.shard_parallelism if cluster is not None else None
+            with dsl.ParallelFor(plan.output, name="shards", parallelism=parallelism) as shard:
                 shard_outputs = {}
                 for variant, adapter in (("base", None), ("mle", mle.outputs["mle_model"]),
                                          ("rl", ppo.outputs["ppo_model"])):
@@ -257,6 +310,16 @@ def build_pipeline(image: str = components.DEFAULT_IMAGE,
 
 _PIPELINE_DESCRIPTION = ("RL fine-tuning without human feedback beside an MLE baseline, scored "
                          "with ROUGE, length-adjusted ROUGE and BLEURT.")
+
+
+def _scale(quantity: str, factor: int) -> str:
+    """A Kubernetes quantity times `factor`: ("24Gi", 2) -> "48Gi", ("4", 2) -> "8"."""
+    number = re.match(r"^(\d+(?:\.\d+)?)(.*)$", quantity)
+    if not number:
+        raise UsageError(f"not a Kubernetes quantity: {quantity!r}")
+    value = float(number.group(1)) * factor
+    text = str(int(value)) if value == int(value) else f"{value:g}"
+    return text + number.group(2)
 
 
 def _pipeline_signature(defaults: dict) -> inspect.Signature:
@@ -700,12 +763,43 @@ def schedule(client, args, arguments: dict, experiment_id: str, package: Path | 
 
 
 def _cluster_from_args(args) -> ClusterSettings:
-    if args.train_gpus < 1:
-        raise UsageError(f"--train-gpus must be >= 1, got {args.train_gpus}")
+    for flag in ("train_gpus", "shard_parallelism", "training_timeout", "generation_timeout",
+                 "step_timeout"):
+        if getattr(args, flag) < 1:
+            raise UsageError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    if args.checkpoint_prefix:
+        from lastmile import storage
+
+        try:
+            storage.parse_uri(args.checkpoint_prefix)
+        except (storage.StorageError, ValueError) as exc:
+            raise UsageError(f"--checkpoint-prefix: {exc}") from None
     settings = ClusterSettings(s3_secret=args.s3_secret or None, cache_pvc=args.cache_pvc or None,
                                s3_endpoint=args.s3_endpoint or None,
                                accelerator_type=args.accelerator_type,
-                               train_gpus=args.train_gpus)
+                               train_gpus=args.train_gpus,
+                               training_timeout_s=args.training_timeout,
+                               generation_timeout_s=args.generation_timeout,
+                               step_timeout_s=args.step_timeout,
+                               shard_parallelism=args.shard_parallelism,
+                               checkpoint_prefix=args.checkpoint_prefix,
+                               security_context=not args.no_security_context)
+    if args.image is None:  # a cluster without GPUs runs the CPU image (make image-cpu)
+        args.image = components.DEFAULT_IMAGE + ("-cpu" if not settings.has_gpus else "")
+    stages = set(components.STAGES)
+    for item in args.step_resources or []:  # STEP=cpu=8,memory=64Gi,memory_limit=96Gi
+        step, _, spec = item.partition("=")
+        if step not in stages:
+            raise UsageError(f"--step-resources {item}: no step {step!r}; steps: "
+                             f"{', '.join(components.STAGES)}")
+        values = dict(part.partition("=")[::2] for part in spec.split(",") if part)
+        unknown = set(values) - {"cpu", "memory", "memory_limit"}
+        if unknown or not values or not all(values.values()):
+            raise UsageError(f"--step-resources {item}: expected STEP=cpu=N,memory=Q,"
+                             f"memory_limit=Q")
+        for value in values.values():
+            _scale(value, 1)  # a quantity, or a clear error
+        settings.step_resources[step] = values
     for item in args.node_selector or []:
         key, sep, value = item.partition("=")
         if not sep or not key:
@@ -753,8 +847,12 @@ def _build_parser() -> argparse.ArgumentParser:
                        help="let the score step load a BLEURT checkpoint's pickle weights")
 
     def cluster_flags(p):
-        p.add_argument("--image", default=components.DEFAULT_IMAGE, help="container image of every step")
-        p.add_argument("--accelerator-type", default="nvidia.com/gpu")
+        p.add_argument("--image", default=None,
+                       help=f"container image of every step (default {components.DEFAULT_IMAGE}, "
+                            "with -cpu appended for --accelerator-type none)")
+        p.add_argument("--accelerator-type", default="nvidia.com/gpu",
+                       help="GPU resource of training and generation steps; 'none' compiles "
+                            "for a cluster without GPUs (CPU image, no GPU requests)")
         p.add_argument("--train-gpus", type=int, default=1, metavar="N",
                        help="GPUs per training task (reward, MLE, PPO); the paper profile "
                             "(train_processes=0) runs one data-parallel process per GPU")
@@ -769,6 +867,23 @@ def _build_parser() -> argparse.ArgumentParser:
                             f"with --s3-secret {KUBEFLOW_ARTIFACT_SECRET}: {KUBEFLOW_ENDPOINT})")
         p.add_argument("--cache-pvc", default="lastmile-model-cache",
                        help="PVC mounted at /cache for the model cache ('' for none)")
+        p.add_argument("--step-resources", action="append", metavar="STEP=cpu=N,memory=Q",
+                       help="one step's requests (and memory_limit), e.g. "
+                            "score=cpu=8,memory=32Gi")
+        p.add_argument("--checkpoint-prefix", default="s3://lastmile/checkpoints/",
+                       help="where training steps checkpoint unless the run sets "
+                            "checkpoint_dir: object storage, so a retry on a new pod resumes "
+                            "('' for the pod's disk)")
+        p.add_argument("--training-timeout", type=int, default=24 * 3600, metavar="SECONDS",
+                       help="deadline of each training attempt (retries get their own)")
+        p.add_argument("--generation-timeout", type=int, default=6 * 3600, metavar="SECONDS")
+        p.add_argument("--step-timeout", type=int, default=4 * 3600, metavar="SECONDS",
+                       help="deadline of every other step")
+        p.add_argument("--shard-parallelism", type=int, default=4, metavar="N",
+                       help="generation shards running at once (each holds a GPU)")
+        p.add_argument("--no-security-context", action="store_true",
+                       help="leave out runAsNonRoot/runAsUser (for KFP backends older than "
+                            "2.17, docs/deploy.md)")
         compile_time_flags(p)
 
     def result_flags(p):
@@ -856,16 +971,20 @@ def _check_cron(expr: str) -> None:
                          f"(e.g. '0 0 3 * * *'), got {len(fields)}")
 
 
+_COMPILE_FLAGS = ("image", "accelerator_type", "train_gpus", "node_selector", "toleration",
+                  "s3_secret", "s3_endpoint", "cache_pvc", "step_resources", "checkpoint_prefix",
+                  "training_timeout", "generation_timeout", "step_timeout", "shard_parallelism",
+                  "no_security_context", "init_policy_from_mle", "allow_pickle",
+                  "trust_remote_code", "bleurt_allow_pickle")
+
+
 def _compile_flags_given(parser, args) -> list[str]:
     """Compile flags set to something other than their defaults (they do not apply to an
     uploaded --pipeline-version)."""
     sub = parser._subparsers._group_actions[0].choices[args.command]
     given = []
     for action in sub._actions:
-        if action.dest in ("image", "accelerator_type", "train_gpus", "node_selector",
-                           "toleration", "s3_secret", "s3_endpoint", "cache_pvc",
-                           "init_policy_from_mle", "allow_pickle", "trust_remote_code",
-                           "bleurt_allow_pickle") and getattr(args, action.dest) != action.default:
+        if action.dest in _COMPILE_FLAGS and getattr(args, action.dest) != action.default:
             given.append(action.option_strings[0])
     return given
 
@@ -926,7 +1045,8 @@ def _main(parser, args) -> int:
         return 0
     settings = settings_from_args(args)
     if args.command == "compile":
-        path = compile_pipeline(args.output, args.image, _cluster_from_args(args), settings)
+        cluster = _cluster_from_args(args)  # sets the image for --accelerator-type none
+        path = compile_pipeline(args.output, args.image, cluster, settings)
         print(f"wrote {path}")
         return 0
     if args.command == "schedule":

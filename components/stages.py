@@ -48,6 +48,7 @@ def resolve_config(
     num_shards: str = "",
     bleurt_checkpoint: str = "",
     train_processes: str = "",
+    checkpoint_dir: str = "",
     compiled: str = "{}",
 ) -> str:
     """Profile + overrides + pipeline parameters -> the run's whole configuration, as JSON.
@@ -163,9 +164,11 @@ def train_reward(config: str, data: Input[Dataset], negatives: Input[Dataset],
     profile.reward.checkpoint_dir = checkpoint.task_scope(profile.reward.checkpoint_dir,
                                                           "train_reward", reward_model.uri)
     rm_path, test_path = Path(negatives.path) / "rm.jsonl", Path(data.path) / "test.jsonl"
-    with runinfo.stage("train_reward", out, seed=profile.reward.seed,
-                       inputs={"rm.jsonl": rm_path, "test.jsonl": test_path},
-                       base_model=profile.base_model) as summary:
+    # A retry after bad data or the NaN guard's stop fails at once instead of training again.
+    with checkpoint.failing_once(profile.reward.checkpoint_dir), \
+            runinfo.stage("train_reward", out, seed=profile.reward.seed,
+                          inputs={"rm.jsonl": rm_path, "test.jsonl": test_path},
+                          base_model=profile.base_model) as summary:
         held_out = list(read_jsonl(test_path))
         summary.update(reward.train_reward_model(
             rm_path, out, profile.reward, profile.base_model, held_out,
@@ -187,8 +190,9 @@ def train_mle(config: str, data: Input[Dataset], mle_model: Output[Model]):
     profile.mle.checkpoint_dir = checkpoint.task_scope(profile.mle.checkpoint_dir, "train_mle",
                                                        mle_model.uri)
     train = Path(data.path) / "train.jsonl"
-    with runinfo.stage("train_mle", out, seed=profile.mle.seed, inputs={"train.jsonl": train},
-                       base_model=profile.base_model) as summary:
+    with checkpoint.failing_once(profile.mle.checkpoint_dir), \
+            runinfo.stage("train_mle", out, seed=profile.mle.seed,
+                          inputs={"train.jsonl": train}, base_model=profile.base_model) as summary:
         summary.update(mle.train_mle(train, out, profile.mle, profile.base_model,
                                      allow_pickle=profile.allow_pickle,
                                      trust_remote_code=profile.trust_remote_code,
@@ -211,8 +215,9 @@ def train_ppo(config: str, data: Input[Dataset], reward_model: Input[Model],
     if profile.ppo.init_policy_from_mle and mle_model is not None:
         start_from = Path(mle_model.path) / "adapter"
     train = Path(data.path) / "train.jsonl"
-    with runinfo.stage("train_ppo", out, seed=profile.ppo.seed, inputs={"train.jsonl": train},
-                       base_model=profile.base_model) as summary:
+    with checkpoint.failing_once(profile.ppo.checkpoint_dir), \
+            runinfo.stage("train_ppo", out, seed=profile.ppo.seed,
+                          inputs={"train.jsonl": train}, base_model=profile.base_model) as summary:
         summary.update(ppo.train_ppo(train, Path(reward_model.path) / "adapter", out,
                                      profile.ppo, profile.base_model, mle_adapter_dir=start_from,
                                      allow_pickle=profile.allow_pickle,

@@ -40,12 +40,14 @@ copy.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
 import random
 import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence, Union
@@ -89,6 +91,11 @@ def _as_prefix(uri: str) -> str:
     return uri if uri.endswith("/") else uri + "/"
 
 
+#: The default checkpoint prefix of a cluster's training steps (pipeline.py compile
+#: --checkpoint-prefix sets it).
+PREFIX_VAR = "LASTMILE_CHECKPOINT_PREFIX"
+
+
 def resolve_dir(out_dir: str | os.PathLike, explicit: str | os.PathLike | None
                 ) -> Path | RemoteDir:
     """The stage's checkpoint directory: `explicit` when given, else out_dir/checkpoints. An
@@ -118,10 +125,12 @@ def _split(root: Root) -> tuple[Path | None, str | None]:
 
 
 def task_scope(checkpoint_dir: str | None, stage: str, task_uri: str) -> str | None:
-    """`checkpoint_dir`, narrowed to one task when it is an s3:// prefix:
-    `<prefix>/<stage>-<hash of the task's output URI>/`. A KFP retry runs the same task with
-    the same output URI, so it finds its checkpoints; another run, or another stage sharing
-    the prefix, never does. Local directories (and None) are returned unchanged."""
+    """`checkpoint_dir` (or, when None, the prefix in $LASTMILE_CHECKPOINT_PREFIX: a compiled
+    cluster pipeline sets it on training steps), narrowed to one task when it is an s3://
+    prefix: `<prefix>/<stage>-<hash of the task's output URI>/`. A KFP retry runs the same
+    task with the same output URI, so it finds its checkpoints; another run, or another stage
+    sharing the prefix, never does. Local directories (and None) are returned unchanged."""
+    checkpoint_dir = checkpoint_dir or os.environ.get(PREFIX_VAR) or None
     if not checkpoint_dir or not is_remote(checkpoint_dir):
         return checkpoint_dir
     digest = hashlib.sha256(task_uri.encode()).hexdigest()[:16]
@@ -331,7 +340,8 @@ def pull(uri: str, local: str | os.PathLike) -> Path | None:
             _read_verified(tmp)
         except (OSError, ValueError, KeyError, TypeError, storage.StorageError) as e:
             shutil.rmtree(tmp, ignore_errors=True)
-            if isinstance(e, storage.StorageError) and e.kind not in ("no-such-key", "changed"):
+            if isinstance(e, storage.StorageError) and e.kind not in ("no-such-key", "changed",
+                                                                      "checksum"):
                 raise
             log.warning("remote checkpoint %s%s is unusable (%s); trying an older one", uri,
                         name, e)
@@ -495,3 +505,60 @@ class Checkpointer:
                 log.warning("checkpoint %s not uploaded to %s (%s): it is local only; "
                             "training goes on", path.name, self.remote, e)
         return path
+
+
+# --------------------------------------------------------------------------- failures a retry repeats
+
+#: The marker a failed attempt leaves in its task's s3:// checkpoint prefix.
+FAILED = "FAILED"
+
+
+class RetryWouldRepeat(RuntimeError):
+    """An earlier attempt of this task failed in a way another attempt repeats."""
+
+
+def _permanent_errors() -> tuple[type[BaseException], ...]:
+    """Failures a retry repeats: bad data, a configuration error, unsafe weights, and the NaN
+    guard's stop (train_utils.NonFiniteGuard: same seed, same data, same NaN)."""
+    from .config import ConfigError
+    from .data import DataError
+    from .modeling import UnsafeWeightsError
+
+    return (FloatingPointError, ConfigError, DataError, UnsafeWeightsError, RetryWouldRepeat)
+
+
+@contextlib.contextmanager
+def failing_once(checkpoint_dir: str | None):
+    """Around one training task whose checkpoints go to an s3:// prefix (task_scope).
+
+    KFP's retry policy retries every failure alike (it has no per-error rule), so a stage that
+    failed for good on bad data or a NaN would train again for hours per retry. Instead such a
+    failure leaves `<prefix>FAILED` with its message, and a retried attempt that finds it
+    fails at once with that message. Transient failures (a lost pod, a storage outage) leave
+    nothing and the retry resumes from the newest checkpoint.
+    """
+    if not checkpoint_dir or not is_remote(checkpoint_dir):
+        yield
+        return
+    from . import storage
+
+    prefix = _as_prefix(checkpoint_dir)
+    if FAILED in storage.list_objects(prefix):
+        with tempfile.TemporaryDirectory() as tmp:
+            earlier = storage.fetch_file(prefix + FAILED, Path(tmp) / FAILED).read_text()
+        raise RetryWouldRepeat(f"{earlier.strip()} (an earlier attempt of this task; another "
+                               f"attempt would fail the same way: not training again. Delete "
+                               f"{prefix}{FAILED} to try anyway)")
+    try:
+        yield
+    except _permanent_errors() as exc:
+        if not isinstance(exc, RetryWouldRepeat):
+            with tempfile.TemporaryDirectory() as tmp:
+                marker = Path(tmp) / FAILED
+                marker.write_text(f"{type(exc).__name__}: {exc}\n")
+                try:
+                    storage.upload_file(marker, prefix + FAILED)
+                except storage.StorageError as upload_error:  # the stage's own error matters
+                    log.warning("could not record the failure at %s%s: %s", prefix, FAILED,
+                                upload_error)
+        raise

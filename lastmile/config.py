@@ -428,10 +428,8 @@ def field_infos(profile: Profile) -> list[FieldInfo]:
                 walk(value, path + ".")
                 continue
             parameter = by_path.get(path)
-            if parameter is None and f.name in ("seed", "precision") and "." in path:
-                stage = path.split(".")[0]
-                fans = _SEEDED if f.name == "seed" else _PRECISE
-                parameter = f.name if stage in fans else None
+            if parameter is None and f.name in _FAN_OUT and "." in path:
+                parameter = f.name if path.split(".")[0] in _FAN_OUT[f.name] else None
             infos.append(FieldInfo(path, str(f.type), value, describe(path), parameter))
 
     walk(profile, "")
@@ -479,6 +477,7 @@ PIPELINE_PARAMETERS: dict[str, str] = {
     "num_shards": "generate.num_shards",
     "bleurt_checkpoint": "score.bleurt_checkpoint",
     "train_processes": "train_processes",
+    "checkpoint_dir": "checkpoint_dir",  # fans out to the reward, MLE and PPO stages
 }
 #: Fields that let a model's source run code in the steps (which hold object-store
 #: credentials): set by whoever compiles the pipeline, never by a run's parameters.
@@ -490,22 +489,26 @@ _OPTIONAL = {"data.max_train", "data.max_test", "reward.max_steps", "mle.max_ste
              "ppo.optim.head_learning_rate"}
 _SEEDED = ("data", "negatives", "reward", "mle", "ppo")
 _PRECISE = ("reward", "ppo", "generate")  # the stages `precision` sets (MLE: mle_precision)
+_TRAINING = ("reward", "mle", "ppo")
+#: Flat parameters that set the same field in several stages.
+_FAN_OUT = {"seed": _SEEDED, "precision": _PRECISE, "checkpoint_dir": _TRAINING}
 _NONE_WORDS = ("none", "null")
 
 
 def parameter_help(name: str) -> str:
     """The description a flat pipeline parameter carries in the compiled IR (the KFP UI)."""
     dotted = PIPELINE_PARAMETERS[name]
-    if dotted == "seed":
-        text = "random seed of every stage"
-    elif dotted == "precision":
-        text = "compute precision (float32 or bfloat16) of the reward, PPO and generation stages"
-    else:
-        text = describe(dotted)
+    text = {"seed": "random seed of every stage",
+            "precision": "compute precision (float32 or bfloat16) of the reward, PPO and "
+                         "generation stages",
+            "checkpoint_dir": "where the reward, MLE and PPO stages checkpoint: an s3:// "
+                              "prefix (each task its own folder under it, so a retry on a new "
+                              "pod resumes) or a directory; none: the pod's disk",
+            }.get(dotted) or describe(dotted)
     values = []
     for profile_name in PROFILES:
-        value = _get(get_profile(profile_name), "data.seed" if dotted == "seed" else
-                     "ppo.precision" if dotted == "precision" else dotted)
+        value = _get(get_profile(profile_name), f"{_FAN_OUT[dotted][-1]}.{dotted}"
+                     if dotted in _FAN_OUT else dotted)
         values.append(f"{profile_name} {_show(value)}")
     extra = " 0: none." if dotted in _OPTIONAL else ""
     return f"{text[0].upper()}{text[1:]}. Empty: the profile's value ({', '.join(values)}).{extra}"
@@ -672,9 +675,8 @@ def apply(profile: Profile, settings: Mapping[str, Any], *, source: str,
                               f"setting (pipeline.py compile|run|submit {flag})")
         if dotted == "name":
             raise ConfigError(f"{label}: choose the profile with `profile`, not a field")
-        if dotted in ("seed", "precision"):
-            stages = _SEEDED if dotted == "seed" else _PRECISE
-            for stage in stages:
+        if dotted in _FAN_OUT:
+            for stage in _FAN_OUT[dotted]:
                 _set(profile, f"{stage}.{dotted}", value, label)
             continue
         _set(profile, dotted, value, label)

@@ -74,4 +74,6 @@ def publish_run(publish_to: str, *, ppo_dir: str | Path, mle_dir: str | Path,
                                 "previous_run": decision.previous_run}
     with tempfile.TemporaryDirectory(prefix="lastmile-publish-") as tmp:
         staged = stage_run(Path(tmp), ppo_dir, mle_dir, report_dir)
-        return storage.publish(staged, publish_to, name, config=config, metadata=metadata)
+        # A KFP retry of this step (same job id) may take over its own unfinished claim.
+        return storage.publish(staged, publish_to, name, config=config, metadata=metadata,
+                               owner=f"{job_id}/publish" if job_id else None)

@@ -304,6 +304,17 @@ NEWER_FEATURES = {
     # dsl.OneOf (the run's outcome from either branch): run by 2.14; the first release that
     # ran it was not checked here, so 2.14.0 is what we claim.
     "DagOutputParameterSpec.value_from_oneof": "2.14.0",
+    # ParallelFor(parallelism=): kubeflow/pipelines#10798 (2024), before 2.14.0.
+    "PipelineTaskSpec.iterator_policy": "2.14.0",
+    "IteratorPolicy.parallelism_limit": "2.14.0",
+    # kubernetes.set_timeout: in kfp-kubernetes since 1.x; no later than our 2.14.0 floor.
+    "KubernetesExecutorConfig.active_deadline_seconds": "2.14.0",
+    # kubernetes.set_security_context is new in kfp-kubernetes 2.17 (released with the 2.17
+    # backend): an older driver does not know the field. --no-security-context leaves it out.
+    "KubernetesExecutorConfig.security_context": "2.17.0",
+    "SecurityContext.run_as_user": "2.17.0",
+    "SecurityContext.run_as_group": "2.17.0",
+    "SecurityContext.run_as_non_root": "2.17.0",
 }
 KNOWN_FEATURES = {
     "ArtifactSelectorSpec.output_artifact_key", "ArtifactSelectorSpec.producer_subtask",
@@ -395,24 +406,33 @@ def _version(text: str) -> tuple[int, ...]:
     return tuple(int(part) for part in text.split("."))
 
 
-def test_ir_needs_no_newer_backend_than_the_docs_state(tmp_path):
-    stated = re.search(r"Minimum Kubeflow Pipelines backend: \*\*(\d+\.\d+\.\d+)\*\*",
-                       (ROOT / "docs/deploy.md").read_text())
-    assert stated, "docs/deploy.md must state the minimum KFP backend"
+def _stated_minimum(pattern: str) -> tuple[int, ...]:
+    found = re.search(pattern, (ROOT / "docs/deploy.md").read_text())
+    assert found, f"docs/deploy.md must state {pattern!r}"
+    return _version(found.group(1))
+
+
+@pytest.mark.parametrize("flags, stated", [
+    ([], r"Minimum Kubeflow Pipelines backend: \*\*(\d+\.\d+\.\d+)\*\*"),
+    (["--no-security-context"], r"with `--no-security-context`: \*\*(\d+\.\d+\.\d+)\*\*"),
+])
+def test_ir_needs_no_newer_backend_than_the_docs_state(tmp_path, flags, stated):
+    minimum = _stated_minimum(stated)
     out = tmp_path / "p.yaml"
     # Every compile-time option on, so each feature the pipeline can use shows up.
     assert _main("compile", "-o", str(out), "--train-gpus", "2", "--init-policy-from-mle",
                  "--node-selector", "nvidia.com/gpu.present=true",
-                 "--toleration", "nvidia.com/gpu:NoSchedule") == 0
+                 "--toleration", "nvidia.com/gpu:NoSchedule", *flags) == 0
     spec_doc, platform_doc = list(yaml.safe_load_all(out.read_text()))
     used = ir_features(spec_doc, platform_doc)
     unknown = used - KNOWN_FEATURES
     assert not unknown, f"IR fields with no known minimum backend: {sorted(unknown)}"
     needed = max((NEWER_FEATURES.get(f, BASELINE) for f in used), key=_version)
-    assert _version(needed) <= _version(stated.group(1)), (
+    assert _version(needed) <= minimum, (
         f"the IR needs KFP {needed} ({[f for f in used if NEWER_FEATURES.get(f) == needed]}), "
-        f"docs/deploy.md says {stated.group(1)}")
+        f"docs/deploy.md says {minimum}")
     assert "ArtifactSpec.is_artifact_list" in used  # the check sees what it must see
+    assert ("KubernetesExecutorConfig.security_context" in used) == (not flags)
 
 
 def test_ir_feature_check_catches_an_unlisted_field():

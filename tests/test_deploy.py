@@ -450,11 +450,15 @@ def test_compiled_pipeline_runs_every_step_in_the_image(compiled):
 
 
 def test_compiled_pipeline_uses_the_manifests_names(compiled):
-    """Every step reads the Secret and mounts the PVC the manifests create, at /cache."""
+    """Steps that load a model mount the PVC the manifests create, at /cache; steps that use
+    object storage read the Secret (tests/test_pipeline.py checks which steps those are)."""
     execs = compiled["platform"]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
-    assert execs
-    for name, spec in execs.items():
+    mounting = {n: s for n, s in execs.items() if "pvcMount" in s}
+    reading = {n: s for n, s in execs.items() if "secretAsEnv" in s}
+    assert len(mounting) >= 8 and len(reading) >= 8
+    for name, spec in mounting.items():
         assert [m["mountPath"] for m in spec["pvcMount"] if m["constant"] == PVC] == ["/cache"], name
+    for name, spec in reading.items():
         secrets = [s for s in spec["secretAsEnv"] if s["secretName"] == SECRET]
         assert secrets, f"{name} does not read {SECRET}"
         keys = {k["secretKey"] for k in secrets[0]["keyToEnv"]}
@@ -535,7 +539,7 @@ def test_kustomizations_reference_existing_files():
 
 
 def test_overlays_build_on_the_base():
-    assert {p.name for p in OVERLAYS} == {"dev-single-gpu", "production", "kubeflow-profile"}
+    assert {"dev-single-gpu", "production", "kubeflow-profile"} <= {p.name for p in OVERLAYS}
     for overlay in OVERLAYS:
         k = yaml.safe_load((overlay / "kustomization.yaml").read_text())
         assert "../../base" in k["resources"], f"{overlay.name} does not build on the base"
@@ -857,10 +861,3 @@ def test_doc_standalone_overlay_renders(tmp_path):
     assert {o["metadata"]["namespace"] for o in objs} == {"kubeflow"}
     (binding,) = [o for o in objs if o["kind"] == "RoleBinding"]
     assert binding["subjects"][0]["namespace"] == "kubeflow"
-
-
-def test_doc_configmap_lookups_name_real_keys():
-    (base,) = load_docs(MANIFESTS / "base" / "defaults-configmap.yaml")
-    keys = re.findall(r"configmap lastmile-defaults -o jsonpath='\{\.data\.(\w+)\}'",
-                      DEPLOY_DOC.read_text())
-    assert keys and set(keys) <= set(base["data"])

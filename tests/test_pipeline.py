@@ -233,7 +233,10 @@ def test_training_retries_and_caching(compiled):
     _, spec, _ = compiled
     tasks = _stages(spec)
     for name in TRAINING:
-        assert tasks[name]["retryPolicy"]["maxRetryCount"] == 2
+        retry = tasks[name]["retryPolicy"]
+        assert retry["maxRetryCount"] == 2 and retry["backoffDuration"] == "60s"
+        # Argo's window counts from the first attempt: it covers 3 attempts of 24 h.
+        assert retry["backoffMaxDuration"] == f"{3 * 86400 + 3600}s"
     # Read what changes between runs (task data, the published runs) or write outside: never cached.
     for name in ("filter-data", "check-new-data", "publish", "no-new-data"):
         assert tasks[name]["cachingOptions"] == {}, name
@@ -397,10 +400,20 @@ def test_unsafe_loading_is_fixed_at_compile_time_not_by_run_parameters(compiled,
     assert profile.allow_pickle and profile.trust_remote_code and profile.score.bleurt_allow_pickle
 
 
+STORAGE = {"filter-data", "check-new-data", "synthesize-negatives", "train-reward",
+           "train-mle", "train-ppo", "generate", "generate-2", "generate-3", "publish"}
+
+
+def _executor(spec: dict, platform: dict, task: str) -> tuple[dict, dict]:
+    """(container, Kubernetes executor config) of a task."""
+    name = f"exec-{_stages(spec)[task]['componentRef']['name'][5:]}"
+    k8s = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    return spec["deploymentSpec"]["executors"][name]["container"], k8s.get(name, {})
+
+
 def test_kubernetes_settings_in_platform_spec(compiled):
     _, spec, platform = compiled
-    executors = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
-    reward = executors["exec-train-reward"]
+    _, reward = _executor(spec, platform, "train-reward")
     assert reward["secretAsEnv"][0]["secretName"] == "lastmile-s3-credentials"
     assert {(k["secretKey"], k["envVar"]) for k in reward["secretAsEnv"][0]["keyToEnv"]} == {
         ("AWS_ACCESS_KEY_ID", "AWS_ACCESS_KEY_ID"), ("AWS_SECRET_ACCESS_KEY", "AWS_SECRET_ACCESS_KEY"),
@@ -408,20 +421,97 @@ def test_kubernetes_settings_in_platform_spec(compiled):
     assert reward["pvcMount"][0]["mountPath"] == "/cache"
     assert reward["nodeSelector"]["labels"] == {"nvidia.com/gpu.present": "true"}
     assert reward["tolerations"][0]["key"] == "nvidia.com/gpu"
-    # Every step reads the store (check-new-data and publish included).
-    assert set(executors) == set(spec["deploymentSpec"]["executors"])
-    for executor in spec["deploymentSpec"]["executors"].values():
-        assert "env" not in executor["container"]  # the endpoint comes from the Secret
+    for task in STAGES:
+        container, k8s = _executor(spec, platform, task)
+        # Credentials only where object storage is read or written.
+        assert ("secretAsEnv" in k8s) == (task in STORAGE), task
+        # GPU nodes only for the steps that use a GPU.
+        gpu = task in TRAINING + GENERATION
+        assert ("nodeSelector" in k8s) == gpu and ("tolerations" in k8s) == gpu, task
+        assert ("accelerator" in container["resources"]) == gpu, task
+        assert float(container["resources"]["cpuRequest"]) >= 1, task  # every step asks
+        # Non-root; the compiler adds no privilege escalation, no capabilities, RuntimeDefault.
+        assert k8s["securityContext"] == {"runAsUser": "1000", "runAsGroup": "1000",
+                                          "runAsNonRoot": True}, task
+        # A hung step gives its node back.
+        deadline = int(k8s["activeDeadlineSeconds"])
+        assert deadline == (86400 if task in TRAINING else 21600 if gpu else 14400), task
+        plain = {e["name"]: e["value"] for e in container.get("env", [])}
+        assert plain == ({"LASTMILE_CHECKPOINT_PREFIX": "s3://lastmile/checkpoints/"}
+                         if task in TRAINING else {}), task
+    # At most 4 shards (each holding a GPU) at once.
+    loop = next(t for t in _tasks(spec).values() if "parameterIterator" in t)
+    assert loop["iteratorPolicy"]["parallelismLimit"] == 4
+
+
+def test_the_configuration_is_the_profiles_whatever_the_placement(compiled):
+    """Checkpoint placement is the cluster's, not the run's configuration: the resolved
+    profile stays the profile (test_a_run_with_only_a_profile_resolves_to_that_profile) and
+    the training step finds the prefix in its environment."""
+    import os
+
+    from lastmile import checkpoint
+
+    old = os.environ.get(checkpoint.PREFIX_VAR)
+    os.environ[checkpoint.PREFIX_VAR] = "s3://bucket/ckpt/"
+    try:
+        scoped = checkpoint.task_scope(None, "train_mle", "minio://mlpipeline/v2/x/train-mle")
+        assert scoped.startswith("s3://bucket/ckpt/train_mle-")
+        assert checkpoint.task_scope("/local/dir", "train_mle", "u") == "/local/dir"
+    finally:
+        os.environ.pop(checkpoint.PREFIX_VAR) if old is None else os.environ.update(
+            {checkpoint.PREFIX_VAR: old})
+
+
+def test_cpu_only_cluster_step_resources_and_limits(tmp_path, capsys):
+    out = tmp_path / "cpu.yaml"
+    assert pipeline.main(["compile", "-o", str(out), "--accelerator-type", "none",
+                          "--train-gpus", "2", "--node-selector", "pool=gpu",
+                          "--step-resources", "score=cpu=8,memory=32Gi,memory_limit=40Gi",
+                          "--training-timeout", "7200", "--shard-parallelism", "2",
+                          "--checkpoint-prefix", "", "--no-security-context"]) == 0
+    spec, platform = yaml.safe_load_all(out.read_text())
+    for task in STAGES:
+        container, k8s = _executor(spec, platform, task)
+        assert container["image"] == "ghcr.io/lastmile-ml/lastmile:0.1.0-cpu", task
+        assert "accelerator" not in container["resources"], task
+        assert "nodeSelector" not in k8s and "securityContext" not in k8s, task
+        assert "env" not in container, task  # no checkpoint prefix: the pod's disk
+    reward, _ = _executor(spec, platform, "train-reward")
+    # Requests per GPU-step, times the 2 "GPUs" (processes) of a training task.
+    assert reward["resources"]["resourceCpuRequest"] == "8"
+    assert reward["resources"]["resourceMemoryRequest"] == "48Gi"
+    assert reward["resources"]["resourceMemoryLimit"] == "96Gi"
+    score, _ = _executor(spec, platform, "score")
+    assert (score["resources"]["resourceCpuRequest"], score["resources"]["resourceMemoryRequest"],
+            score["resources"]["resourceMemoryLimit"]) == ("8", "32Gi", "40Gi")
+    _, k8s = _executor(spec, platform, "train-ppo")
+    assert k8s["activeDeadlineSeconds"] == "7200"
+    retry = _stages(spec)["train-ppo"]["retryPolicy"]
+    assert retry["backoffMaxDuration"] == f"{3 * 7200 + 3600}s"  # every attempt to its deadline
+    loop = next(t for t in _tasks(spec).values() if "parameterIterator" in t)
+    assert loop["iteratorPolicy"]["parallelismLimit"] == 2
+    for bad, message in ((["--step-resources", "nosuch=cpu=1"], "no step 'nosuch'"),
+                         (["--step-resources", "score=gpu=1"], "expected STEP=cpu=N"),
+                         (["--step-resources", "score=cpu=lots"], "not a Kubernetes quantity"),
+                         (["--shard-parallelism", "0"], "--shard-parallelism must be >= 1"),
+                         (["--checkpoint-prefix", "/local"], "--checkpoint-prefix")):
+        assert pipeline.main(["compile", "-o", str(tmp_path / "bad.yaml"), *bad]) == 2
+        assert message in capsys.readouterr().err, bad
+    assert not (tmp_path / "bad.yaml").exists()
 
 
 def _secret_env(platform: dict, spec: dict) -> dict[str, tuple[dict, dict]]:
-    """Per executor: ({env var: secret key}, {env var: plain value})."""
+    """Per executor that gets credentials: ({env var: secret key}, {env var: plain value})."""
     executors = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
     found = {}
     for name, executor in spec["deploymentSpec"]["executors"].items():
+        if "secretAsEnv" not in executors.get(name, {}):
+            continue  # a step that does not touch object storage
         (secret,) = executors[name]["secretAsEnv"]
         from_secret = {k["envVar"]: (secret["secretName"], k["secretKey"]) for k in secret["keyToEnv"]}
-        plain = {e["name"]: e["value"] for e in executor["container"].get("env", [])}
+        plain = {e["name"]: e["value"] for e in executor["container"].get("env", [])
+                 if e["name"] != "LASTMILE_CHECKPOINT_PREFIX"}
         found[name] = (from_secret, plain)
     return found
 
@@ -432,7 +522,7 @@ def test_kubeflow_artifact_secret_is_mapped_to_the_names_storage_reads(tmp_path)
                           "--cache-pvc", ""]) == 0
     spec, platform = yaml.safe_load_all(out.read_text())
     per_executor = _secret_env(platform, spec)
-    assert len(per_executor) == len(spec["deploymentSpec"]["executors"]) >= 13
+    assert len(per_executor) == 10  # the steps that read or write object storage
     for name, (from_secret, plain) in per_executor.items():
         assert from_secret == {
             "AWS_ACCESS_KEY_ID": ("mlpipeline-minio-artifact", "accesskey"),

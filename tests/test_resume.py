@@ -269,7 +269,11 @@ def s3_checkpoints(s3_server, monkeypatch, tmp_path, request):
     monkeypatch.setenv("LASTMILE_S3_RETRIES", "2")
     monkeypatch.setenv("LASTMILE_S3_BACKOFF", "0.05")
     monkeypatch.setenv("LASTMILE_CACHE", str(tmp_path / "cache"))
-    bucket = re.sub(r"[^a-z0-9-]+", "-", request.node.name.lower())[:40].strip("-") + "-ckpt"
+    import hashlib
+
+    digest = hashlib.sha256(request.node.name.encode()).hexdigest()[:8]  # parametrized names
+    bucket = re.sub(r"[^a-z0-9-]+", "-", request.node.name.lower())[:40].strip("-") + \
+        f"-{digest}-ckpt"
     s3_server.client().make_bucket(bucket)
     return f"s3://{bucket}/runs/ckpt/"
 
@@ -409,3 +413,126 @@ def test_heads_get_their_own_learning_rate_under_the_same_schedule():
     assert len(plain.param_groups) == 1  # no head step size: one group, as before
     with pytest.raises(ValueError, match="head_learning_rate must be > 0"):
         make_optimizer([lora, head], OptimConfig(head_learning_rate=-1.0), 4, head_params=[head])
+
+
+# ----------------------------------------------------------------------------- preempted pods
+
+# A training task as a KFP step runs it: one stage into `out`, checkpoints to an s3:// prefix,
+# `processes` data-parallel processes. Prints its summary.
+STAGE = r"""
+import json, sys
+from lastmile import mle, ppo, reward
+from lastmile.config import LoraSpec, MLEConfig, OptimConfig, PPOConfig, RewardConfig
+
+stage, data, reward_dir, out, ckpt, processes = sys.argv[1:]
+small, ckpt, processes = LoraSpec(r=4, alpha=8), ckpt or None, int(processes)
+if stage == "reward":
+    cfg = RewardConfig(lora=small, batch_size=6, checkpoint_every=2, checkpoint_dir=ckpt,
+                       optim=OptimConfig(learning_rate=1e-2))
+    summary = reward.train_reward_model(data, out, cfg, "tiny-random", processes=processes)
+elif stage == "mle":
+    cfg = MLEConfig(lora=small, batch_size=2, checkpoint_every=2, checkpoint_dir=ckpt,
+                    optim=OptimConfig(learning_rate=1e-2))
+    summary = mle.train_mle(data, out, cfg, "tiny-random", processes=processes)
+else:
+    cfg = PPOConfig(policy_lora=small, value_lora=small, batch_size=2, max_new_tokens=6,
+                    max_updates=10, checkpoint_every=2, checkpoint_dir=ckpt,
+                    optim=OptimConfig(learning_rate=1e-3))
+    summary = ppo.train_ppo(data, reward_dir, out, cfg, "tiny-random", processes=processes)
+print("SUMMARY " + json.dumps(summary), flush=True)
+"""
+
+
+def _stage_child(args: list[str], env: dict) -> subprocess.Popen:
+    # Its own session: a SIGKILL of the group takes the data-parallel workers down with it,
+    # as losing the pod does.
+    return subprocess.Popen([sys.executable, "-c", STAGE, *args], env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            start_new_session=True)
+
+
+def _finish(child: subprocess.Popen) -> dict:
+    out, err = child.communicate(timeout=300)
+    assert child.returncode == 0, err[-3000:]
+    (line,) = [line for line in out.splitlines() if line.startswith("SUMMARY ")]
+    return json.loads(line[len("SUMMARY "):])
+
+
+@pytest.mark.parametrize("stage, processes", [("reward", 1), ("mle", 1), ("ppo", 1),
+                                              ("ppo", 2)])
+def test_a_preempted_training_pod_resumes_from_the_object_store_bit_for_bit(
+        s3_checkpoints, tokenizer, tmp_path, stage, processes):
+    """SIGKILL of the whole task (all its processes) once a checkpoint is in the object store,
+    every local file of the run deleted (a KFP retry on a new pod with an empty disk), the same
+    command again: it resumes from the s3:// prefix and ends with the adapters of a run that
+    was never interrupted (same process count), bit for bit."""
+    from lastmile import negatives
+    from lastmile.config import NegativesConfig, OptimConfig, RewardConfig
+    from lastmile.io import write_jsonl
+
+    uri = s3_checkpoints
+    rows = _rows(tokenizer, 16)
+    data = tmp_path / ("rm.jsonl" if stage == "reward" else "train.jsonl")
+    write_jsonl(data, negatives.synthesize(rows, NegativesConfig(), tokenizer)
+                if stage == "reward" else rows)
+    reward_dir = tmp_path / "reward" / "adapter"
+    if stage == "ppo":  # PPO scores with a (tiny, briefly trained) reward model
+        from lastmile import reward
+
+        write_jsonl(tmp_path / "rm.jsonl", negatives.synthesize(rows[:4], NegativesConfig(),
+                                                               tokenizer))
+        reward.train_reward_model(tmp_path / "rm.jsonl", tmp_path / "reward",
+                                  RewardConfig(batch_size=6, max_steps=1, checkpoint_every=0,
+                                               optim=OptimConfig(learning_rate=1e-2)),
+                                  "tiny-random")
+    env = _env(tmp_path / "unused")
+    pod = tmp_path / "pod"  # everything the task keeps on its own disk
+    env["LASTMILE_CACHE"] = str(pod / "cache")
+    args = [stage, str(data), str(reward_dir), str(pod / "out"), uri, str(processes)]
+
+    child = _stage_child(args, env)
+    deadline = time.monotonic() + 240
+    while not any(key.endswith("/COMPLETE") for key in _remote(uri)):
+        assert child.poll() is None, child.communicate()[1][-3000:]
+        assert time.monotonic() < deadline, "no checkpoint reached the object store"
+        time.sleep(0.02)
+    os.killpg(child.pid, signal.SIGKILL)
+    child.wait()
+    assert child.returncode == -signal.SIGKILL
+    shutil.rmtree(pod)  # the new pod starts with an empty disk
+
+    resumed = _finish(_stage_child(args, env))
+    fresh = _finish(_stage_child([*args[:3], str(tmp_path / "fresh"), "", str(processes)], env))
+    resumed, fresh = (summary.get("train", summary) for summary in (resumed, fresh))  # PPO's
+    assert resumed["resumed_from_step"] >= 2
+    assert fresh["resumed_from_step"] is None
+    for adapter in ("adapter", "value_adapter"):  # PPO's value model too
+        expected = tmp_path / "fresh" / adapter
+        if expected.exists() or adapter == "adapter":
+            names = sorted(p.name for p in expected.glob("*.safetensors"))
+            assert names, expected
+            _assert_same_files(pod / "out" / adapter, expected, names)
+    assert _remote(uri) == {}  # the task's checkpoints are removed once its adapter is written
+
+
+def test_a_failure_a_retry_would_repeat_stops_the_retry_at_once(s3_checkpoints):
+    """KFP retries every failure alike: a NaN-guard stop (or bad data) leaves FAILED in the
+    task's checkpoint prefix, and the retried attempt fails at once with that message instead
+    of training again; a transient failure leaves nothing, so its retry resumes."""
+    uri = s3_checkpoints
+    with pytest.raises(OSError):
+        with checkpoint.failing_once(uri):
+            raise OSError("connection reset")  # transient: retried for real
+    assert checkpoint.FAILED not in _remote(uri)
+    with pytest.raises(FloatingPointError):
+        with checkpoint.failing_once(uri):
+            raise FloatingPointError("3 non-finite updates in a row at step 41")
+    assert checkpoint.FAILED in _remote(uri)
+    started = time.monotonic()
+    with pytest.raises(checkpoint.RetryWouldRepeat,
+                       match="FloatingPointError: 3 non-finite updates in a row at step 41"):
+        with checkpoint.failing_once(uri):
+            pytest.fail("a retry of a task that failed for good must not train")
+    assert time.monotonic() - started < 10
+    with checkpoint.failing_once(None):  # local checkpoints: nothing to record or find
+        pass
