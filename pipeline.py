@@ -73,6 +73,8 @@ STORAGE_STEPS = frozenset({"filter_data", "check_new_data", "synthesize_negative
                            "train_mle", "train_ppo", "generate", "publish"})
 #: Steps that load a tokenizer or model: they mount the model cache.
 MODEL_STEPS = frozenset(STORAGE_STEPS - {"publish"} | {"score"})
+#: Steps that log to MLflow when a tracking URI is compiled in (lastmile.tracking).
+TRACKING_STEPS = frozenset({"train_reward", "train_mle", "train_ppo", "report"})
 #: Training steps' default checkpoint prefix (lastmile.checkpoint.task_scope reads it).
 CHECKPOINT_PREFIX_VAR = "LASTMILE_CHECKPOINT_PREFIX"
 #: The image's user (docker/Dockerfile): steps run as it, never as root.
@@ -111,6 +113,7 @@ class ClusterSettings:
     # pod resumes ('' keeps them on the pod's disk).
     checkpoint_prefix: str = "s3://lastmile/checkpoints/"
     security_context: bool = True  # run as IMAGE_UID, runAsNonRoot
+    mlflow_uri: str | None = None  # MLFLOW_TRACKING_URI of the training and report steps
 
     @property
     def has_gpus(self) -> bool:
@@ -191,6 +194,8 @@ def build_pipeline(image: str = components.DEFAULT_IMAGE,
             # Where checkpoints go unless the run's configuration names a place (placement,
             # like the cache volume: the run's configuration is the profile's).
             task.set_env_variable(CHECKPOINT_PREFIX_VAR, cluster.checkpoint_prefix)
+        if cluster.mlflow_uri and step in TRACKING_STEPS:  # lastmile.tracking
+            task.set_env_variable("MLFLOW_TRACKING_URI", cluster.mlflow_uri)
         if kind == "train" and cluster.training_retries:
             task.set_retry(num_retries=cluster.training_retries, backoff_duration="60s",
                            backoff_factor=2, backoff_max_duration=cluster.retry_window())
@@ -783,7 +788,8 @@ def _cluster_from_args(args) -> ClusterSettings:
                                step_timeout_s=args.step_timeout,
                                shard_parallelism=args.shard_parallelism,
                                checkpoint_prefix=args.checkpoint_prefix,
-                               security_context=not args.no_security_context)
+                               security_context=not args.no_security_context,
+                               mlflow_uri=args.mlflow_uri or None)
     if args.image is None:  # a cluster without GPUs runs the CPU image (make image-cpu)
         args.image = components.DEFAULT_IMAGE + ("-cpu" if not settings.has_gpus else "")
     stages = set(components.STAGES)
@@ -881,6 +887,9 @@ def _build_parser() -> argparse.ArgumentParser:
                        help="deadline of every other step")
         p.add_argument("--shard-parallelism", type=int, default=4, metavar="N",
                        help="generation shards running at once (each holds a GPU)")
+        p.add_argument("--mlflow-uri", default="", metavar="URL",
+                       help="MLFLOW_TRACKING_URI of the training and report steps: each run "
+                            "becomes one MLflow run (docs/tracking.md)")
         p.add_argument("--no-security-context", action="store_true",
                        help="leave out runAsNonRoot/runAsUser (for KFP backends older than "
                             "2.17, docs/deploy.md)")
@@ -974,7 +983,7 @@ def _check_cron(expr: str) -> None:
 _COMPILE_FLAGS = ("image", "accelerator_type", "train_gpus", "node_selector", "toleration",
                   "s3_secret", "s3_endpoint", "cache_pvc", "step_resources", "checkpoint_prefix",
                   "training_timeout", "generation_timeout", "step_timeout", "shard_parallelism",
-                  "no_security_context", "init_policy_from_mle", "allow_pickle",
+                  "no_security_context", "mlflow_uri", "init_policy_from_mle", "allow_pickle",
                   "trust_remote_code", "bleurt_allow_pickle")
 
 

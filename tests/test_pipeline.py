@@ -469,14 +469,18 @@ def test_cpu_only_cluster_step_resources_and_limits(tmp_path, capsys):
                           "--train-gpus", "2", "--node-selector", "pool=gpu",
                           "--step-resources", "score=cpu=8,memory=32Gi,memory_limit=40Gi",
                           "--training-timeout", "7200", "--shard-parallelism", "2",
-                          "--checkpoint-prefix", "", "--no-security-context"]) == 0
+                          "--checkpoint-prefix", "", "--no-security-context",
+                          "--mlflow-uri", "http://mlflow.mlflow:5000"]) == 0
     spec, platform = yaml.safe_load_all(out.read_text())
     for task in STAGES:
         container, k8s = _executor(spec, platform, task)
         assert container["image"] == "ghcr.io/lastmile-ml/lastmile:0.1.0-cpu", task
         assert "accelerator" not in container["resources"], task
         assert "nodeSelector" not in k8s and "securityContext" not in k8s, task
-        assert "env" not in container, task  # no checkpoint prefix: the pod's disk
+        # No checkpoint prefix (the pod's disk); the tracking server where runs log.
+        env = {e["name"]: e["value"] for e in container.get("env", [])}
+        tracked = task in TRAINING or task == "report"
+        assert env == ({"MLFLOW_TRACKING_URI": "http://mlflow.mlflow:5000"} if tracked else {})
     reward, _ = _executor(spec, platform, "train-reward")
     # Requests per GPU-step, times the 2 "GPUs" (processes) of a training task.
     assert reward["resources"]["resourceCpuRequest"] == "8"
