@@ -7,7 +7,7 @@ STAMP   = $(VENV)/.installed
 PROFILE ?= demo
 ARGS   ?=
 
-.PHONY: install run test test-fast compile bench bench-trl bench-scaling clean
+.PHONY: install run test test-fast browser compile bench bench-trl bench-scaling clean
 .DEFAULT_GOAL := help
 
 help:
@@ -33,7 +33,14 @@ install: $(STAMP)
 run: $(STAMP)
 	$(PY) pipeline.py run --profile $(PROFILE) $(ARGS)
 
-test: $(STAMP)
+# A real browser for tests/test_report_browser.py (Debian's chromium; needs root or sudo-less
+# apt, as on CI). Without it that test is skipped and says how to install it.
+browser:
+	@command -v chromium >/dev/null || command -v chromium-browser >/dev/null || \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } || \
+	  echo "warning: could not install chromium; the browser test will be skipped"
+
+test: $(STAMP) browser
 	$(PY) -m pytest $(ARGS)
 
 test-fast: $(STAMP)
