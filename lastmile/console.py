@@ -7,17 +7,20 @@ the task re-prints every line of it with `print` (indented four spaces by a patc
 `builtins.print`); kfp's own records ("Executing task 'x'", "Task 'x' finished with status
 SUCCESS", the task's outputs) go through a root logging handler it installs on `sys.stdout`
 around each task; its runner warnings ("Consider using the DockerRunner", "settings
-['display_name'] have no effect") go through `warnings` to `sys.stderr`. Nothing is written to
-the process's file descriptors directly, so `RunConsole` swaps `sys.stdout`/`sys.stderr` for
-the run with streams that buffer lines per thread, writes every line to `logs/kfp.log`, and
-`KfpParser` sorts them: which task a line belongs to (its thread's open task), where the task
-writes (the executor's `outputFile`), its tqdm updates, its start and end.
+['display_name'] have no effect") go through `warnings` (the console takes
+`warnings.showwarning` for the run: a test runner's recording would hide them). Nothing is
+written to the process's file descriptors directly, so `RunConsole` swaps `sys.stdout` and
+`sys.stderr` for the run with streams that buffer lines per thread, writes every line to
+`logs/kfp.log`, and `KfpParser` sorts them: which task a line belongs to (its thread's open
+task), where the task writes (the executor's `outputFile`), its tqdm updates, its start and
+end.
 
 Two quirks of kfp.local shape the parser. ParallelFor iterations run in two threads that each
-swap the root logger's handlers around their tasks, so a "finished" record can be lost (one of
-the two shards' 'score' records was missing on a smoke run with two shards), and kfp can leave
-`builtins.print` patched and its handler on the root logger after the run (`RunConsole` puts
-them back). The executor's own last line, "Wrote executor output file to
+swap the root logger's handlers and patch `builtins.print` around their tasks, so a "finished"
+record can be lost (one of the two shards' 'score' records was missing on a smoke run with two
+shards), the indent nests (8 and 12 spaces seen; the streams drop it, as kfp writes it apart),
+and kfp can leave print patched and its handler on the root logger after the run
+(`RunConsole` puts them back). The executor's own last line, "Wrote executor output file to
 DIR/executor_output.json", is printed, never lost: it is the success marker. A failure is the
 task's FAILURE record or, when that is lost, a task still open when the pipeline raises.
 
@@ -61,6 +64,7 @@ PROGRESS = re.compile(r"^(?P<desc>[^|]*?):?\s*(?P<pct>\d{1,3})%\|[^|]*\|\s*(?P<c
 RULE = re.compile(r"^-{10,}$")
 ITERATION = re.compile(r"^for-loop-\d+-iteration-(?P<index>\d+)$")
 TRACEBACK = "Traceback (most recent call last):"
+KFP_INDENT = " " * 4  # kfp.local's logging_utils.indented_print
 
 LOG_DIR = "logs"
 KFP_LOG = "kfp.log"
@@ -83,6 +87,7 @@ class Task:
     ended: float | None = None
     tail: collections.deque = field(default_factory=lambda: collections.deque(maxlen=400))
     progress: str | None = None
+    indent: str | None = None  # kfp.local's indent of its lines (as a screen recording has it)
 
     @property
     def shard(self) -> int | None:
@@ -151,7 +156,9 @@ class KfpParser:
         return [Event("end", task)]
 
     def _task_line(self, task: Task, line: str) -> list[Event]:
-        text = line[4:] if line.startswith("    ") else line
+        if task.indent is None:  # its first line: kfp's indent, in a recording of the screen
+            task.indent = line[:len(line) - len(line.lstrip(" "))]
+        text = line[len(task.indent):] if line.startswith(task.indent) else line
         events = []
         found = OUTPUT_FILE.search(text) or WROTE.search(text)
         if found and task.dir is None:
@@ -390,10 +397,12 @@ def where_things_are(run_dir: Path, adapters: Mapping[str, Path],
     lines += [f"{label + ':':<{width}} {path}" for label, path in adapters.items()]
     if published:
         lines.append(f"published: {published}")
-    lines += ["next:",
-              f"  lastmile export {run} --out DIR                 "
-              "the RL model as a PEFT adapter (--merged: a whole Hugging Face model)",
-              f"  lastmile predict {run} --input FILE --out FILE  the RL model on new inputs"]
+    export = f"lastmile export {run} --out export/rl"
+    predict = f"lastmile predict {run} --input new.jsonl --out predictions.jsonl"
+    width = max(len(export), len(predict)) + 2
+    lines += ["next (docs/using-the-model.md):",  # shell comments: the lines paste as they are
+              f"  {export:<{width}}# the RL adapter, PEFT; --merged: a whole HF model",
+              f"  {predict:<{width}}# the RL model on new inputs"]
     return lines
 
 
@@ -424,6 +433,10 @@ class _LineStream(io.TextIOBase):
             return 0
         with self.console.lock:
             ident = threading.get_ident()
+            if text == KFP_INDENT and not self.buffers.get(ident):
+                # kfp.local's indented print writes its indent on its own, once per level: it
+                # nests when two threads patch builtins.print at once (up to 12 spaces seen).
+                return len(text)
             pending = self.buffers.get(ident, "") + text
             *lines, rest = pending.split("\n")
             self.buffers[ident] = rest

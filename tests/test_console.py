@@ -23,6 +23,7 @@ from lastmile import console
 ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(__file__).parent / "data" / "console"
 RECORDED = "/tmp/recorded/run"  # the run folder the recordings name, replaced per test
+TRACEBACK_LINE = "Traceback (most recent call last):"
 NAMES = {"train-mle": "train MLE baseline", "filter-data": "filter data",
          "generate-3": "generate rl"}
 DOCKER_WARNING = ('You may be attemping to run a task that uses custom or non-Python base image '
@@ -248,6 +249,35 @@ def test_failure_ends_with_the_stages_error_and_its_log(tmp_path):
     assert "DataError" in log.read_text()
 
 
+def test_kfp_indentation_nested_by_two_threads_is_removed(tmp_path):
+    """kfp.local indents a task's lines with a patched print; two ParallelFor threads patching
+    it at once nest the indent (8, 12 spaces), which can change in the middle of a task (here
+    at the traceback). The stage's log and error come out unindented."""
+    from kfp.local import logging_utils
+
+    def replay(lines):
+        for line in lines:
+            if console.KFP_RECORD.match(console.ANSI.sub("", line)):
+                sys.stdout.write(line + "\n")  # a log record: kfp's handler writes it whole
+            else:  # the subprocess's line, re-printed by kfp
+                print(line[4:] if line.startswith("    ") else line)
+
+    lines = _recorded("kfp_local_failure.txt", tmp_path)
+    cut = next(i for i, line in enumerate(lines) if line.strip() == TRACEBACK_LINE)
+    errors = io.StringIO()
+    with console.RunConsole(tmp_path, names=NAMES, screen=io.StringIO(), errors=errors,
+                            live=False) as run:
+        with logging_utils.indented_print():
+            replay(lines[:cut])
+            with logging_utils.indented_print():  # another thread patched print meanwhile
+                replay(lines[cut:])
+        run.fail(RuntimeError("Inner task failed"))
+    log = (tmp_path / "logs" / "filter-data.log").read_text().splitlines()
+    assert log[0].startswith("[KFP Executor ") and TRACEBACK_LINE in log
+    assert errors.getvalue().splitlines()[-2].startswith("lastmile.data.DataError: ")
+    assert errors.getvalue().splitlines()[1].startswith('  File "/work/main/lastmile/data.py"')
+
+
 # ----------------------------------------------------------------------------- headlines
 
 def test_headlines_from_recorded_summaries(tmp_path):
@@ -334,8 +364,9 @@ def test_where_things_are_names_report_adapters_and_next_commands(tmp_path):
     assert "MLE adapter:      runs/20261207-000000/m" in lines
     assert "published: s3://b/runs/x/" in lines
     commands = [line.split("  ")[1] for line in lines if line.startswith("  lastmile ")]
-    assert commands == ["lastmile export runs/20261207-000000 --out DIR",
-                        "lastmile predict runs/20261207-000000 --input FILE --out FILE"]
+    assert commands == ["lastmile export runs/20261207-000000 --out export/rl",
+                        "lastmile predict runs/20261207-000000 --input new.jsonl --out "
+                        "predictions.jsonl"]
 
 
 # ----------------------------------------------------------------------------- a real run

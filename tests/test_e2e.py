@@ -46,6 +46,35 @@ def _check_report(out: Path) -> dict:
     return scores
 
 
+def _check_console(out: Path, printed: str, errors: str) -> None:
+    """What a person sees (lastmile.console): one start and one end line per stage execution,
+    the total, where things are; kfp.local's executor JSON and runner warnings only in logs/,
+    one log per stage; runs/latest and COMPLETE in the run folder."""
+    executed = list((out / "kfp").glob("lastmile-*/**/executor_output.json"))
+    starts = re.findall(r"^ +\d+:\d\d  start  (.+)$", printed, re.M)
+    ends = re.findall(r"^ +\d+:\d\d  done   (.+) in [\d.]+ (?:s|min \d+ s)(?:: .+)?$",
+                      printed, re.M)
+    assert len(starts) == len(ends) == len(executed) >= 17, (starts, ends, len(executed))
+    assert sorted(starts) == sorted(ends) and len(set(starts)) == len(starts)  # shards named
+    assert {"generate rl (shard 1/2)", "generate rl (shard 2/2)", "train PPO policy",
+            "score (shard 2/2)", "gather shards", "report"} <= set(starts)
+    assert re.search(r"^done in \d+ (?:s|min \d+ s): \d+ stages", printed, re.M)
+    assert re.search(r"train PPO policy in .*: final reward -?\d+\.\d+, excess length", printed)
+    assert re.search(r"gather shards in .*: la-ROUGE-L F1 RL \d\.\d{3} vs MLE \d\.\d{3}", printed)
+    assert f"lastmile export {out} --out export/rl" in printed
+    (ppo,) = (out / "kfp").glob("lastmile-*/train-ppo/ppo_model/adapter")
+    assert f"RL adapter (PPO): {ppo}" in printed
+    for noise in ("executor_input", "DockerRunner", "[KFP Executor", "Traceback"):
+        assert noise not in printed + errors, noise
+    logs = out / "logs"
+    kfp_log = (logs / "kfp.log").read_text()
+    assert "DockerRunner" in kfp_log and "Got executor_input" in kfp_log
+    assert len(list(logs.glob("*.log"))) == len(executed) + 1
+    assert "PPO: 100%|" in (logs / "train-ppo-policy.log").read_text()
+    assert (out.parent / "latest").resolve() == out.resolve()
+    assert "status: done" in (out / "COMPLETE").read_text() and not (out / "FAILED").exists()
+
+
 def _check_sharded(out: Path) -> None:
     """Generation, post-processing and scoring ran as 2 shards (ParallelFor), gathered."""
     (run,) = (out / "kfp").glob("lastmile-*")
@@ -88,11 +117,13 @@ def _score_metrics(out: Path) -> dict:
 def test_smoke_pipeline_end_to_end(tmp_path, capsys):
     import pipeline
 
-    out = tmp_path / "run"
+    out = tmp_path / "runs" / "run"
     args = ["run", "--profile", "smoke", "--param", "test_fraction=0.2",
             "--param", "strict=false"]
     assert pipeline.main([*args, "--out", str(out), "--param", "num_shards=2"]) == 0
-    assert f"report: {out / 'report.html'}" in capsys.readouterr().out
+    printed = capsys.readouterr()
+    assert f"report: {out / 'report.html'}" in printed.out
+    _check_console(out, printed.out, printed.err)
     scores = _check_report(out)
     _check_sharded(out)
     # Every number of scores.json is a KFP metric, named <variant>_<key>.
