@@ -170,9 +170,31 @@ def join_world(place: Place) -> None:
             torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // place.local_size))
     # The main rank alone uploads checkpoints and evaluates while the others wait in their
     # next collective: the same allowance as lastmile.distributed's own workers.
-    dist.init_process_group(backend, init_method="env://", rank=place.rank,
-                            world_size=place.size,
-                            timeout=datetime.timedelta(seconds=distributed.COLLECTIVE_TIMEOUT_S))
+    timeout = datetime.timedelta(seconds=distributed.COLLECTIVE_TIMEOUT_S)
+    dist.init_process_group(backend, store=attempt_store(place, timeout), rank=place.rank,
+                            world_size=place.size, timeout=timeout)
+
+
+def attempt_store(place: Place, timeout: datetime.timedelta):
+    """torchrun's rendezvous store, under a prefix per restart of the worker group.
+
+    `torchrun --max-restarts` restarts the ranks against the same store; without a prefix a
+    restarted rank can read the previous attempt's gloo/NCCL addresses and fail with
+    "Connection refused" (seen here in 2 of 3 restarts on a busy CPU). Under torchrun the
+    agent hosts the store (TORCHELASTIC_USE_AGENT_STORE); otherwise rank 0 does, as env://
+    would."""
+    import torch.distributed as dist
+
+    agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    try:
+        host, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+    except (KeyError, ValueError) as e:
+        raise UsageError(f"MASTER_ADDR/MASTER_PORT missing or malformed ({e}): start the "
+                         "ranks with torchrun") from None
+    store = dist.TCPStore(host, port, place.size, is_master=not agent and place.is_main,
+                          timeout=timeout, multi_tenant=not agent)
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    return dist.PrefixStore(f"lastmile/attempt-{attempt}/", store)
 
 
 def leave_world() -> None:
