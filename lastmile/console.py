@@ -620,7 +620,7 @@ class RunConsole:
         if log.path is not None:
             return
         base = slug(self.name(task))
-        if task.shard is not None:
+        if task.shard is not None and self.shards != 1:
             base += f".shard-{task.shard + 1}"
         name, n = base, 1
         while name in self.used_names:
@@ -656,7 +656,7 @@ class RunConsole:
 
     def label(self, task: Task) -> str:
         name = self.name(task)
-        if task.shard is None:
+        if task.shard is None or self.shards == 1:  # one shard: the stage is the whole of it
             return name
         total = f"/{self.shards}" if self.shards else ""
         return f"{name} (shard {task.shard + 1}{total})"

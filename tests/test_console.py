@@ -110,6 +110,32 @@ def test_parallel_shards_interleaved_and_a_lost_finished_record(tmp_path):
     assert bars[0].startswith("generate rl [1/2]") and bars[1].startswith("generate rl [2/2]")
 
 
+def test_shards_named_by_the_plan_and_not_at_all_when_there_is_one(tmp_path):
+    for count in (1, 2):
+        run = tmp_path / str(count)
+        plan = run / "kfp" / "lastmile-1" / "plan-shards"
+        plan.mkdir(parents=True)
+        (plan / "executor_output.json").write_text(
+            json.dumps({"parameterValues": {"Output": list(range(count))}}))
+        lines = ["00:00:00.000 - INFO - Executing task 'plan-shards'",
+                 "    [KFP Executor 2026-12-06 00:00:00,000 INFO]: Looking for component "
+                 "`plan_shards`",
+                 f"    [KFP Executor 2026-12-06 00:00:00,000 INFO]: Wrote executor output file "
+                 f"to {plan}/executor_output.json.",
+                 *_shard_lines(run, "generate-3", 0, finished=True)]
+        screen = io.StringIO()
+        with console.RunConsole(run, names=NAMES, screen=screen, errors=io.StringIO(),
+                                live=False):
+            for line in lines:
+                print(line)
+        text = screen.getvalue()
+        assert "done   plan shards in" in text and f": {count} shard(s)" in text
+        label = "generate rl" if count == 1 else "generate rl (shard 1/2)"
+        assert re.search(rf"start  {re.escape(label)}\n.*done   {re.escape(label)} in", text)
+        log = "generate-rl.log" if count == 1 else "generate-rl.shard-1.log"
+        assert (run / "logs" / log).is_file()
+
+
 def test_a_task_whose_executing_record_was_lost_is_found_by_its_first_line(tmp_path):
     lines = _shard_lines(tmp_path, "generate-3", 1, finished=True)[3:]
     parser, events = _events(lines)
