@@ -691,3 +691,35 @@ def test_fsdp_sharded_base_trains_the_unsharded_adapter(tmp_path, monkeypatch):
                                        msg=lambda m: f"{name} {key}: {m}")
     assert any(load_file(str(tmp_path / "one" / "grads.safetensors"))[k].abs().sum() > 0
                for k in a if "lora_A" in k)
+
+
+# ----------------------------------------------------------------------------- Kubeflow SDK
+
+def _sdk_stage():  # the function the SDK would run as a TrainJob (its source is copied)
+    import lastmile.train
+
+    print("lastmile.train imported from", lastmile.train.__file__)
+
+
+def test_the_sdk_local_process_backend_cannot_run_a_stage_offline(monkeypatch):
+    """kubeflow 0.5.0's LocalProcessBackend runs a CustomTrainer function as a TrainJob by
+    making a fresh virtualenv (`python -m venv --without-pip`, no system site-packages),
+    pip-installing only the trainer's `packages_to_install` from a package index, and starting
+    `<venv>/bin/torchrun` on the function's source. With nothing to install (offline),
+    torchrun does not exist there: the job fails with exit code 127 before any of our code
+    runs. Installing torch, transformers, peft and lastmile into every job's virtualenv from
+    an index is what it would take (docs/scaling.md). Checked here so the doc stays true."""
+    from kubeflow.trainer import CustomTrainer, LocalProcessBackendConfig, TrainerClient
+
+    client = TrainerClient(backend_config=LocalProcessBackendConfig(cleanup_venv=True))
+    assert [r.name for r in client.list_runtimes()] == ["torch-distributed"]
+    name = client.train(runtime="torch-distributed", trainer=CustomTrainer(
+        func=_sdk_stage, env={"PYTHONPATH": str(ROOT)}))
+    deadline = time.monotonic() + 120
+    while (job := client.get_job(name)).status not in ("Complete", "Failed"):
+        assert time.monotonic() < deadline, job.status
+        time.sleep(0.5)
+    logs = "\n".join(client.get_job_logs(name))
+    assert job.status == "Failed", logs
+    assert "bin/torchrun: No such file or directory" in logs and "code 127" in logs, logs
+    assert "lastmile.train imported" not in logs
