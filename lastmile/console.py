@@ -675,7 +675,7 @@ class RunConsole:
     def _show_progress(self, task: Task, bar: str) -> None:
         if self.verbose:
             return
-        text = f"{'':7}  ...    {self.label(task)}: {bar}"
+        text = f"{'':7}  ...    {bar}"  # the stages' bars name themselves (PPO, generate rl [1/2])
         if self.live:
             width = shutil.get_terminal_size((100, 24)).columns - 1
             self.screen.write("\r\x1b[K" + text[:width])

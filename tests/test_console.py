@@ -219,7 +219,7 @@ def test_progress_redrawn_in_place_on_a_terminal(tmp_path):
         for line in _recorded("kfp_local_success.txt", tmp_path):
             print(line)
     text = screen.getvalue()
-    assert "\r\x1b[K" + f"{'':7}  ...    train MLE baseline: MLE: 100%|" in text
+    assert "\r\x1b[K" + f"{'':7}  ...    MLE: 100%|" in text
     # The next stage line clears the bar first.
     assert re.search(r"\r\x1b\[K +0:00  done   train MLE baseline", text)
 
