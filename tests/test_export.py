@@ -175,7 +175,7 @@ def test_merged_export_reproduces_pipeline_rl_predictions_in_plain_transformers(
     loaded = torch.load(logits_path, weights_only=True)
     prompts = [r["prompt"] for r in test_rows]
     assert torch.allclose(loaded, _last_logits(model, tokenizer, prompts, None), atol=1e-5)
-    unmerged, _, name = _pipeline_model(smoke_run, merge=False)
+    unmerged, _, _ = _pipeline_model(smoke_run, merge=False)
     base_logits = _last_logits(unmerged, tokenizer, prompts, None)
     assert (loaded - base_logits).abs().max() > 0.05  # the adapter is in there
 
