@@ -439,11 +439,11 @@ def model_card(settings: dict[str, Any], files: RunFiles) -> str:
         f"- source: `{base['source']}`",
         f"- hash: `{base['hash']}` (lastmile.modeling.base_fingerprint; the adapter was "
         "trained on exactly these weights)",
-        f"- LoRA: r={settings['lora']['r']}, alpha={settings['lora']['alpha']}, "
-        f"{len(settings['lora']['target_modules'])} target modules", "",
+        f"- LoRA: r={settings['lora']['r']}, alpha={settings['lora']['alpha']}, on "
+        f"{_targets(settings['lora']['target_modules'])}", "",
         "## Training data", "",
-        f"- source: `{run['data_source']}`",
-        f"- data sha256 (filtered train and test files): `{run['data_sha256']}`",
+        f"- source: `{run['data_source'] or 'not recorded'}`",
+        f"- data sha256 (filtered train and test files): `{run['data_sha256'] or 'not recorded'}`",
         f"- rows: {_rows(run['rows'])}", "",
         "## Prompt and decoding (as the pipeline evaluated it)", "",
         f"- instruction: {prompt['instruction']!r}",
@@ -483,7 +483,17 @@ def model_card(settings: dict[str, Any], files: RunFiles) -> str:
 def _rows(rows: Any) -> str:
     if isinstance(rows, dict):
         return ", ".join(f"{n} {split}" for split, n in rows.items())
-    return str(rows)
+    return "not recorded" if rows is None else str(rows)
+
+
+def _targets(modules: Any) -> str:
+    """peft records "all-linear" as the layer names (q_proj, ...) or, for a small model, as
+    every module's full name: the first are worth listing, the second only counting."""
+    if isinstance(modules, str):
+        return modules
+    if all("." not in m for m in modules):
+        return ", ".join(sorted(modules))
+    return f"{len(modules)} linear modules (listed in adapter_config.json)"
 
 
 def _usage(settings: dict[str, Any]) -> str:
