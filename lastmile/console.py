@@ -681,7 +681,8 @@ class RunConsole:
             self.screen.write("\r\x1b[K" + text[:width])
             self.screen.flush()
             self.progress_shown = True
-        elif self.clock() - self.last_progress >= self.progress_every:
+        elif min(self.clock() - self.last_progress,
+                 self.clock() - task.started) >= self.progress_every:  # not a 0% bar
             self.last_progress = self.clock()
             self.say(text)
 

@@ -224,6 +224,23 @@ def test_progress_redrawn_in_place_on_a_terminal(tmp_path):
     assert re.search(r"\r\x1b\[K +0:00  done   train MLE baseline", text)
 
 
+def test_progress_once_a_minute_when_not_on_a_terminal(tmp_path):
+    """Piped to a file (make run | tee): a stage's bar at most every 60 s, and not before the
+    stage has run that long (no 0% bars)."""
+    now = [0.0]
+    screen = io.StringIO()
+    with console.RunConsole(tmp_path, names=NAMES, screen=screen, errors=io.StringIO(),
+                            live=False, clock=lambda: now[0]):
+        for line in _recorded("kfp_local_success.txt", tmp_path):
+            if console.PROGRESS.match(line.strip()):
+                now[0] += 30  # six updates, 30 s apart, from 30 s to 180 s into the stage
+            print(line)
+    shown = [line for line in screen.getvalue().splitlines() if "MLE:" in line]
+    bars = [line.split("|")[0].strip() for line in shown]
+    assert bars == ["...    MLE:  50%", "...    MLE: 100%", "...    MLE: 100%"]
+    assert re.search(r" 3:00  done   train MLE baseline in 3 min 0 s", screen.getvalue())
+
+
 def test_threads_write_partial_lines_without_mixing(tmp_path):
     """kfp's indented print writes '    ' and the line in two calls; another thread's line in
     between must not split them."""
