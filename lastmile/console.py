@@ -734,7 +734,10 @@ class RunConsole:
             else:  # kfp.local itself failed, before or between stages
                 stage, log = "kfp.local", self.logs / KFP_LOG
                 excerpt = [ANSI.sub("", f"{type(exc).__name__}: {exc}")]
-            error = excerpt[-1].strip()
+            # FAILED's one line: the exception's first line (a message can run over several).
+            traced = failed and any(line.strip() == TRACEBACK for line in failed[0].tail)
+            error = (next((line for line in excerpt if not line[:1].isspace()), excerpt[-1])
+                     if traced else excerpt[-1]).strip()
             write_status(self.run_dir, FAILED_FILE,
                          {"status": "failed", "stage": stage, "error": error, "log": log,
                           "seconds": round(self.elapsed(), 1)})

@@ -143,6 +143,23 @@ def test_a_task_whose_executing_record_was_lost_is_found_by_its_first_line(tmp_p
     assert task.key == "generate-3" and task.shard == 1 and task.status == "succeeded"
 
 
+def test_failed_names_the_first_line_of_a_multiline_exception(tmp_path):
+    lines = _shard_lines(tmp_path, "generate-3", 0, finished=False)[:5] + [
+        "    Traceback (most recent call last):", '      File "x.py", line 3, in f',
+        "    ValueError: the first line", "    and the second"]
+    errors = io.StringIO()
+    with console.RunConsole(tmp_path, names=NAMES, screen=io.StringIO(), errors=errors,
+                            live=False) as run:
+        for line in lines:
+            print(line)
+        failed = run.fail(RuntimeError("Inner task failed"))
+    assert failed.error == "ValueError: the first line"
+    assert "error: ValueError: the first line\n" in (tmp_path / "FAILED").read_text()
+    assert errors.getvalue().splitlines()[-3:] == [
+        "ValueError: the first line", "and the second",
+        f"log: {tmp_path / 'logs' / 'generate-rl.shard-1.log'}"]
+
+
 def test_error_excerpt_without_traceback_chained_and_multiline():
     assert console.error_excerpt(["a", "", "b", "c", "d", "e"]) == ["b", "c", "d", "e"]
     chained = ["Traceback (most recent call last):", '  File "x.py", line 1, in f',
