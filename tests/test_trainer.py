@@ -723,3 +723,55 @@ def test_the_sdk_local_process_backend_cannot_run_a_stage_offline(monkeypatch):
     assert job.status == "Failed", logs
     assert "bin/torchrun: No such file or directory" in logs and "code 127" in logs, logs
     assert "lastmile.train imported" not in logs
+
+
+# ----------------------------------------------------------------------------- KFP components
+
+def test_the_launcher_components_compile_in_place_of_the_training_steps(tmp_path):
+    """components/trainer.py's functions as KFP components, wired as pipeline.py would with
+    --trainer kubeflow-trainer: they compile, take the training components' artifacts plus a
+    `trainer` string, and install nothing at run time."""
+    import yaml
+    from kfp import compiler, dsl
+
+    from components import stages, trainer
+
+    def component(fn):
+        return dsl.component(fn, base_image="ghcr.io/acme/lastmile:1", install_kfp_package=False)
+
+    data_op, neg_op = component(stages.filter_data), component(stages.synthesize_negatives)
+    reward_op = component(trainer.train_reward_trainjob)
+    mle_op, ppo_op = component(trainer.train_mle_trainjob), component(trainer.train_ppo_trainjob)
+    options = trainjob.LauncherOptions(job=_settings()).to_json()
+
+    def wiring(config: str = "{}"):
+        data = data_op(config=config, data_source="")
+        negatives = neg_op(config=config, data=data.outputs["data"])
+        reward = reward_op(config=config, data=data.outputs["data"],
+                           negatives=negatives.outputs["negatives"], trainer=options)
+        mle = mle_op(config=config, data=data.outputs["data"], trainer=options)
+        ppo_op(config=config, data=data.outputs["data"],
+               reward_model=reward.outputs["reward_model"], trainer=options,
+               mle_model=mle.outputs["mle_model"])
+
+    wiring.__annotations__ = {"config": str}  # this module's annotations are strings
+    out = tmp_path / "wiring.yaml"
+    compiler.Compiler().compile(dsl.pipeline(name="trainer-wiring")(wiring), str(out))
+    spec = yaml.safe_load(out.read_text())
+    components = spec["components"]
+    for name, artifacts in (("comp-train-reward-trainjob", {"data", "negatives"}),
+                            ("comp-train-mle-trainjob", {"data"}),
+                            ("comp-train-ppo-trainjob", {"data", "reward_model", "mle_model"})):
+        inputs = components[name]["inputDefinitions"]
+        assert set(inputs["artifacts"]) == artifacts, name
+        assert set(inputs["parameters"]) == {"config", "trainer"}, name
+    assert set(components["comp-train-reward-trainjob"]["outputDefinitions"]["artifacts"]) == \
+        {"reward_model", "metrics"}
+    for executor in spec["deploymentSpec"]["executors"].values():
+        assert "pip install" not in " ".join(executor["container"]["command"])
+    # what the steps receive parses back into the launcher's settings
+    assert trainjob.LauncherOptions.from_json(options).job.num_nodes == 4
+    with pytest.raises(ValueError, match="unknown fields"):
+        trainjob.LauncherOptions.from_json('{"job": {"image": "x", "nodes": 2}}')
+    with pytest.raises(ValueError, match="job.image is required"):
+        trainjob.LauncherOptions.from_json("{}")
