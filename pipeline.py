@@ -114,15 +114,48 @@ class ClusterSettings:
     checkpoint_prefix: str = "s3://lastmile/checkpoints/"
     security_context: bool = True  # run as IMAGE_UID, runAsNonRoot
     mlflow_uri: str | None = None  # MLFLOW_TRACKING_URI of the training and report steps
+    # "kfp": each training stage trains in its own step's pod (train_gpus GPUs, one node).
+    # "kubeflow-trainer": the step launches a TrainJob (torchrun on trainer_nodes nodes of
+    # train_gpus GPUs each, lastmile.trainjob) and waits for it.
+    trainer: str = "kfp"
+    trainer_nodes: int = 1
+    trainer_runtime: str = "torch-distributed"
+    trainer_delete: str = "always"  # lastmile.trainjob.DELETE_POLICIES
+
+    def launcher_settings(self, image: str) -> str:
+        """The launcher steps' `trainer` JSON (lastmile.trainjob.LauncherOptions): what each
+        TrainJob asks of the cluster, with the object store and placement of the steps."""
+        from lastmile import trainjob
+
+        secret_keys, plain = self.s3_environment()
+        env = dict(plain)
+        if self.checkpoint_prefix:
+            env[CHECKPOINT_PREFIX_VAR] = self.checkpoint_prefix
+        if self.mlflow_uri:
+            env["MLFLOW_TRACKING_URI"] = self.mlflow_uri
+        job = trainjob.JobSettings(
+            image=image, num_nodes=self.trainer_nodes,
+            gpus_per_node=self.train_gpus if self.has_gpus else 0,
+            accelerator=self.accelerator_type if self.has_gpus else "nvidia.com/gpu",
+            cpu_request=_scale(self.gpu_cpu_request, self.train_gpus),
+            memory_request=_scale(self.gpu_memory_request, self.train_gpus),
+            memory_limit=_scale(self.gpu_memory_limit, self.train_gpus),
+            runtime=self.trainer_runtime, s3_secret=self.s3_secret,
+            secret_keys=dict(secret_keys),
+            env=env, active_deadline_seconds=self.training_timeout_s)
+        options = trainjob.LauncherOptions(job=job, delete=self.trainer_delete,
+                                           timeout_s=float(self.training_timeout_s))
+        trainjob.LauncherOptions.from_json(options.to_json())  # checked at compile time
+        return options.to_json()
 
     @property
     def has_gpus(self) -> bool:
         return self.accelerator_type != "none"
 
-    def retry_window(self) -> str:
+    def retry_window_s(self) -> int:
         """Argo counts a retry's backoff window from the first attempt, and KFP's default is
         an hour (kubeflow/pipelines#14245): cover every attempt running to its deadline."""
-        return f"{(self.training_retries + 1) * self.training_timeout_s + 3600}s"
+        return (self.training_retries + 1) * self.training_timeout_s + 3600
 
     def s3_environment(self) -> tuple[dict[str, str], dict[str, str]]:
         """(Secret key -> environment variable, plain environment variables) of every step.
@@ -166,9 +199,9 @@ def build_pipeline(image: str = components.DEFAULT_IMAGE,
             return task
         from kfp import kubernetes
 
-        step = task.component_spec.name.replace("-", "_")
-        on_gpu = kind != "cpu" and cluster.has_gpus
-        if kind == "cpu":
+        step = task.component_spec.name.replace("-", "_").removesuffix("_trainjob")
+        on_gpu = kind in ("train", "gpu") and cluster.has_gpus
+        if kind in ("cpu", "launch"):
             cpu_request, memory, limit = cluster.cpu_request, cluster.memory_request, None
         else:  # requests per GPU, for every GPU the task holds
             cpu_request = _scale(cluster.gpu_cpu_request, gpus)
@@ -188,8 +221,12 @@ def build_pipeline(image: str = components.DEFAULT_IMAGE,
                                           operator=tol.get("operator", "Equal"),
                                           value=tol.get("value"), effect=tol.get("effect"))
         timeout = {"train": cluster.training_timeout_s, "gpu": cluster.generation_timeout_s,
-                   "cpu": cluster.step_timeout_s}[kind]
+                   "cpu": cluster.step_timeout_s,
+                   # the launcher waits for its TrainJob's attempts, restarts included
+                   "launch": cluster.retry_window_s()}[kind]
         kubernetes.set_timeout(task, timeout)
+        if kind == "launch":
+            kind = "train"  # retries, checkpoints and tracking as a training step's
         if kind == "train" and cluster.checkpoint_prefix:
             # Where checkpoints go unless the run's configuration names a place (placement,
             # like the cache volume: the run's configuration is the profile's).
@@ -198,7 +235,8 @@ def build_pipeline(image: str = components.DEFAULT_IMAGE,
             task.set_env_variable("MLFLOW_TRACKING_URI", cluster.mlflow_uri)
         if kind == "train" and cluster.training_retries:
             task.set_retry(num_retries=cluster.training_retries, backoff_duration="60s",
-                           backoff_factor=2, backoff_max_duration=cluster.retry_window())
+                           backoff_factor=2,
+                           backoff_max_duration=f"{cluster.retry_window_s()}s")
         if step in STORAGE_STEPS:
             secret_keys, plain_env = cluster.s3_environment()
             if secret_keys:
@@ -224,7 +262,16 @@ def build_pipeline(image: str = components.DEFAULT_IMAGE,
     def gpu(task):
         return place(task, "gpu")
 
+    # Training in the step's own pod, or a launcher step that hands it to Kubeflow Trainer
+    # (a TrainJob of trainer_nodes nodes) and waits: same inputs and outputs either way.
+    on_trainer = cluster is not None and cluster.trainer == "kubeflow-trainer"
+    trainers = {name: getattr(c, f"{name}_trainjob" if on_trainer else name)
+                for name in ("train_reward", "train_mle", "train_ppo")}
+    launch = {"trainer": cluster.launcher_settings(image)} if on_trainer else {}
+
     def train(task):
+        if on_trainer:  # the launcher needs no GPU: the TrainJob's nodes hold them
+            return place(task, "launch")
         return place(task, "train", gpus=cluster.train_gpus if cluster is not None else 1)
 
     compiled_json = json.dumps(dict(sorted((compiled or {}).items())))
@@ -247,14 +294,16 @@ def build_pipeline(image: str = components.DEFAULT_IMAGE,
         with dsl.If(check.outputs["Output"] == True, name="new data"):  # noqa: E712 (KFP)
             negatives = cpu(c.synthesize_negatives(config=cfg, data=data.outputs["data"]))
             negatives.set_display_name("synthesize negatives")
-            reward = train(c.train_reward(config=cfg, data=data.outputs["data"],
-                                          negatives=negatives.outputs["negatives"]))
+            reward = train(trainers["train_reward"](
+                config=cfg, data=data.outputs["data"], negatives=negatives.outputs["negatives"],
+                **launch))
             reward.set_display_name("train reward model")
-            mle = train(c.train_mle(config=cfg, data=data.outputs["data"]))
+            mle = train(trainers["train_mle"](config=cfg, data=data.outputs["data"], **launch))
             mle.set_display_name("train MLE baseline")
             start_from = {"mle_model": mle.outputs["mle_model"]} if init_policy_from_mle else {}
-            ppo = train(c.train_ppo(config=cfg, data=data.outputs["data"],
-                                    reward_model=reward.outputs["reward_model"], **start_from))
+            ppo = train(trainers["train_ppo"](config=cfg, data=data.outputs["data"],
+                                              reward_model=reward.outputs["reward_model"],
+                                              **start_from, **launch))
             ppo.set_display_name("train PPO policy")
 
             # Generation and scoring fan out over shards of the test rows (lastmile.shards):
@@ -769,7 +818,7 @@ def schedule(client, args, arguments: dict, experiment_id: str, package: Path | 
 
 def _cluster_from_args(args) -> ClusterSettings:
     for flag in ("train_gpus", "shard_parallelism", "training_timeout", "generation_timeout",
-                 "step_timeout"):
+                 "step_timeout", "trainer_nodes"):
         if getattr(args, flag) < 1:
             raise UsageError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     if args.checkpoint_prefix:
@@ -789,7 +838,10 @@ def _cluster_from_args(args) -> ClusterSettings:
                                shard_parallelism=args.shard_parallelism,
                                checkpoint_prefix=args.checkpoint_prefix,
                                security_context=not args.no_security_context,
-                               mlflow_uri=args.mlflow_uri or None)
+                               mlflow_uri=args.mlflow_uri or None,
+                               trainer=args.trainer, trainer_nodes=args.trainer_nodes,
+                               trainer_runtime=args.trainer_runtime,
+                               trainer_delete=args.trainjob_delete)
     if args.image is None:  # a cluster without GPUs runs the CPU image (make image-cpu)
         args.image = components.DEFAULT_IMAGE + ("-cpu" if not settings.has_gpus else "")
     stages = set(components.STAGES)
@@ -887,6 +939,17 @@ def _build_parser() -> argparse.ArgumentParser:
                        help="deadline of every other step")
         p.add_argument("--shard-parallelism", type=int, default=4, metavar="N",
                        help="generation shards running at once (each holds a GPU)")
+        p.add_argument("--trainer", choices=("kfp", "kubeflow-trainer"), default="kfp",
+                       help="kfp: training runs in its step's pod (one node); "
+                            "kubeflow-trainer: the step launches a TrainJob (torchrun on "
+                            "--trainer-nodes nodes of --train-gpus GPUs) and waits for it "
+                            "(docs/scaling.md; apply manifests/overlays/kubeflow-trainer)")
+        p.add_argument("--trainer-nodes", type=int, default=1, metavar="N",
+                       help="nodes of each TrainJob (--trainer kubeflow-trainer)")
+        p.add_argument("--trainer-runtime", default="torch-distributed",
+                       help="the Trainer runtime a TrainJob references")
+        p.add_argument("--trainjob-delete", choices=("always", "on-success", "never"),
+                       default="always", help="delete a TrainJob when it ends")
         p.add_argument("--mlflow-uri", default="", metavar="URL",
                        help="MLFLOW_TRACKING_URI of the training and report steps: each run "
                             "becomes one MLflow run (docs/tracking.md)")
@@ -983,7 +1046,8 @@ def _check_cron(expr: str) -> None:
 _COMPILE_FLAGS = ("image", "accelerator_type", "train_gpus", "node_selector", "toleration",
                   "s3_secret", "s3_endpoint", "cache_pvc", "step_resources", "checkpoint_prefix",
                   "training_timeout", "generation_timeout", "step_timeout", "shard_parallelism",
-                  "no_security_context", "mlflow_uri", "init_policy_from_mle", "allow_pickle",
+                  "no_security_context", "mlflow_uri", "trainer", "trainer_nodes",
+                  "trainer_runtime", "trainjob_delete", "init_policy_from_mle", "allow_pickle",
                   "trust_remote_code", "bleurt_allow_pickle")
 
 

@@ -13,7 +13,7 @@ from types import SimpleNamespace
 
 from kfp import dsl
 
-from . import stages
+from . import stages, trainer
 
 #: The image every component runs in; override at compile time (`--image`) or with LASTMILE_IMAGE.
 DEFAULT_IMAGE = os.environ.get("LASTMILE_IMAGE", "ghcr.io/lastmile-ml/lastmile:0.1.0")
@@ -23,9 +23,16 @@ STAGES = ("resolve_config", "filter_data", "check_new_data", "synthesize_negativ
           "score", "gather", "report", "no_new_data", "publish")
 
 
+#: Training stages handed to Kubeflow Trainer (pipeline.py compile --trainer kubeflow-trainer):
+#: same inputs and outputs as their namesakes in STAGES, plus the launcher's settings.
+LAUNCHERS = ("train_reward_trainjob", "train_mle_trainjob", "train_ppo_trainjob")
+
+
 def build(image: str = DEFAULT_IMAGE) -> SimpleNamespace:
-    """One KFP component per stage, all running in `image`."""
+    """One KFP component per stage (and per launcher), all running in `image`."""
+    functions = {name: getattr(stages, name) for name in STAGES}
+    functions.update({name: getattr(trainer, name) for name in LAUNCHERS})
     return SimpleNamespace(**{
-        name: dsl.component(getattr(stages, name), base_image=image, install_kfp_package=False)
-        for name in STAGES
+        name: dsl.component(fn, base_image=image, install_kfp_package=False)
+        for name, fn in functions.items()
     })

@@ -601,3 +601,36 @@ def test_reward_head_learning_rate_is_optional_and_checked():
     assert demo.reward.optim.head_learning_rate < demo.reward.optim.learning_rate
     with pytest.raises(ValueError, match="reward_head_learning_rate must be >= 0"):
         config.resolve("paper", reward_head_learning_rate=-1e-5)
+
+
+def test_training_handed_to_kubeflow_trainer(tmp_path):
+    """--trainer kubeflow-trainer: each training step becomes a launcher (same inputs and
+    outputs, no GPU of its own) whose TrainJob settings carry the nodes, GPUs, object store
+    and checkpoint prefix; the rest of the DAG is unchanged."""
+    from lastmile import trainjob
+
+    out = tmp_path / "trainer.yaml"
+    assert pipeline.main(["compile", "-o", str(out), "--trainer", "kubeflow-trainer",
+                          "--trainer-nodes", "4", "--train-gpus", "8", "--image", "reg/x:1",
+                          "--trainjob-delete", "on-success"]) == 0
+    spec, platform = yaml.safe_load_all(out.read_text())
+    tasks = _stages(spec)
+    launchers = {f"{name}-trainjob" for name in TRAINING}
+    assert set(tasks) == STAGES - set(TRAINING) | launchers
+    for name in launchers:
+        task = tasks[name]
+        options = trainjob.LauncherOptions.from_json(
+            task["inputs"]["parameters"]["trainer"]["runtimeValue"]["constant"])
+        assert (options.job.num_nodes, options.job.gpus_per_node) == (4, 8)
+        assert options.job.image == "reg/x:1" and options.delete == "on-success"
+        assert options.job.cpu_request == "32" and options.job.memory_request == "192Gi"
+        assert options.job.s3_secret == "lastmile-s3-credentials"
+        assert options.job.env == {"LASTMILE_CHECKPOINT_PREFIX": "s3://lastmile/checkpoints/"}
+        container, k8s = _executor(spec, platform, name)
+        assert "accelerator" not in container["resources"] and "nodeSelector" not in k8s
+        assert "secretAsEnv" in k8s  # it reads the job's published output
+        assert task["retryPolicy"]["maxRetryCount"] == 2
+    up = _upstream_map(spec)
+    assert "train-reward-trainjob" in up["train-ppo-trainjob"]
+    assert pipeline.main(["compile", "-o", str(tmp_path / "bad.yaml"), "--trainer",
+                          "kubeflow-trainer", "--trainer-nodes", "0"]) == 2
