@@ -79,7 +79,8 @@ def filter_data(config: str, data_source: str, data: Output[Dataset]):
     from lastmile.modeling import load_tokenizer
 
     profile = profile_from_json(config)
-    source = data_source or str(task_data.DEFAULT_DATA)
+    source = data_source or profile.data.source or str(task_data.DEFAULT_DATA)
+    profile.data = task_data.with_known_columns(profile.data, source)
     with runinfo.stage("filter_data", data.path, seed=profile.data.seed,
                        base_model=profile.base_model) as summary:
         tokenizer = load_tokenizer(profile.base_model, trust_remote_code=profile.trust_remote_code,
@@ -266,7 +267,8 @@ def generate(config: str, data: Input[Dataset], variant: str, predictions: Outpu
 
 
 def postprocess(predictions: Input[Dataset], cleaned: Output[Dataset]):
-    """The paper's light clean-up: drop a "Sure, ..." first line, cut at the first newline."""
+    """The paper's light clean-up (§4.3): base drops a "Sure, ..." first line, MLE is cut at its
+    first newline (lastmile.postprocess.PAPER_RULES)."""
     import json
     from pathlib import Path
 

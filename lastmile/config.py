@@ -26,6 +26,14 @@ DEFAULT_INSTRUCTION = (
     "Output only the summary, nothing else."
 )
 
+#: The paper's prompt carries no length hint (DEFAULT_INSTRUCTION's "one short sentence" would
+#: shorten Base and MLE, the very effect Table 1 measures); the paper profile uses this one.
+PAPER_INSTRUCTION = "Summarize the following text. Output only the summary, nothing else."
+#: The paper's base model and data, as Hugging Face ids (§4): Llama-2-7B-Chat in 4-bit GPTQ,
+#: samsum (xsum: data_source=EdinburghNLP/xsum; lastmile.data.HUB_COLUMNS knows both).
+PAPER_BASE = "TheBloke/Llama-2-7B-Chat-GPTQ"
+PAPER_DATA = "Samsung/samsum"
+
 #: Compute precision of the frozen base's matmuls in a stage (`modeling.autocast`): "float32"
 #: is exact; "bfloat16" runs the matmuls in bf16 (float32 accumulation, float32 LoRA weights,
 #: heads, optimiser state and losses), ~1.5-2x faster on CPUs with AVX512-BF16/AMX.
@@ -36,6 +44,7 @@ NEGATIVE_CATEGORIES = ("random_tokens", "repaired", "shuffled", "repetitive", "c
 
 @dataclass
 class DataConfig:
+    source: str = ""  # task data when a run names none ('' : the bundled Debian descriptions)
     input_column: str = "input"
     output_column: str = "output"
     max_input_tokens: int = 400  # paper §4.2, counted on the prompt-formatted input
@@ -200,9 +209,13 @@ class Profile:
 
 
 def _paper() -> Profile:
-    """The paper's sizes: for a GPU node (xsum-sized data, 7B GPTQ base where available)."""
+    """The paper (§4): its base model and data from the Hugging Face hub, its sizes, its
+    prompt without a length hint; for GPU nodes that reach the hub (offline, set base_model
+    and data_source: the steps fail with one line saying so)."""
     # A training task uses every GPU it is given (one process each; one process on a CPU).
-    return Profile(name="paper", data=DataConfig(max_train=15000, max_test=3000),
+    return Profile(name="paper", base_model=PAPER_BASE,
+                   data=DataConfig(source=PAPER_DATA, instruction=PAPER_INSTRUCTION,
+                                   max_train=15000, max_test=3000),
                    train_processes=0)
 
 
@@ -312,6 +325,8 @@ FIELD_HELP: dict[str, str] = {
                                  "when the pipeline is compiled",
     "Profile.train_processes": "data-parallel processes per training stage (0: one per "
                                "visible GPU; 1: no torch.distributed)",
+    "DataConfig.source": "task data when the run names no data_source: a file, directory, "
+                         "s3:// prefix or hub id ('': the bundled Debian descriptions)",
     "DataConfig.input_column": "column of the task data holding the input text",
     "DataConfig.output_column": "column of the task data holding the reference output",
     "DataConfig.max_input_tokens": "drop inputs longer than this many prompt tokens (paper "

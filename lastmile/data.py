@@ -47,6 +47,7 @@ records ``source_sha256`` (the bytes of the files read; null for a hub dataset),
 from __future__ import annotations
 
 import csv
+import dataclasses
 import gzip
 import hashlib
 import io
@@ -514,6 +515,20 @@ def read_files(paths: list[Path], labels: list[str]) -> list[Part]:
     return [read_file(p, lab, split_from_name(p.name)) for p, lab in zip(paths, labels)]
 
 
+#: The columns of hub datasets the paper used (§4.2): a run that leaves the columns at their
+#: defaults ("input", "output") reads these, so xsum is one parameter (data_source) away.
+HUB_COLUMNS = {"Samsung/samsum": ("dialogue", "summary"), "samsum": ("dialogue", "summary"),
+               "EdinburghNLP/xsum": ("document", "summary"), "xsum": ("document", "summary")}
+
+
+def with_known_columns(cfg: DataConfig, source: str) -> DataConfig:
+    """`cfg` with a known hub dataset's columns when it names none of its own."""
+    known = HUB_COLUMNS.get(parse_hub_id(str(source))[0])
+    if known is None or (cfg.input_column, cfg.output_column) != ("input", "output"):
+        return cfg
+    return dataclasses.replace(cfg, input_column=known[0], output_column=known[1])
+
+
 def parse_hub_id(name: str) -> tuple[str, str | None, str | None]:
     """(repo, config, revision) of `owner/name[:config][@revision]` or `hf:name...`."""
     rest, _, revision = name.removeprefix("hf:").partition("@")
@@ -535,9 +550,11 @@ def resolve_hub_revision(repo: str, revision: str | None = None, api=None) -> st
         sha = api.dataset_info(repo, revision=revision).sha
     except Exception as e:  # network, auth, unknown id or revision: one clear message
         at = f" at {revision!r}" if revision else ""
+        first = next((line for line in str(e).splitlines() if line.strip()), "")
         raise DataError(f"cannot load Hugging Face dataset {repo!r}{at} (and no local file or "
                         f"directory has that name): resolving it to a commit failed: "
-                        f"{type(e).__name__}: {e}") from None
+                        f"{type(e).__name__}: {first.strip()}; on a machine without the hub, "
+                        f"set data_source to a file, a directory or an s3:// prefix") from None
     if not (isinstance(sha, str) and _COMMIT.match(sha)):
         raise DataError(f"Hugging Face dataset {repo!r}: the hub gave no commit for "
                         f"{revision or 'its default branch'} (got {sha!r})")

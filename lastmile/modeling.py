@@ -130,6 +130,26 @@ def resolve_base(source: str, allow_pickle: bool = False) -> str:
     return source  # a hub id, loaded only because the user named it (safetensors only)
 
 
+class ModelSourceError(ValueError):
+    """A base model named by a hub id that could not be loaded (offline, unknown, gated)."""
+
+
+@contextlib.contextmanager
+def _hub_source(source: str, path: str):
+    """Loading a hub id (`resolve_base` returned the name itself): a failure says, in one
+    line, what to set instead of transformers' page of text."""
+    try:
+        yield
+    except OSError as e:
+        if path != source or source == TINY_BASE:
+            raise
+        first = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
+        raise ModelSourceError(
+            f"base model {source!r}: no such local path, and loading it from the Hugging Face "
+            f"hub failed ({first.strip()}); on a machine without the hub, set base_model to a "
+            f"local directory, an s3:// prefix or {EMBEDDED_BASE}") from None
+
+
 def _resolve_local(local: Path, source: str, allow_pickle: bool) -> str:
     if local.is_file() and local.suffix.lower() == ".gguf":
         return str(_dequantized_gguf(local))
@@ -349,7 +369,8 @@ def load_tokenizer(source: str = EMBEDDED_BASE, trust_remote_code: bool = False,
         from transformers import AutoTokenizer
 
         path = resolve_base(EMBEDDED_BASE if source == TINY_BASE else source, allow_pickle)
-        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        with _hub_source(source, path):
+            tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
         if tok.pad_token is None:
             tok.pad_token = tok.eos_token
         tok.padding_side = "left"
@@ -417,12 +438,14 @@ def load_base(source: str = EMBEDDED_BASE, dtype: torch.dtype | None = None, *,
         from transformers import AutoModelForCausalLM
 
         path = resolve_base(source, allow_pickle)
-        if dtype is None:
-            quantized = source != EMBEDDED_BASE and _declares_quantization(path, trust_remote_code)
-            dtype = QUANTIZED_DTYPE if quantized else torch.float32
-        model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=dtype, trust_remote_code=trust_remote_code,
-            use_safetensors=None if allow_pickle or source == EMBEDDED_BASE else True)
+        with _hub_source(source, path):
+            if dtype is None:
+                quantized = (source != EMBEDDED_BASE
+                             and _declares_quantization(path, trust_remote_code))
+                dtype = QUANTIZED_DTYPE if quantized else torch.float32
+            model = AutoModelForCausalLM.from_pretrained(
+                path, dtype=dtype, trust_remote_code=trust_remote_code,
+                use_safetensors=None if allow_pickle or source == EMBEDDED_BASE else True)
     model.generation_config.pad_token_id = tok.pad_token_id
     model.eval()
     for p in model.parameters():

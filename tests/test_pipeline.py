@@ -634,3 +634,40 @@ def test_training_handed_to_kubeflow_trainer(tmp_path):
     assert "train-reward-trainjob" in up["train-ppo-trainjob"]
     assert pipeline.main(["compile", "-o", str(tmp_path / "bad.yaml"), "--trainer",
                           "kubeflow-trainer", "--trainer-nodes", "0"]) == 2
+
+
+def test_the_paper_profile_is_the_paper_and_fails_offline_in_one_line(tmp_path, capsys):
+    """profile=paper: the paper's base model and data as hub ids and its prompt without a
+    length hint; xsum is one parameter away; without the hub (the suite runs offline) the
+    first step says in one line what to set."""
+    from components import stages
+    from kfp.dsl import Dataset
+
+    from lastmile import data as task_data
+
+    paper = config.get_profile("paper")
+    assert paper.base_model == "TheBloke/Llama-2-7B-Chat-GPTQ"
+    assert paper.data.source == "Samsung/samsum"
+    assert "short" not in paper.data.instruction and "sentence" not in paper.data.instruction
+    assert (paper.data.max_train, paper.data.max_test) == (15000, 3000)
+    xsum = task_data.with_known_columns(paper.data, "EdinburghNLP/xsum")
+    assert (xsum.input_column, xsum.output_column) == ("document", "summary")
+    samsum = task_data.with_known_columns(paper.data, paper.data.source)
+    assert (samsum.input_column, samsum.output_column) == ("dialogue", "summary")
+    own = config.resolve("paper", input_column="text").data  # the user's own columns win
+    assert task_data.with_known_columns(own, "EdinburghNLP/xsum").input_column == "text"
+
+    out = Dataset(name="data", uri=str(tmp_path / "data"))
+    out.path = str(tmp_path / "data")
+    with pytest.raises(ValueError) as info:
+        stages.filter_data(config=config.profile_to_json(paper), data_source="", data=out)
+    message = str(info.value)
+    assert "TheBloke/Llama-2-7B-Chat-GPTQ" in message and "set base_model" in message
+    assert "\n" not in message
+    # With a base that is here, the hub dataset is the one thing left to set.
+    offline_base = config.resolve("paper", base_model="tiny-random")
+    with pytest.raises(ValueError) as info:
+        stages.filter_data(config=config.profile_to_json(offline_base), data_source="",
+                           data=out)
+    assert "Samsung/samsum" in str(info.value) and "set data_source" in str(info.value)
+    assert "\n" not in str(info.value)

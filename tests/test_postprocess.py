@@ -1,4 +1,5 @@
-"""The paper's two post-processing rules (§4.3), with its cases as exact values."""
+"""The paper's two post-processing rules (§4.3), each for the model the paper applied it to,
+with its cases as exact values."""
 
 from __future__ import annotations
 
@@ -6,13 +7,14 @@ import json
 
 import pytest
 
-from lastmile.postprocess import clean, clean_with_flags, postprocess_predictions
+from lastmile.postprocess import (PAPER_RULES, clean, clean_with_flags,
+                                  postprocess_predictions)
 
 
 @pytest.mark.parametrize("raw, cleaned", [
     # Rule 1: a "Sure," response with a newline loses its first line.
     ("Sure, here is a summary:\nAlice meets Bob.", "Alice meets Bob."),
-    ("Sure, here's a summary:\n\nThe text says hi.", "The text says hi."),  # blank lines skipped
+    ("Sure, here's a summary:\n\nThe text says hi.", ""),  # the paper's cut: the line is blank
     ("  Sure, here you go:\nAlice meets Bob.", "Alice meets Bob."),  # after leading whitespace
     ("Sure, here it is:\n", ""),  # nothing but the "Sure," line: empty, as the rule says
     # No newline: rule 1 does not apply and rule 2 has nothing to cut.
@@ -25,8 +27,9 @@ from lastmile.postprocess import clean, clean_with_flags, postprocess_prediction
     ("Alice said: Sure, why not.", "Alice said: Sure, why not."),
     ("He agreed. Sure, he did.\nMore.", "He agreed. Sure, he did."),
     ("sure, lower case:\nAlice.", "sure, lower case:"),  # "Sure," is matched as quoted
-    # Leading blank lines and surrounding whitespace.
-    ("\n\n  Alice meets Bob.  \nBob is late.", "Alice meets Bob."),
+    # Whatever precedes the first newline, stripped, even when that is nothing.
+    ("\n\n  Alice meets Bob.  \nBob is late.", ""),
+    ("  Alice meets Bob.  \nBob is late.", "Alice meets Bob."),
     ("   \n\t\n", ""),
     ("", ""),
     # CRLF and a lone CR count as one newline.
@@ -37,6 +40,20 @@ from lastmile.postprocess import clean, clean_with_flags, postprocess_prediction
 ])
 def test_clean(raw, cleaned):
     assert clean(raw) == cleaned
+
+
+@pytest.mark.parametrize("variant, raw, cleaned", [
+    # §4.3: the base model loses its "Sure, ..." line and keeps the rest whole ...
+    ("base", "Sure, here is a summary:\nAlice meets Bob.\nBob is late.",
+     "Alice meets Bob.\nBob is late."),
+    ("base", "Alice meets Bob.\nBob is late.", "Alice meets Bob.\nBob is late."),
+    ("base", "Sure, here's a summary:\n\nThe text.", "The text."),
+    # ... and the MLE model is cut at its first newline, "Sure," or not.
+    ("mle", "Alice meets Bob.\nBob is late.", "Alice meets Bob."),
+    ("mle", "Sure, here is a summary:\nAlice meets Bob.", "Sure, here is a summary:"),
+])
+def test_each_model_gets_the_papers_rule(variant, raw, cleaned):
+    assert clean_with_flags(raw, PAPER_RULES[variant]).text == cleaned
 
 
 def test_flags_say_which_rule_removed_something():
@@ -68,7 +85,7 @@ def test_postprocess_predictions(tmp_path):
     write_rows(tmp_path / "in.jsonl", rows)
     summary = postprocess_predictions(tmp_path / "in.jsonl", tmp_path / "out" / "p.jsonl")
     out = [json.loads(line) for line in (tmp_path / "out" / "p.jsonl").open(encoding="utf-8")]
-    assert [r["prediction"] for r in out] == ["Alice meets Bob.", "Alice meets Bob.",
+    assert [r["prediction"] for r in out] == ["Alice meets Bob.\nThen more.", "Alice meets Bob.",
                                               "Bob is late.", "Padded."]
     assert [r["variant"] for r in out] == ["base_cleaned", "base_cleaned", "mle_cleaned",
                                            "base_cleaned"]
@@ -76,7 +93,8 @@ def test_postprocess_predictions(tmp_path):
     assert [(r["id"], r["input"], r["reference"]) for r in out] == \
         [(r["id"], r["input"], r["reference"]) for r in rows]
     assert summary == {"stage": "postprocess", "rows": 4, "changed": 3, "sure_dropped": 1,
-                       "truncated": 2, "variants": ["base_cleaned", "mle_cleaned"]}
+                       "truncated": 1, "variants": ["base_cleaned", "mle_cleaned"],
+                       "rules": {"base": ["sure"], "mle": ["first_line"]}}
 
 
 def test_postprocess_suffix(tmp_path):
