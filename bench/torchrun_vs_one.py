@@ -8,10 +8,11 @@ per rank, for a lastmile training stage run through its torchrun entry point.
 Each round runs `python -m lastmile.train STAGE` as one process on every core, as one
 process on cores / N threads (what each rank gets), and `torchrun --nproc-per-node N -m
 lastmile.train STAGE` (N processes, cores / N threads each: torchrun's OMP_NUM_THREADS=1 is
-replaced), on the same synthetic rows and configuration, for `--rounds` rounds. Per run it reads the main rank's
-`median_step_seconds` (train_log's step times, the first step excluded when there are more
-than 2) and every rank's peak RSS (each rank reports its own `ru_maxrss` at exit). The
-global batch is the same in both, so a step does the same work: N ranks split its rows.
+replaced), on the same synthetic rows and configuration, for `--rounds` rounds. Per run it
+reads the main rank's `median_step_seconds` (the stage summary's median of its steps'
+`seconds`, the upper one for an even count) and every rank's peak RSS (each rank reports
+its own `ru_maxrss` at exit). The global batch is the same in every setup, so a step does
+the same work: N ranks split its rows.
 
 It is a benchmark, not a test: it never asserts a time. The figures in docs/scaling.md come
 from it. On a machine with fewer cores than N x the threads a forward can use, expect

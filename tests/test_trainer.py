@@ -269,8 +269,8 @@ def test_a_rank_killed_mid_step_resumes_from_the_shared_checkpoint(artifacts, st
     script = tmp_path / "killer.py"
     script.write_text(KILLER)
     done = subprocess.run(
-        [TORCHRUN, "--standalone", "--nproc-per-node", "2", "--max-restarts", "1", str(script), "mle",
-         "--config", _config(), "--data", data, "--out", out],
+        [TORCHRUN, "--standalone", "--nproc-per-node", "2", "--max-restarts", "1", str(script),
+         "mle", "--config", _config(), "--data", data, "--out", out],
         env=_child_env({"WORK": str(tmp_path / "work")}), capture_output=True, text=True,
         timeout=300, cwd=tmp_path)
     (tmp_path / "torchrun.log").write_text(done.stderr)
@@ -556,7 +556,6 @@ def test_the_launcher_step_trains_a_stage_as_a_trainjob_end_to_end(artifacts, st
         assert list(node.glob("lastmile-train-*/inputs/data/train.jsonl")), node
 
 
-@pytest.mark.slow
 def test_a_failing_stage_fails_the_launcher_with_the_jobs_reason(artifacts, store, kube,
                                                                  tmp_path):
     """The same path with a stage that cannot start (its data prefix is empty): the job ends
