@@ -470,9 +470,12 @@ def check_precision(precision: str, what: str = "precision") -> torch.dtype:
 def autocast(model: nn.Module, precision: str) -> Iterator[None]:
     """Run the block's forwards (and so their backwards) at `precision`; "float32" is a no-op.
 
-    "bfloat16": matmuls in bf16 under torch.autocast (float32 accumulation, float32 residual
-    stream, LoRA weights and heads) with `bf16_attention` (a reward step on SmolLM2's CPU: 4.1 s
-    with SDPA, 3.0 s eager, 7.1 s in float32). Results differ from float32 by bf16 rounding.
+    "bfloat16": the frozen base's matmuls in bf16 under torch.autocast (float32 accumulation,
+    residual stream, LoRA weights and heads). Where an adapter's update meets a bf16 value it
+    stays float32 (`float32_lora_sums`, `float32_attention`): a LoRA update a few optimiser
+    steps old is smaller than half a bf16 step of the base output it is added to, and bf16
+    sums rounded it away (the forward saw ~40% of a one-step MLE adapter's effect on the
+    loss, docs/demo-experiments.md). Results differ from float32 by bf16 rounding.
 
     Enter it around each forward, never around optimiser steps: autocast keeps its bf16 copies
     of trainable weights until the block ends, so a block spanning updates would compute with
@@ -481,9 +484,81 @@ def autocast(model: nn.Module, precision: str) -> Iterator[None]:
     if check_precision(precision) == torch.float32:
         yield
         return
-    with bf16_attention(model.base), torch.autocast(model.lm_head.weight.device.type,
-                                                    dtype=torch.bfloat16):
+    with float32_attention(model.base), float32_lora_sums(model.base), \
+            torch.autocast(model.lm_head.weight.device.type, dtype=torch.bfloat16):
         yield
+
+
+def _upcast_output(module: nn.Module, inputs, output: torch.Tensor) -> torch.Tensor | None:
+    """Forward hook: a bf16/fp16 output as float32 (None: unchanged)."""
+    if output.is_floating_point() and output.dtype != torch.float32:
+        return output.float()
+    return None
+
+
+@contextlib.contextmanager
+def float32_lora_sums(base: nn.Module) -> Iterator[None]:
+    """In the block, every LoRA layer adds its update to a float32 copy of its base output.
+
+    peft computes W·x (bf16 under autocast: a value on the bf16 grid), adds s·B·A·x and casts
+    the sum back to the dtype of W·x. A young adapter's update is far below half a bf16 step
+    of W·x (one Adam step at 1e-4: ~1e-3 against steps of 4e-3 to 8e-3 for outputs of 1
+    to 2), so the bf16 sum returns W·x exactly and the forward never sees the update, while
+    the backward (an add's gradient is the identity) keeps pushing as if it had no effect.
+    With W·x upcast first, the sum and what follows it until the next matmul (RoPE, SiLU·up,
+    the residual add) are float32; the matmuls stay bf16. A layer without an active adapter
+    gets the same float32 output, so the base is computed alike with and without one.
+    """
+    from peft.tuners.lora import LoraLayer
+
+    handles = [m.base_layer.register_forward_hook(_upcast_output)
+               for m in base.modules() if isinstance(m, LoraLayer)]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+#: The attention kernel of `float32_attention` (registered with transformers on first use).
+FLOAT32_ATTENTION = "lastmile_float32_sdpa"
+
+
+def _float32_sdpa(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
+                  value: torch.Tensor, attention_mask, **kwargs):
+    """transformers' SDPA attention with autocast off and float32 query, key and value."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    with torch.autocast(query.device.type, enabled=False):
+        return sdpa_attention_forward(module, query.float(), key.float(), value.float(),
+                                      attention_mask, **kwargs)
+
+
+def _register_float32_attention() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(FLOAT32_ATTENTION, _float32_sdpa)
+    AttentionMaskInterface.register(FLOAT32_ATTENTION, sdpa_mask)
+
+
+@contextlib.contextmanager
+def float32_attention(base: nn.Module) -> Iterator[None]:
+    """Attention in float32 (SDPA, autocast off) for the block, then the configured kernel.
+
+    Under autocast, attention would round its inputs to bf16: the values (v_proj's output, on
+    the bf16 grid plus the LoRA update `float32_lora_sums` kept) fall back onto the grid,
+    losing the update again, and eager attention rounds the scores q·k (tens in size, bf16
+    steps of 0.125 to 0.25) before the softmax. Attention is a small share of the FLOPs at
+    these lengths (about 8% at 250 tokens on SmolLM2).
+    """
+    _register_float32_attention()
+    configured = base.config._attn_implementation
+    base.set_attn_implementation(FLOAT32_ATTENTION)
+    try:
+        yield
+    finally:
+        base.set_attn_implementation(configured)
 
 
 def _bf16_attention_kernel(base: nn.Module) -> str:
@@ -515,7 +590,14 @@ def cast_for_decoding(model: nn.Module, precision: str) -> None:
     dtype = check_precision(precision)
     if dtype == torch.float32 or is_quantized(model):
         return
+    # RoPE's frequencies stay float32, as transformers keeps them when it loads a model in
+    # bf16: rounded to bf16 (up to 0.33% off) they change greedy text (1 of 6 SmolLM2 inputs).
+    rotary = {name: buf.detach().clone() for name, buf in model.named_buffers()
+              if name.rsplit(".", 1)[-1] in ("inv_freq", "original_inv_freq")}
     model.to(dtype)
+    for name, value in rotary.items():
+        owner, _, leaf = name.rpartition(".")
+        setattr(model.get_submodule(owner) if owner else model, leaf, value)
     model.set_attn_implementation(_bf16_attention_kernel(model))
 
 

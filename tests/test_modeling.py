@@ -457,3 +457,17 @@ def test_scalar_head_takes_float16_states():
     hidden = torch.randn(2, 3, 8)
     torch.testing.assert_close(head(hidden.half()), head(hidden.half().float()))
     assert head(hidden.half()).dtype == torch.float32
+
+
+def test_decoding_in_bf16_keeps_rope_frequencies_in_float32(tiny_model):
+    """cast_for_decoding rounds the weights to bf16 but not RoPE's inv_freq, as transformers'
+    own bf16 loading does (lastmile export's plain-transformers users get the same text)."""
+    from lastmile.modeling import cast_for_decoding
+
+    before = {n: b.clone() for n, b in tiny_model.named_buffers() if n.endswith("inv_freq")}
+    assert before
+    cast_for_decoding(tiny_model, "bfloat16")
+    after = dict(tiny_model.named_buffers())
+    for name, value in before.items():
+        assert after[name].dtype == torch.float32 and torch.equal(after[name], value), name
+    assert next(tiny_model.parameters()).dtype == torch.bfloat16
