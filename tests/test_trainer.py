@@ -774,3 +774,25 @@ def test_the_launcher_components_compile_in_place_of_the_training_steps(tmp_path
         trainjob.LauncherOptions.from_json('{"job": {"image": "x", "nodes": 2}}')
     with pytest.raises(ValueError, match="job.image is required"):
         trainjob.LauncherOptions.from_json("{}")
+
+
+# ----------------------------------------------------------------------------- the bench
+
+@pytest.mark.slow
+def test_the_torchrun_bench_runs_and_reports_finite_figures(tmp_path):
+    """bench/torchrun_vs_one.py on the tiny model, one step per setup (a smoke run: no time
+    is asserted)."""
+    out = tmp_path / "bench.json"
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "torchrun_vs_one.py"), "--base", "tiny-random",
+         "--steps", "1", "--rows", "8", "--words", "10", "--batch", "4", "--json", str(out)],
+        capture_output=True, text=True, timeout=600, env=_child_env())
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(out.read_text())
+    setups = [(r["processes"], r["threads_per_rank"]) for r in result["table"]]
+    assert setups[-1][0] == 2 and len(result["runs"]) == len(setups)
+    for row in result["table"]:
+        assert row["median_step_seconds"] > 0 and 0 < row["peak_rss_gib_per_rank"] < 64
+    two = [r for r in result["runs"] if r["processes"] == 2]
+    assert len(two[0]["peak_rss_gib"]) == 2  # every rank reported its own peak
+    assert "| 2 x 1 |" in done.stdout
