@@ -106,6 +106,14 @@ class JobSettings:
     env: dict[str, str] = field(default_factory=dict)  # plain variables
     active_deadline_seconds: int | None = None
     labels: dict[str, str] = field(default_factory=dict)
+    #: Pod placement, as the pipeline's GPU steps get it (pipeline.py --node-selector,
+    #: --toleration): {label: value} and [{key, operator, value, effect}].
+    node_selector: dict[str, str] = field(default_factory=dict)
+    tolerations: list[dict[str, str]] = field(default_factory=list)
+    #: /dev/shm as a memory emptyDir (NCCL and torch multiprocessing share memory there; a
+    #: pod's default is 64 MiB). None: mounted, without a size limit, when a node runs more
+    #: than one process; "" never; a quantity ("16Gi") always, with that limit.
+    shm_size: str | None = None
 
     def processes(self) -> int:
         n = self.procs_per_node if self.procs_per_node is not None else max(1, self.gpus_per_node)
@@ -176,13 +184,56 @@ def build(name: str, stage: str, stage_args: Sequence[str], settings: JobSetting
             requests=requests or None, limits=limits or None))
     labels = {"app.kubernetes.io/part-of": "lastmile", "lastmile/stage": stage,
               **settings.labels}
+    patch = _node_patch(settings)
     return m.TrainerV1alpha1TrainJob(
         api_version=API_VERSION, kind=KIND,
         metadata=m.IoK8sApimachineryPkgApisMetaV1ObjectMeta(name=name, namespace=namespace,
                                                             labels=labels),
         spec=m.TrainerV1alpha1TrainJobSpec(
             runtime_ref=m.TrainerV1alpha1RuntimeRef(name=settings.runtime),
-            trainer=trainer, active_deadline_seconds=settings.active_deadline_seconds))
+            trainer=trainer, active_deadline_seconds=settings.active_deadline_seconds,
+            runtime_patches=[patch] if patch is not None else None))
+
+
+#: The torch runtime's replicated job and container that run the trainer (Trainer's and the
+#: Kubeflow SDK's name for them: "node").
+NODE = "node"
+#: Who owns our runtime patch (Trainer keys runtimePatches by manager).
+PATCH_MANAGER = "lastmile.trainjob"
+
+
+def _node_patch(settings: JobSettings):
+    """A runtime patch of the trainer pods (`spec.runtimePatches`, Trainer's way to change
+    the runtime's pod template per job): node selector, tolerations, /dev/shm. None when
+    there is nothing to patch."""
+    from kubeflow_trainer_api import models as m
+
+    shm = settings.shm_size
+    mount_shm = bool(shm) or (shm is None and settings.processes() > 1)
+    pod = {}
+    if settings.node_selector:
+        pod["node_selector"] = dict(settings.node_selector)
+    if settings.tolerations:
+        pod["tolerations"] = [m.IoK8sApiCoreV1Toleration(**{k: v for k, v in t.items() if v})
+                              for t in settings.tolerations]
+    if mount_shm:
+        limit = m.IoK8sApimachineryPkgApiResourceQuantity(shm) if shm else None
+        pod["volumes"] = [m.IoK8sApiCoreV1Volume(
+            name="dshm", empty_dir=m.IoK8sApiCoreV1EmptyDirVolumeSource(medium="Memory",
+                                                                        size_limit=limit))]
+        pod["containers"] = [m.TrainerV1alpha1ContainerPatch(name=NODE, volume_mounts=[
+            m.IoK8sApiCoreV1VolumeMount(name="dshm", mount_path="/dev/shm")])]
+    if not pod:
+        return None
+    return m.TrainerV1alpha1RuntimePatch(
+        manager=PATCH_MANAGER,
+        training_runtime_spec=m.TrainerV1alpha1TrainingRuntimeSpecPatch(
+            template=m.TrainerV1alpha1JobSetTemplatePatch(spec=m.TrainerV1alpha1JobSetSpecPatch(
+                replicated_jobs=[m.TrainerV1alpha1ReplicatedJobPatch(
+                    name=NODE, template=m.TrainerV1alpha1JobTemplatePatch(
+                        spec=m.TrainerV1alpha1JobSpecPatch(
+                            template=m.TrainerV1alpha1PodTemplatePatch(
+                                spec=m.TrainerV1alpha1PodSpecPatch(**pod)))))]))))
 
 
 def validate(body: Mapping) -> list[str]:

@@ -331,6 +331,31 @@ def test_the_trainjob_is_valid_for_the_trainer_api_and_runs_the_entry_point():
 
     assert set(secrets) <= set(storage.ENDPOINT_VARS) | {
         v for pair in storage.CREDENTIAL_VARS for v in pair}
+    # 8 processes per node share memory through /dev/shm: a memory emptyDir is mounted in
+    # the runtime's "node" container by a runtime patch (a pod's default is 64 MiB).
+    (patch,) = spec["runtimePatches"]
+    assert patch["manager"] == "lastmile.trainjob"
+    (node,) = patch["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"]
+    pod = node["template"]["spec"]["template"]["spec"]
+    assert node["name"] == "node" and pod["volumes"] == [
+        {"name": "dshm", "emptyDir": {"medium": "Memory"}}]
+    assert pod["containers"] == [{"name": "node", "volumeMounts": [
+        {"name": "dshm", "mountPath": "/dev/shm"}]}]
+    placed = trainjob.build(name, "mle", args, _settings(
+        shm_size="16Gi", node_selector={"nvidia.com/gpu.present": "true"},
+        tolerations=[{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule",
+                      "value": ""}])).to_dict()
+    assert trainjob.validate(placed) == []
+    pod = placed["spec"]["runtimePatches"][0]["trainingRuntimeSpec"]["template"]["spec"][
+        "replicatedJobs"][0]["template"]["spec"]["template"]["spec"]
+    assert pod["volumes"][0]["emptyDir"] == {"medium": "Memory", "sizeLimit": "16Gi"}
+    assert pod["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
+    assert pod["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists",
+                                   "effect": "NoSchedule"}]
+    one = trainjob.build(name, "mle", args, _settings(gpus_per_node=1)).to_dict()
+    assert "runtimePatches" not in one["spec"]  # one process per node: nothing to patch
+    assert "runtimePatches" not in trainjob.build(name, "mle", args,
+                                                  _settings(shm_size="")).to_dict()["spec"]
     # A retried step gets the same name; another step, stage or run another.
     assert trainjob.job_name("mle", "minio://mlpipeline/v2/artifacts/run/mle_model") == name
     assert trainjob.job_name("ppo", "minio://mlpipeline/v2/artifacts/run/mle_model") != name
