@@ -4,6 +4,7 @@ per rank, for a lastmile training stage run through its torchrun entry point.
     .venv/bin/python bench/torchrun_vs_one.py                        # SmolLM2-135M, MLE
     .venv/bin/python bench/torchrun_vs_one.py --base tiny-random --steps 6 --rows 48
     .venv/bin/python bench/torchrun_vs_one.py --stage reward --json runs/bench/torchrun.json
+    .venv/bin/python bench/torchrun_vs_one.py --fsdp-params     # bytes per rank, FSDP or not
 
 Each round runs `python -m lastmile.train STAGE` as one process on every core, as one
 process on cores / N threads (what each rank gets), and `torchrun --nproc-per-node N -m
@@ -48,6 +49,31 @@ def worker(argv: list[str], report_dir: str) -> int:
     Path(report_dir, f"rank-{rank}.json").write_text(json.dumps({"rank": rank,
                                                                  "peak_rss": peak}))
     return code
+
+
+def fsdp_parameter_bytes(base: str) -> dict:
+    """One rank's parameter bytes with the base whole and with its decoder layers sharded by
+    `lastmile.fsdp.shard_base` (a LoRA r=32 adapter added first); run as every rank of a
+    world (lastmile.distributed.run)."""
+    sys.path.insert(0, str(ROOT))
+    from lastmile import distributed, fsdp
+    from lastmile.config import LoraSpec
+    from lastmile.modeling import AdapterModel, load_base
+
+    model = AdapterModel(load_base(base)[0])
+    model.add_adapter("policy", LoraSpec(r=32, alpha=16), seed=0)
+
+    def local_bytes(params) -> int:
+        return sum((p.to_local() if fsdp.is_sharded(p) else p).numel() * p.element_size()
+                   for p in params)
+
+    whole = local_bytes(model.parameters())
+    lora_whole = local_bytes(model.adapter_parameters("policy"))
+    fsdp.shard_base(model)
+    return {"rank": distributed.world().rank, "world": distributed.world().size,
+            "whole_bytes": whole, "sharded_bytes": local_bytes(model.parameters()),
+            "lora_whole_bytes": lora_whole,
+            "lora_sharded_bytes": local_bytes(model.adapter_parameters("policy"))}
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -154,7 +180,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=1, help="alternating 1-process/N-process pairs")
     p.add_argument("--cores", type=int, default=len(os.sched_getaffinity(0)))
     p.add_argument("--json", metavar="FILE", help="also write the results here")
+    p.add_argument("--fsdp-params", action="store_true",
+                   help="instead: parameter bytes per rank, whole and FSDP-sharded, with "
+                        "--processes gloo ranks")
     args = p.parse_args(argv)
+    if args.fsdp_params:
+        sys.path.insert(0, str(ROOT))
+        from lastmile import distributed
+
+        os.environ.setdefault("OMP_NUM_THREADS", "1")
+        row = distributed.run(fsdp_parameter_bytes, (args.base,), args.processes,
+                              backend="gloo")
+        print(json.dumps(row))
+        print(f"\n{args.base}, {args.processes} ranks (rank 0): parameters "
+              f"{row['whole_bytes'] / 2**20:.1f} MiB whole, {row['sharded_bytes'] / 2**20:.1f} "
+              f"MiB sharded; LoRA {row['lora_whole_bytes'] / 2**20:.2f} MiB whole, "
+              f"{row['lora_sharded_bytes'] / 2**20:.2f} MiB sharded")
+        return 0
     with tempfile.TemporaryDirectory(prefix="lastmile-bench-torchrun-") as tmp:
         root = Path(tmp)
         inputs = make_inputs(root, args.base, args.rows, args.words)

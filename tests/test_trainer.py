@@ -821,3 +821,10 @@ def test_the_torchrun_bench_runs_and_reports_finite_figures(tmp_path):
     two = [r for r in result["runs"] if r["processes"] == 2]
     assert len(two[0]["peak_rss_gib"]) == 2  # every rank reported its own peak
     assert "| 2 x 1 |" in done.stdout
+    sharded = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "torchrun_vs_one.py"), "--base", "tiny-random",
+         "--fsdp-params"], capture_output=True, text=True, timeout=300, env=_child_env())
+    assert sharded.returncode == 0, sharded.stderr[-3000:]
+    row = json.loads([l for l in sharded.stdout.splitlines() if l.startswith("{")][0])
+    assert row["world"] == 2 and row["sharded_bytes"] < row["whole_bytes"]
+    assert row["lora_sharded_bytes"] * 2 == row["lora_whole_bytes"]  # every LoRA in a layer
