@@ -16,8 +16,9 @@ torchrun on every node. So the command must not depend on the node it lands on:
     `storage.publish` (files first, a `_COMPLETE` manifest last), which the launcher reads
     back verified (`storage.read_published`); a job restarted after that upload finds the
     manifest and exits at once;
-  * checkpoints go to the configuration's `checkpoint_dir`, `--checkpoint-dir`, or by
-    default `<out>/checkpoints/`; with an s3:// prefix any node can resume them. The main
+  * checkpoints go to `--checkpoint-dir`, or the configuration's `checkpoint_dir` (or
+    $LASTMILE_CHECKPOINT_PREFIX) narrowed to the stage and output, or by default
+    `<out>/checkpoints/`; with an s3:// prefix any node can resume them. The main
     rank downloads the newest one (`checkpoint.Checkpointer.resume`); the local rank 0 of
     every other node downloads it here first, because every rank then restores from its own
     node's copy.
@@ -271,13 +272,19 @@ def resolve_inputs(stage: str, args: argparse.Namespace, work: Path,
     return found
 
 
-def checkpoint_dir(stage_cfg, explicit: str | None, out: str) -> str | None:
-    """--checkpoint-dir, else the configuration's, else `<out>/checkpoints/` for an s3://
-    output (None for a directory output: the stage's default, out/checkpoints)."""
+def checkpoint_dir(stage: str, stage_cfg, explicit: str | None, out: str) -> str | None:
+    """--checkpoint-dir as given; else the configuration's `checkpoint_dir` (or the cluster's
+    $LASTMILE_CHECKPOINT_PREFIX), an s3:// prefix narrowed to this stage and output as the
+    pipeline's steps narrow it (`checkpoint.task_scope`: stages sharing a configuration never
+    share checkpoints); else `<out>/checkpoints/` for an s3:// output (None for a directory
+    output: the stage's default, out/checkpoints)."""
+    from . import checkpoint
+
     if explicit:
         return explicit
-    if stage_cfg.checkpoint_dir:
-        return stage_cfg.checkpoint_dir
+    scoped = checkpoint.task_scope(stage_cfg.checkpoint_dir, STAGE_NAMES[stage], out)
+    if scoped:
+        return scoped
     if is_remote(out):
         return (out if out.endswith("/") else out + "/") + "checkpoints/"
     return None
@@ -386,7 +393,8 @@ def train(args: argparse.Namespace) -> dict | None:
         work = Path(args.work_dir) if args.work_dir else default_work_dir(args.out)
         out_local = work / "out" if is_remote(args.out) else Path(args.out)
         inputs = resolve_inputs(args.stage, args, work, place)
-        ckpt = checkpoint_dir(getattr(profile, args.stage), args.checkpoint_dir, args.out)
+        ckpt = checkpoint_dir(args.stage, getattr(profile, args.stage), args.checkpoint_dir,
+                              args.out)
         prefetch_checkpoint(ckpt, out_local, place)
         summary = run_stage(args.stage, profile, inputs, out_local, ckpt)
         if place.is_main and is_remote(args.out):

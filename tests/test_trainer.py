@@ -176,6 +176,25 @@ def _adapters(stage: str) -> tuple[str, ...]:
 
 # ----------------------------------------------------------------------------- the entry point
 
+def test_checkpoints_go_to_a_prefix_of_their_own_per_stage_and_output(monkeypatch):
+    from lastmile.config import MLEConfig
+
+    monkeypatch.delenv("LASTMILE_CHECKPOINT_PREFIX", raising=False)
+    out = "s3://b/run/mle_model.trainjob/"
+    assert train_cli.checkpoint_dir("mle", MLEConfig(), None, out) == out + "checkpoints/"
+    assert train_cli.checkpoint_dir("mle", MLEConfig(), None, "/shared/mle") is None
+    assert train_cli.checkpoint_dir("mle", MLEConfig(), "s3://x/given/", out) == "s3://x/given/"
+    shared = MLEConfig(checkpoint_dir="s3://b/ckpt")
+    mle = train_cli.checkpoint_dir("mle", shared, None, out)
+    assert mle.startswith("s3://b/ckpt/train_mle-") and mle.endswith("/")
+    assert train_cli.checkpoint_dir("reward", shared, None, out) != mle
+    assert train_cli.checkpoint_dir("mle", shared, None, out + "x/") != mle
+    assert train_cli.checkpoint_dir("mle", shared, None, out) == mle  # a restart finds it
+    monkeypatch.setenv("LASTMILE_CHECKPOINT_PREFIX", "s3://cluster/checkpoints/")
+    assert train_cli.checkpoint_dir("mle", MLEConfig(), None, out).startswith(
+        "s3://cluster/checkpoints/train_mle-")
+
+
 def test_the_entry_point_refuses_bad_arguments_in_one_line(artifacts, tmp_path, capsys):
     data = str(artifacts / "data")
     cases = [
