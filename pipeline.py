@@ -142,7 +142,11 @@ class ClusterSettings:
             memory_limit=_scale(self.gpu_memory_limit, self.train_gpus),
             runtime=self.trainer_runtime, s3_secret=self.s3_secret,
             secret_keys=dict(secret_keys),
-            env=env, active_deadline_seconds=self.training_timeout_s)
+            env=env, active_deadline_seconds=self.training_timeout_s,
+            # the GPU nodes' labels and taints, as the pipeline's own GPU steps get them
+            node_selector=dict(self.node_selector) if self.has_gpus else {},
+            tolerations=[{k: v for k, v in t.items() if v is not None}
+                         for t in self.tolerations] if self.has_gpus else [])
         options = trainjob.LauncherOptions(job=job, delete=self.trainer_delete,
                                            timeout_s=float(self.training_timeout_s))
         trainjob.LauncherOptions.from_json(options.to_json())  # checked at compile time

@@ -612,7 +612,8 @@ def test_training_handed_to_kubeflow_trainer(tmp_path):
     out = tmp_path / "trainer.yaml"
     assert pipeline.main(["compile", "-o", str(out), "--trainer", "kubeflow-trainer",
                           "--trainer-nodes", "4", "--train-gpus", "8", "--image", "reg/x:1",
-                          "--trainjob-delete", "on-success"]) == 0
+                          "--trainjob-delete", "on-success", "--node-selector", "pool=gpu",
+                          "--toleration", "nvidia.com/gpu:NoSchedule"]) == 0
     spec, platform = yaml.safe_load_all(out.read_text())
     tasks = _stages(spec)
     launchers = {f"{name}-trainjob" for name in TRAINING}
@@ -626,6 +627,10 @@ def test_training_handed_to_kubeflow_trainer(tmp_path):
         assert options.job.cpu_request == "32" and options.job.memory_request == "192Gi"
         assert options.job.s3_secret == "lastmile-s3-credentials"
         assert options.job.env == {"LASTMILE_CHECKPOINT_PREFIX": "s3://lastmile/checkpoints/"}
+        # The job's nodes are placed where the pipeline's GPU steps would be.
+        assert options.job.node_selector == {"pool": "gpu"}
+        assert options.job.tolerations == [{"key": "nvidia.com/gpu", "operator": "Exists",
+                                            "effect": "NoSchedule"}]
         container, k8s = _executor(spec, platform, name)
         assert "accelerator" not in container["resources"] and "nodeSelector" not in k8s
         assert "secretAsEnv" in k8s  # it reads the job's published output
