@@ -18,6 +18,7 @@ Three measurements, each its own subcommand (a benchmark, not a test: nothing is
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -35,7 +36,8 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from lastmile import config, mle  # noqa: E402
-from lastmile.modeling import AdapterModel, autocast, load_base  # noqa: E402
+from lastmile.modeling import (AdapterModel, autocast, bf16_attention,  # noqa: E402
+                               float32_lora_sums, load_base)
 
 
 def demo_rows(tokenizer, out: Path, smoke: bool) -> tuple[Path, Path]:
@@ -102,6 +104,134 @@ def rescore(args: argparse.Namespace) -> dict:
     return result
 
 
+# ----------------------------------------------------------------------------- per-op errors
+
+def _bf16_before_fix(model):
+    """modeling.autocast as it was before issue 21.3: bf16 autocast and eager attention only."""
+    return _stack(lambda: bf16_attention(model.base), lambda: _torch_bf16(model))
+
+
+def _bf16_sums_only(model):
+    """The fix's first half: float32 LoRA sums, attention still bf16 (eager)."""
+    return _stack(lambda: bf16_attention(model.base), lambda: float32_lora_sums(model.base),
+                  lambda: _torch_bf16(model))
+
+
+def _torch_bf16(model):
+    return torch.autocast(model.lm_head.weight.device.type, dtype=torch.bfloat16)
+
+
+@contextlib.contextmanager
+def _stack(*factories):
+    with contextlib.ExitStack() as stack:
+        for f in factories:
+            stack.enter_context(f())
+        yield
+
+
+MODES = {
+    "float32": lambda model: autocast(model, "float32"),
+    "bf16, before the fix": _bf16_before_fix,
+    "bf16, float32 LoRA sums only": _bf16_sums_only,
+    "bf16, fixed (modeling.autocast)": lambda model: autocast(model, "bfloat16"),
+}
+
+
+def _demo_model(args):
+    from lastmile.io import read_jsonl
+    from lastmile.train_utils import epoch_batches
+
+    profile = config.get_profile("smoke" if args.smoke else "demo")
+    base, tokenizer = load_base(profile.base_model)
+    model = AdapterModel(base)
+    model.add_adapter(mle.ADAPTER, profile.mle.lora, seed=profile.mle.seed)
+    out = Path(args.out)
+    train_path, _ = demo_rows(tokenizer, out, args.smoke)
+    examples = mle.encode_rows(tokenizer, list(read_jsonl(train_path)),
+                               profile.mle.max_output_tokens)
+    steps = epoch_batches(len(examples), profile.mle.batch_size, 1, profile.mle.seed)
+    batches = [[examples[i] for i in idx] for idx in steps]
+    return profile, model, tokenizer.pad_token_id, batches
+
+
+def _pass(model, mode, batch, pad_id, adapter):
+    """Per-token log-probs, the mean loss and the LoRA gradients of one forward + backward."""
+    from lastmile.modeling import collate
+
+    params = model.adapter_parameters(mle.ADAPTER)
+    for p in params:
+        p.grad = None
+    b = collate([e.prompt_ids for e in batch], [e.output_ids for e in batch], pad_id)
+    with MODES[mode](model):
+        hidden = model.hidden_states(b.input_ids, b.attention_mask, adapter)
+        predicts = b.output_mask[:, 1:]
+        logprobs = model.token_logprobs(hidden[:, :-1][predicts], b.input_ids[:, 1:][predicts])
+    loss = -logprobs.mean()
+    if adapter is not None:
+        loss.backward()
+    grads = [p.grad.detach().clone() if p.grad is not None else None for p in params]
+    return logprobs.detach(), loss.item(), grads
+
+
+def errors(args: argparse.Namespace) -> dict:
+    """After one float32 step of the demo's MLE (batch 1), each precision mode on batch 2: the
+    adapter's effect on the loss, per-token log-prob and per-tensor gradient errors."""
+    from lastmile.train_utils import make_optimizer
+
+    profile, model, pad_id, batches = _demo_model(args)
+    params = model.adapter_parameters(mle.ADAPTER)
+    optimizer, _ = make_optimizer(params, profile.mle.optim, len(batches))
+    mle.mle_loss(model, batches[0], pad_id).backward()
+    torch.nn.utils.clip_grad_norm_(params, profile.mle.optim.max_grad_norm)
+    optimizer.step()
+    optimizer.zero_grad()
+    rows = {}
+    ref = None
+    for mode in MODES:
+        base_lp, base_loss, _ = _pass(model, mode, batches[1], pad_id, None)
+        lp, loss, grads = _pass(model, mode, batches[1], pad_id, mle.ADAPTER)
+        row = {"loss_base": base_loss, "loss": loss, "adapter_effect": loss - base_loss}
+        if ref is None:
+            ref = (lp, loss, grads, row["adapter_effect"])
+        else:
+            err = lp - ref[0]
+            cos, rel = [], []
+            for g0, g in zip(ref[2], grads):
+                if g0 is None or g0.norm() == 0:
+                    continue
+                cos.append(torch.nn.functional.cosine_similarity(g0.flatten(), g.flatten(),
+                                                                 0).item())
+                rel.append(((g - g0).norm() / g0.norm()).item())
+            row.update({"loss_error": loss - ref[1],
+                        "effect_seen": row["adapter_effect"] / ref[3],
+                        "logprob_error_mean": err.mean().item(),
+                        "logprob_error_mean_abs": err.abs().mean().item(),
+                        "logprob_error_max_abs": err.abs().max().item(),
+                        "grad_cos_min": min(cos), "grad_cos_median": statistics.median(cos),
+                        "grad_rel_error_median": statistics.median(rel),
+                        "grad_rel_error_max": max(rel)})
+        rows[mode] = {k: round(v, 5) for k, v in row.items()}
+        print(mode, json.dumps(rows[mode]), flush=True)
+    return rows
+
+
+def speed(args: argparse.Namespace) -> dict:
+    """Seconds per MLE forward + backward on the demo's first batches, modes alternating."""
+    profile, model, pad_id, batches = _demo_model(args)
+    modes = list(MODES)
+    times = {m: [] for m in modes}
+    for _ in range(args.repeats + 1):  # the first round warms up
+        for mode in modes:
+            for batch in batches[:args.batches]:
+                t0 = time.perf_counter()
+                _pass(model, mode, batch, pad_id, mle.ADAPTER)
+                times[mode].append(time.perf_counter() - t0)
+    n = args.batches
+    result = {m: round(statistics.median(t[n:]), 3) for m, t in times.items()}
+    result["threads"] = torch.get_num_threads()
+    return result
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -115,8 +245,17 @@ def main(argv=None) -> int:
     r.add_argument("--generate-precision", default="bfloat16", choices=list(config.PRECISIONS))
     r.add_argument("--out", required=True)
     r.add_argument("--smoke", action="store_true")
+    e = sub.add_parser("errors")
+    e.add_argument("--out", required=True, help="where the demo rows are written")
+    e.add_argument("--smoke", action="store_true")
+    sp = sub.add_parser("speed")
+    sp.add_argument("--out", required=True, help="where the demo rows are written")
+    sp.add_argument("--batches", type=int, default=3)
+    sp.add_argument("--repeats", type=int, default=3)
+    sp.add_argument("--smoke", action="store_true")
     args = p.parse_args(argv)
-    result = {"quality": quality, "rescore": rescore}[args.cmd](args)
+    result = {"quality": quality, "rescore": rescore, "errors": errors,
+              "speed": speed}[args.cmd](args)
     print(json.dumps(result, indent=2))
     return 0
 

@@ -471,3 +471,27 @@ def test_decoding_in_bf16_keeps_rope_frequencies_in_float32(tiny_model):
     for name, value in before.items():
         assert after[name].dtype == torch.float32 and torch.equal(after[name], value), name
     assert next(tiny_model.parameters()).dtype == torch.bfloat16
+
+
+def test_bf16_autocast_keeps_a_lora_update_below_half_a_bf16_step(tiny_model):
+    """Under `modeling.autocast`, a LoRA update smaller than half a bf16 step of the base
+    output it is added to (the demo MLE's first steps at 1e-4) reaches the layer's output:
+    before `float32_lora_sums` the bf16 sum rounded it back to W·x."""
+    from lastmile.config import LoraSpec
+    from lastmile.modeling import AdapterModel, autocast
+
+    model = AdapterModel(tiny_model)
+    model.add_adapter("policy", LoraSpec(r=8, alpha=16), seed=0)
+    model.use_adapter("policy")
+    layer = model.base.model.layers[0].self_attn.v_proj  # a peft LoRA Linear
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        b = layer.lora_B["policy"].weight
+        b.copy_(1e-4 * torch.sign(torch.randn(b.shape, generator=g)))  # one Adam step
+        x = 8 * torch.randn(32, tiny_model.config.hidden_size, generator=g)  # outputs ~1
+        update = layer(x) - layer.base_layer(x)
+        with autocast(model, "bfloat16"):
+            seen = layer(x).float() - layer.base_layer(x).float()
+    assert layer.base_layer(x).abs().mean() > 0.5  # bf16 steps of ~4e-3 and more
+    assert update.abs().mean() < 3e-3  # below half of them
+    assert ((seen - update).norm() / update.norm()).item() < 0.02
