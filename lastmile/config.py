@@ -254,13 +254,13 @@ def _demo() -> Profile:
     # while the batches' mean returns ran from -108 to +10 (the length penalty), so Eq. 2's
     # advantages were nearly raw rewards; at 3e-3 the RL model ends +1.3 words long, not +3.45.
     p.ppo.optim.head_learning_rate = 3e-3
-    # bf16 matmuls on the frozen base (float32 LoRA weights, heads, optimiser and losses):
-    # the paper computed on a 4-bit GPTQ base; here bf16 makes a sampled PPO update 1.85x
-    # faster than float32 on the 2-core CPU (bench/README.md). Except the MLE baseline: trained
-    # at bf16 it lost a quarter of its length-adjusted ROUGE-L (0.149 against 0.201 at
-    # float32, docs/demo-experiments.md), and the baseline must not be handicapped; float32
-    # costs it ~80 s here.
-    for stage in (p.reward, p.ppo, p.generate):
+    # bf16 matmuls on the frozen base (float32 LoRA weights, heads, optimiser and losses, and
+    # float32 LoRA sums and attention: modeling.autocast): the paper computed on a 4-bit GPTQ
+    # base; here bf16 makes a sampled PPO update 1.85x faster than float32 on the 2-core CPU
+    # (bench/README.md). The MLE baseline too: with the LoRA sums in float32 it scores as in
+    # float32 (la-ROUGE-L 0.198 against 0.196; 0.155 when bf16 sums rounded young updates
+    # away) at 5.6 s a step against 8.7 s (docs/demo-experiments.md, bench/mle_precision.py).
+    for stage in (p.reward, p.mle, p.ppo, p.generate):
         stage.precision = "bfloat16"
     return p
 
