@@ -82,7 +82,7 @@ PLAIN_TRANSFORMERS = textwrap.dedent("""
     tok.padding_side = "left"
     if precision == "bfloat16":  # as lastmile decodes in bf16 on a CPU (docs/using-the-model)
         model = AutoModelForCausalLM.from_pretrained(
-            export_dir, dtype=torch.float32, attn_implementation="eager").to(torch.bfloat16)
+            export_dir, dtype=torch.bfloat16, attn_implementation="eager")
     else:
         model = AutoModelForCausalLM.from_pretrained(export_dir, dtype=torch.float32)
     model.eval()
@@ -440,9 +440,9 @@ def _plain_transformers(export_dir: Path, inputs: Path, tmp_path: Path,
 @pytest.mark.slow
 def test_smollm2_merged_export_reproduces_predict_in_bf16_and_float32(tmp_path):
     """The demo profile decodes in bf16. A merged export holds float32 weights; lastmile
-    predict casts them as the generate stage does (`modeling.cast_for_decoding`: the whole
-    model, RoPE frequencies included, to bf16; eager attention on a CPU), and plain
-    transformers doing the same gives the same text; in float32 both agree too."""
+    predict casts them as the generate stage does (`modeling.cast_for_decoding`: the weights to
+    bf16, RoPE's frequencies kept float32; eager attention on a CPU), and plain transformers
+    loading in bf16 with eager attention gives the same text; in float32 both agree too."""
     import gzip
 
     from lastmile.config import EMBEDDED_BASE, LoraSpec, get_profile
