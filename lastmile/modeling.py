@@ -467,15 +467,18 @@ def check_precision(precision: str, what: str = "precision") -> torch.dtype:
 
 
 @contextlib.contextmanager
-def autocast(model: nn.Module, precision: str) -> Iterator[None]:
+def autocast(model: nn.Module, precision: str, exact_lora: bool = True) -> Iterator[None]:
     """Run the block's forwards (and so their backwards) at `precision`; "float32" is a no-op.
 
     "bfloat16": the frozen base's matmuls in bf16 under torch.autocast (float32 accumulation,
-    residual stream, LoRA weights and heads). Where an adapter's update meets a bf16 value it
-    stays float32 (`float32_lora_sums`, `float32_attention`): a LoRA update a few optimiser
-    steps old is smaller than half a bf16 step of the base output it is added to, and bf16
-    sums rounded it away (the forward saw ~40% of a one-step MLE adapter's effect on the
-    loss, docs/demo-experiments.md). Results differ from float32 by bf16 rounding.
+    residual stream, LoRA weights and heads). With `exact_lora`, where an adapter's update
+    meets a bf16 value it stays float32 (`float32_lora_sums`, `float32_attention`): a LoRA
+    update a few optimiser steps old is smaller than half a bf16 step of the base output it is
+    added to, and bf16 sums rounded it away (the forward saw ~40% of a one-step MLE adapter's
+    effect on the loss, docs/demo-experiments.md). Without it, attention runs in bf16
+    (`bf16_attention`), 2-3x faster per reward or PPO step on a CPU: the reward and PPO stages
+    take steps 3-30x larger than MLE's, whose updates outgrow the rounding; measuring them
+    with exact sums is open (issue 21). Results differ from float32 by bf16 rounding.
 
     Enter it around each forward, never around optimiser steps: autocast keeps its bf16 copies
     of trainable weights until the block ends, so a block spanning updates would compute with
@@ -484,8 +487,13 @@ def autocast(model: nn.Module, precision: str) -> Iterator[None]:
     if check_precision(precision) == torch.float32:
         yield
         return
+    device = model.lm_head.weight.device.type
+    if not exact_lora:
+        with bf16_attention(model.base), torch.autocast(device, dtype=torch.bfloat16):
+            yield
+        return
     with float32_attention(model.base), float32_lora_sums(model.base), \
-            torch.autocast(model.lm_head.weight.device.type, dtype=torch.bfloat16):
+            torch.autocast(device, dtype=torch.bfloat16):
         yield
 
 

@@ -575,8 +575,8 @@ class PPOTrainer:
         size = self.micro_batch_size or max(n, 1)
         return [list(range(i, min(i + size, n))) for i in range(0, n, size)]
 
-    def _autocast(self):
-        return autocast(self.model, self.precision)
+    def _autocast(self):  # bf16 attention: PPO's larger steps outgrow the rounding
+        return autocast(self.model, self.precision, exact_lora=False)
 
     def _states(self, part: SequenceBatch, adapter: str | None) -> torch.Tensor:
         """[N, H]: the states s_t that predict each output token (hidden at p - 1)."""

@@ -208,7 +208,7 @@ def train_reward(model: AdapterModel, tokenizer, rows: Sequence[dict], cfg: Rewa
     pad_id = tokenizer.pad_token_id
 
     def numerator(micro: Sequence[TokenExample]) -> torch.Tensor:
-        with autocast(model, cfg.precision):  # per forward (see modeling.autocast)
+        with autocast(model, cfg.precision, exact_lora=False):  # per forward (modeling.autocast)
             return reward_loss_sum(model, micro, pad_id)
 
     return train_loop(
@@ -306,7 +306,7 @@ def evaluate_reward_model(model: AdapterModel, tokenizer, rows_with_negatives: S
                           cfg: RewardConfig) -> dict:
     """Score held-out true rows and their negatives (rm.jsonl layout); see `summarize_scores`."""
     validate_reward_rows(rows_with_negatives, "held-out reward rows")
-    with autocast(model, cfg.precision):
+    with autocast(model, cfg.precision, exact_lora=False):
         token_rewards = score_outputs(model, tokenizer,
                                       [r["prompt"] for r in rows_with_negatives],
                                       [r["output"] for r in rows_with_negatives],
