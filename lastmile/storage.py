@@ -641,17 +641,8 @@ def read_manifest(uri: str, *, config: S3Config | None = None) -> dict[str, Any]
     cfg, s3, client = _open(uri, config)
     run = s3.as_prefix()
     marker = run.child(MARKER)
-
-    def get() -> bytes:
-        response = client.get_object(run.bucket, marker.key)
-        try:
-            return response.read()
-        finally:
-            response.close()
-            response.release_conn()
-
     try:
-        body = _retrying(get, cfg, marker, "reading the run manifest")
+        body = _get_bytes(client, cfg, marker, "reading the run manifest")
     except StorageError as e:
         if e.kind != "no-such-key":
             raise
