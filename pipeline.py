@@ -1,12 +1,12 @@
 #!/usr/bin/env python
 """lastmile's Kubeflow pipeline: the DAG and its one entry point.
 
-    python pipeline.py run [--profile demo] [--config FILE] [--param K=V]  the DAG, locally (kfp.local)
-    python pipeline.py config show [--profile demo] [--config FILE]       every field, type, meaning
-    python pipeline.py compile [-o pipeline.yaml] [--image IMG] ...       IR YAML for the Kubeflow UI
-    python pipeline.py upload --host URL [--pipeline-name lastmile]       a new version of the pipeline
-    python pipeline.py submit --host URL [--config FILE] [--param K=V]    a run on a cluster
-    python pipeline.py schedule --host URL --cron EXPR [...]              a recurring run (retraining)
+    pipeline.py run [--profile demo] [--config FILE] [--param K=V]   the DAG, locally (kfp.local)
+    pipeline.py config show [--profile demo] [--config FILE]        every field, type, meaning
+    pipeline.py compile [-o pipeline.yaml] [--image IMG] ...        IR YAML for the Kubeflow UI
+    pipeline.py upload --host URL [--pipeline-name lastmile]        a new version of the pipeline
+    pipeline.py submit --host URL [--config FILE] [--param K=V]     a run on a cluster
+    pipeline.py schedule --host URL --cron EXPR [...]               a recurring run (retraining)
 
 Configuration: a profile (smoke, demo, paper), then a run configuration file (--config: YAML
 with `profile:` and dotted fields), then --param KEY=VALUE (a pipeline parameter or a dotted
@@ -984,7 +984,8 @@ def _build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", help="run the pipeline locally through kfp.local")
     settings_flags(p, profile_default="demo")
-    p.add_argument("--data", default="", help="file, directory, hub id or s3:// URI (default: bundled)")
+    p.add_argument("--data", default="",
+                   help="file, directory, hub id or s3:// URI (default: bundled)")
     p.add_argument("--input-column")
     p.add_argument("--output-column")
     p.add_argument("--base-model")
@@ -1015,7 +1016,8 @@ def _build_parser() -> argparse.ArgumentParser:
     cluster_flags(p)
 
     for name, help_text in (("submit", "start a run on a Kubeflow Pipelines host"),
-                            ("schedule", "create or update a recurring run (retraining on new data)")):
+                            ("schedule",
+                             "create or update a recurring run (retraining on new data)")):
         p = sub.add_parser(name, help=help_text)
         server_flags(p)
         p.add_argument("--experiment", default="lastmile")
@@ -1033,7 +1035,8 @@ def _build_parser() -> argparse.ArgumentParser:
         if name == "submit":
             p.add_argument("--run-name", default="", help="default: lastmile <timestamp>")
         else:
-            p.add_argument("--cron", required=True, help="e.g. '0 0 3 * * *' (KFP: 6 fields, seconds first)")
+            p.add_argument("--cron", required=True,
+                           help="e.g. '0 0 3 * * *' (KFP: 6 fields, seconds first)")
             p.add_argument("--name", default="lastmile-retrain",
                            help="the schedule's name: running the command again with the same "
                                 "name replaces that schedule")

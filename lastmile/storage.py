@@ -1017,15 +1017,20 @@ def _list(client: Minio, cfg: S3Config, prefix: S3Uri) -> list[_Obj]:
     return sorted(_retrying(op, cfg, prefix, "listing"), key=lambda o: o.key)
 
 
-def _stat(client: Minio, cfg: S3Config, uri: S3Uri) -> _Obj | None:
-    """The object at `uri`, or None when the key does not exist (a missing bucket raises)."""
+def _stat_object(client: Minio, cfg: S3Config, uri: S3Uri):
+    """minio's stat of `uri`, or None when the key does not exist (a missing bucket raises)."""
     try:
-        st = _retrying(lambda: client.stat_object(uri.bucket, uri.key), cfg, uri, "reading")
+        return _retrying(lambda: client.stat_object(uri.bucket, uri.key), cfg, uri, "reading")
     except StorageError as e:
         if e.kind == "no-such-key":
             return None
         raise
-    return _Obj(uri.key, _clean_etag(st.etag), int(st.size or 0))
+
+
+def _stat(client: Minio, cfg: S3Config, uri: S3Uri) -> _Obj | None:
+    """The object at `uri`, or None when the key does not exist."""
+    st = _stat_object(client, cfg, uri)
+    return None if st is None else _Obj(uri.key, _clean_etag(st.etag), int(st.size or 0))
 
 
 def _objects_at(client: Minio, cfg: S3Config, s3: S3Uri) -> tuple[list[_Obj], str | None]:
@@ -1243,13 +1248,8 @@ def _get_bytes(client: Minio, cfg: S3Config, uri: S3Uri, action: str) -> bytes:
 def _stat_full(client: Minio, cfg: S3Config,
                uri: S3Uri) -> tuple[str, _dt.datetime] | None:
     """(ETag, last modified) of `uri`, None if absent."""
-    try:
-        st = _retrying(lambda: client.stat_object(uri.bucket, uri.key), cfg, uri, "reading")
-    except StorageError as e:
-        if e.kind == "no-such-key":
-            return None
-        raise
-    return _clean_etag(st.etag), st.last_modified
+    st = _stat_object(client, cfg, uri)
+    return None if st is None else (_clean_etag(st.etag), st.last_modified)
 
 
 class _Precondition(Exception):
