@@ -38,6 +38,7 @@ PAPER_DATA = "Samsung/samsum"
 #: is exact; "bfloat16" runs the matmuls in bf16 (float32 accumulation, float32 LoRA weights,
 #: heads, optimiser state and losses), ~1.5-2x faster on CPUs with AVX512-BF16/AMX.
 PRECISIONS = ("float32", "bfloat16")
+REWARD_LEVELS = ("token", "sequence")  # RewardConfig.level
 
 NEGATIVE_CATEGORIES = ("random_tokens", "repaired", "shuffled", "repetitive", "copy_input")
 
@@ -99,6 +100,9 @@ class RewardConfig:
     max_steps: int | None = None
     max_output_tokens: int = 100
     eval_examples: int = 200  # held-out true examples for the per-category accuracy
+    # "token": every output token regresses to its target (paper §3.2, the default);
+    # "sequence": one target per example, on the last output token (the paper's Discussion).
+    level: str = "token"
     precision: str = "float32"  # PRECISIONS; the paper's base was a 4-bit GPTQ model
     seed: int = 0
     # Preemption and numerical faults (lastmile.checkpoint, train_utils.NonFiniteGuard):
@@ -203,6 +207,9 @@ class Profile:
     # same batches and, up to float rounding, the same adapters as one process. 0 = one per
     # visible GPU (at least 1); 1 = a single process without torch.distributed.
     train_processes: int = 1
+    # Shard the frozen base's decoder layers over the training processes (FSDP2,
+    # lastmile.fsdp) for bases too big for one GPU; needs train_processes > 1 or torchrun.
+    fsdp: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -325,6 +332,8 @@ FIELD_HELP: dict[str, str] = {
                                  "when the pipeline is compiled",
     "Profile.train_processes": "data-parallel processes per training stage (0: one per "
                                "visible GPU; 1: no torch.distributed)",
+    "Profile.fsdp": "shard the frozen base's decoder layers over the training processes "
+                    "(FSDP2) for bases too big for one GPU",
     "DataConfig.source": "task data when the run names no data_source: a file, directory, "
                          "s3:// prefix or hub id ('': the bundled Debian descriptions)",
     "DataConfig.input_column": "column of the task data holding the input text",
@@ -364,6 +373,8 @@ FIELD_HELP: dict[str, str] = {
     "max_output_tokens": "outputs are cut to this many tokens for training",
     "RewardConfig.eval_examples": "held-out inputs for the reward model's per-category "
                                   "accuracy",
+    "RewardConfig.level": "reward targets per output token (token, the paper's) or one per "
+                          "example on its last token (sequence)",
     "precision": "compute precision of the frozen base's matmuls: float32 or bfloat16",
     "seed": "random seed of this stage",
     "checkpoint_every": "save a resumable checkpoint every this many steps (0: never)",
@@ -514,7 +525,9 @@ def parameter_help(name: str) -> str:
     """The description a flat pipeline parameter carries in the compiled IR (the KFP UI)."""
     dotted = PIPELINE_PARAMETERS[name]
     text = {"seed": "random seed of every stage",
-            "precision": "compute precision (float32 or bfloat16) of the reward, PPO and "
+            "RewardConfig.level": "reward targets per output token (token, the paper's) or one per "
+                          "example on its last token (sequence)",
+    "precision": "compute precision (float32 or bfloat16) of the reward, PPO and "
                          "generation stages",
             "checkpoint_dir": "where the reward, MLE and PPO stages checkpoint: an s3:// "
                               "prefix (each task its own folder under it, so a retry on a new "
@@ -715,6 +728,9 @@ def validate(profile: Profile) -> Profile:
         if value not in PRECISIONS:
             name = "mle_precision" if stage == "mle" else "precision"
             raise ConfigError(f"{name} must be one of {PRECISIONS}, got {value!r}")
+    if profile.reward.level not in REWARD_LEVELS:
+        raise ConfigError(f"reward.level must be one of {REWARD_LEVELS}, got "
+                          f"{profile.reward.level!r}")
     if profile.generate.num_shards < 1:
         raise ConfigError(f"num_shards must be >= 1, got {profile.generate.num_shards}")
     unknown = set(profile.negatives.categories) - set(NEGATIVE_CATEGORIES)
