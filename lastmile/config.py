@@ -40,7 +40,13 @@ PAPER_DATA = "Samsung/samsum"
 PRECISIONS = ("float32", "bfloat16")
 REWARD_LEVELS = ("token", "sequence")  # RewardConfig.level
 
+#: The paper's five negative classes (§3.2), the default list (lastmile.negatives builds them).
 NEGATIVE_CATEGORIES = ("random_tokens", "repaired", "shuffled", "repetitive", "copy_input")
+#: Registered in lastmile.negatives beyond the paper's five, off unless named in
+#: negatives.categories: "swap_entities", the hallucination-style error of its Discussion.
+#: Named here so validation needs no import of negatives (a test ties both to its REGISTRY).
+OPTIONAL_NEGATIVE_CATEGORIES = ("swap_entities",)
+ALL_NEGATIVE_CATEGORIES = NEGATIVE_CATEGORIES + OPTIONAL_NEGATIVE_CATEGORIES
 
 
 @dataclass
@@ -346,8 +352,11 @@ FIELD_HELP: dict[str, str] = {
                                 "splits",
     "DataConfig.strict": "stop at the first bad row instead of dropping and counting it",
     "DataConfig.instruction": "the instruction put before each input in the chat prompt",
-    "NegativesConfig.categories": "negative categories to synthesize (paper §3.2): "
-                                  + ", ".join(NEGATIVE_CATEGORIES),
+    "NegativesConfig.categories": "negative categories to synthesize, comma-separated "
+                                  "(default the paper's five, §3.2: "
+                                  + ", ".join(NEGATIVE_CATEGORIES) + "; optional: "
+                                  + ", ".join(OPTIONAL_NEGATIVE_CATEGORIES)
+                                  + ", names and numbers swapped as in hallucinations)",
     "NegativesConfig.weight": "loss weight of each negative example (none: 1 / number of "
                               "categories, the paper's 1/5)",
     "NegativesConfig.max_output_tokens": "length the repetitive-ending negative fills",
@@ -733,10 +742,14 @@ def validate(profile: Profile) -> Profile:
                           f"{profile.reward.level!r}")
     if profile.generate.num_shards < 1:
         raise ConfigError(f"num_shards must be >= 1, got {profile.generate.num_shards}")
-    unknown = set(profile.negatives.categories) - set(NEGATIVE_CATEGORIES)
-    if unknown or not profile.negatives.categories:
-        raise ConfigError(f"negatives.categories: choose from {', '.join(NEGATIVE_CATEGORIES)}, "
-                          f"got {', '.join(profile.negatives.categories) or 'none'}")
+    chosen = profile.negatives.categories
+    unknown = [c for c in chosen if c not in ALL_NEGATIVE_CATEGORIES]
+    if unknown or not chosen or len(set(chosen)) != len(chosen):
+        why = (f"unknown {', '.join(unknown)}" if unknown else
+               "a name repeats" if chosen else "none named")
+        raise ConfigError(f"negatives.categories: {why}; choose one or more of "
+                          f"{', '.join(ALL_NEGATIVE_CATEGORIES)}, got "
+                          f"{', '.join(chosen) or 'none'}")
     for path in ("data.max_input_tokens", "reward.batch_size", "mle.batch_size",
                  "ppo.batch_size", "generate.batch_size", "generate.max_new_tokens",
                  "ppo.max_new_tokens"):

@@ -12,7 +12,9 @@ negative weighted 1/5 against the class imbalance:
 
 Categories are a registry (`register_negative`), so another kind of error is one function.
 ``swap_entities`` - a hallucination-style swap of names and numbers, which the paper's
-Discussion suggests - is registered but not in the default list (`NegativesConfig.categories`).
+Discussion suggests - is registered but not in the default list: name it in
+``negatives.categories`` (config.OPTIONAL_NEGATIVE_CATEGORIES, which config's validation
+accepts; a test ties those constants to `REGISTRY`). Every negative's weight is then 1/6.
 
 Choices the paper leaves open, made here:
 

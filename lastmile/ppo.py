@@ -15,7 +15,9 @@ Per-token reward and alignment (modeling.py, "Alignment"). For output token a_t 
 p = P + t of prompt + output:
   * pi(a_t | s_t) and V(s_t) are read from the hidden state at p - 1;
   * r_{t+1} (Eq. 2) = reward-model head at p (input + output so far *including* a_t)
-    + the length penalty of token t (`length_penalty`).
+    + the length penalty of token t (`length_penalty`). A sequence-level reward adapter
+    (`RewardConfig.level`, recorded with the adapter) gives its head's score at the last
+    output token only, zero before it (`lastmile.reward.ppo_rewards`).
 Lengths count tokens as the batch layout stores them: an output that ended carries its EOS
 (true outputs: text + EOS; samples that stopped: ... EOS), a sample cut at the token budget has
 none. So a sample equal to the reference text plus EOS pays nothing, and every token past the
@@ -85,6 +87,7 @@ from .io import read_jsonl, write_json
 from .modeling import (AdapterModel, SequenceBatch, autocast, bf16_attention, check_precision,
                        collate, encode_outputs, encode_prompts, is_quantized, left_pad,
                        load_base)
+from .reward import adapter_level, check_level, ppo_rewards
 from .train_utils import (NonFiniteGuard, StepLog, default_device, epoch_batches,
                           make_optimizer, nonfinite, progress, seed_everything, skipped_row,
                           step_schedule)
@@ -462,8 +465,11 @@ class PPOTrainer:
 
     def __init__(self, model: AdapterModel, tokenizer, cfg: PPOConfig, total_updates: int,
                  *, micro_batch_size: int | None = DEFAULT_MICRO_BATCH, fast: bool = True,
-                 merge: bool = True, precision: str = "float32"):
+                 merge: bool = True, precision: str = "float32", reward_level: str = "token"):
         _check_config(cfg)
+        # The reward adapter's training level (reward.adapter_level): per token, or once on
+        # the last output token (the paper's Discussion).
+        self.reward_level = check_level(reward_level)
         check_precision(precision)
         for name, head in ((POLICY, False), (VALUE, True), (REWARD, True)):
             if name not in model.specs:
@@ -549,6 +555,7 @@ class PPOTrainer:
                                                   None if self.merge else REWARD)
                 scores = self.model.scalar(hidden[part.output_mask], REWARD).float()  # [N]
                 rm[idx] = to_output_space(scores, mask[idx])
+        rm = ppo_rewards(rm, mask, self.reward_level)  # [B, T]
         ref_lengths = torch.tensor([len(r) for r in reference_ids], device=self.device)
         penalty = length_penalty(batch.output_lengths, ref_lengths, mask.shape[1],
                                  self.cfg.length_penalty).to(self.device)
@@ -941,7 +948,8 @@ def _train_ppo(train_path: str | os.PathLike, reward_adapter_dir: str | os.PathL
     batches = epoch_batches(len(rows), cfg.batch_size, cfg.epochs, cfg.seed, cfg.max_updates)
     kinds = batch_kinds(len(batches), cfg.reference_fraction)
     trainer = PPOTrainer(model, tokenizer, cfg, len(batches), micro_batch_size=micro_batch_size,
-                         precision=precision)
+                         precision=precision,
+                         reward_level=adapter_level(reward_adapter_dir))
     root = checkpoint.resolve_dir(out, cfg.checkpoint_dir)
     # No sampler state to save: each update's rows draw from streams keyed by its number.
     ckpt = checkpoint.Checkpointer(
@@ -968,7 +976,8 @@ def _train_ppo(train_path: str | os.PathLike, reward_adapter_dir: str | os.PathL
         bar.close()
         logger.close()
     summary = summarize(logger.rows, time.perf_counter() - started, load_seconds, len(rows), cfg)
-    summary.update(resumed_from_step=start or None, processes=world.size, precision=precision)
+    summary.update(resumed_from_step=start or None, processes=world.size, precision=precision,
+                   reward_level=trainer.reward_level)
     if world.is_main:
         model.save_adapter(POLICY, out / "adapter")
         model.save_adapter(VALUE, out / "value_adapter")

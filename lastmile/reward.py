@@ -17,10 +17,23 @@ so each token carries its row's weight and a step's loss is comparable across ba
 that long negatives (copy of the input, repetitive endings up to the 100-token budget) weigh
 more in tokens than a short true output; the per-token reward PPO consumes is what the
 squared loss calibrates, which is why the normalisation is per token.
+
+Sequence level (`RewardConfig.level` = "sequence", an option after the paper's Discussion:
+"it may be necessary to modify the reward function from being token-based to being
+sequence-based"). Only each output's last token - its EOS when it ended - regresses to the
+row's label, with the same weights:
+
+    L = sum_i w_i (r̂_i,last - y_i)^2  /  sum_i w_i ,
+
+an output is ranked by that one score (`sequence_reward`), and PPO receives it as r_{T} of
+Eq. 2 on the last output token, zero before it (`ppo_rewards`; the length penalty is
+unchanged). The level is written beside the saved adapter (`adapter_level`), so PPO reads
+the reward as it was trained.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -31,10 +44,10 @@ from typing import Sequence
 import torch
 
 from . import checkpoint, distributed
-from .config import NegativesConfig, RewardConfig
+from .config import REWARD_LEVELS, NegativesConfig, RewardConfig
 from .io import read_jsonl, write_json
-from .modeling import (AdapterModel, autocast, check_precision, collate, encode_outputs,
-                       encode_prompts, load_base)
+from .modeling import (SPEC_FILE, AdapterModel, autocast, check_precision, collate,
+                       encode_outputs, encode_prompts, load_base)
 from .train_utils import (TokenExample, default_device, seed_everything, train_loop)
 
 log = logging.getLogger(__name__)
@@ -42,6 +55,7 @@ log = logging.getLogger(__name__)
 ADAPTER = "reward"
 TRUE = "true"
 REQUIRED = ("prompt", "output", "label", "weight", "category")
+TOKEN, SEQUENCE = REWARD_LEVELS  # RewardConfig.level
 
 
 # ----------------------------------------------------------------------------- data
@@ -159,14 +173,28 @@ def forward_tokens(examples: Sequence[TokenExample]) -> int:
             + sum(len(b) * lengths[b[-1]] for b in length_buckets(lengths)))
 
 
+def check_level(level: str) -> str:
+    if level not in REWARD_LEVELS:
+        raise ValueError(f"reward level must be one of {REWARD_LEVELS}, got {level!r}")
+    return level
+
+
 def reward_loss_sum(model: AdapterModel, examples: Sequence[TokenExample], pad_id: int,
-                    adapter: str = ADAPTER) -> torch.Tensor:
-    """sum_i w_i sum_t (r̂_it - y_i)^2 over the output tokens of `examples` (a scalar)."""
+                    adapter: str = ADAPTER, level: str = TOKEN) -> torch.Tensor:
+    """sum_i w_i sum_t (r̂_it - y_i)^2 over the output tokens of `examples` (a scalar);
+    at level "sequence" sum_i w_i (r̂_i,last - y_i)^2, the last output token only."""
     hidden, mask = output_states(model, [e.prompt_ids for e in examples],
                                  [e.output_ids for e in examples], pad_id, adapter)
     device = hidden.device
     labels = torch.tensor([e.label for e in examples], device=device)  # [B]
     weights = torch.tensor([e.weight for e in examples], device=device)  # [B]
+    if check_level(level) == SEQUENCE:
+        # Outputs are left-aligned in `hidden` (output_states), so row i's last output token
+        # is at n_i - 1; the head sees only those B states.
+        last = mask.sum(-1) - 1  # [B]
+        predicted = model.scalar(hidden[torch.arange(len(examples), device=device), last],
+                                 adapter).float()  # [B]
+        return (weights * (predicted - labels) ** 2).sum()
     # The reward for token a_t is read at a_t's own position (see the module docstring), so
     # the states to score are exactly those under the output mask; the head sees only them.
     rows = mask.nonzero()[:, 0]  # [N] row of each output token
@@ -174,16 +202,18 @@ def reward_loss_sum(model: AdapterModel, examples: Sequence[TokenExample], pad_i
     return (weights[rows] * (predicted - labels[rows]) ** 2).sum()
 
 
-def reward_loss_weight(example: TokenExample) -> float:
-    """The row's share of the denominator: w_i * n_i (its weighted token count)."""
-    return example.weight * len(example.output_ids)
+def reward_loss_weight(example: TokenExample, level: str = TOKEN) -> float:
+    """The row's share of the denominator: w_i * n_i (its weighted token count); w_i at
+    level "sequence" (one target per row)."""
+    return example.weight * (len(example.output_ids) if level == TOKEN else 1)
 
 
 def reward_loss(model: AdapterModel, examples: Sequence[TokenExample], pad_id: int,
-                adapter: str = ADAPTER) -> torch.Tensor:
-    """The weighted per-token mean squared error of one batch (what a step minimises)."""
-    total = sum(reward_loss_weight(e) for e in examples)
-    return reward_loss_sum(model, examples, pad_id, adapter) / total
+                adapter: str = ADAPTER, level: str = TOKEN) -> torch.Tensor:
+    """The weighted mean squared error of one batch, per token (or per row at level
+    "sequence"): what a step minimises."""
+    total = sum(reward_loss_weight(e, level) for e in examples)
+    return reward_loss_sum(model, examples, pad_id, adapter, level) / total
 
 
 # ----------------------------------------------------------------------------- training
@@ -201,6 +231,7 @@ def train_reward(model: AdapterModel, tokenizer, rows: Sequence[dict], cfg: Rewa
     checkpoints there and a later call resumes from it (`train_utils.train_loop`).
     """
     validate_reward_rows(rows)
+    level = check_level(cfg.level)
     if ADAPTER not in model.specs:
         add_reward_adapter(model, cfg)
     seed_everything(cfg.seed)
@@ -209,11 +240,14 @@ def train_reward(model: AdapterModel, tokenizer, rows: Sequence[dict], cfg: Rewa
 
     def numerator(micro: Sequence[TokenExample]) -> torch.Tensor:
         with autocast(model, cfg.precision, exact_lora=False):  # per forward (modeling.autocast)
-            return reward_loss_sum(model, micro, pad_id)
+            return reward_loss_sum(model, micro, pad_id, level=level)
+
+    def denominator(example: TokenExample) -> float:
+        return reward_loss_weight(example, level)
 
     return train_loop(
         model.adapter_parameters(ADAPTER), examples, numerator=numerator,
-        denominator=reward_loss_weight, optim=cfg.optim, batch_size=cfg.batch_size,
+        denominator=denominator, optim=cfg.optim, batch_size=cfg.batch_size,
         micro_batch_size=cfg.micro_batch_size, token_budget=cfg.token_budget,
         token_cost=forward_tokens, epochs=cfg.epochs, max_steps=cfg.max_steps,
         seed=cfg.seed, log_path=log_path, desc="reward model",
@@ -232,7 +266,8 @@ def score_outputs(model: AdapterModel, tokenizer, prompts: Sequence[str], output
     """Per-token predicted rewards [n_i] for each (prompt, output), in input order (CPU).
 
     Outputs are encoded as in training (EOS appended when the output fits the budget), so the
-    last reward of an ended output is the one read at its EOS.
+    last reward of an ended output is the one read at its EOS. A sequence-level model's
+    reward is that last score alone (`sequence_reward(..., level="sequence")`).
     """
     if len(prompts) != len(outputs):
         raise ValueError(f"score_outputs: {len(prompts)} prompts but {len(outputs)} outputs")
@@ -257,15 +292,52 @@ def score_outputs(model: AdapterModel, tokenizer, prompts: Sequence[str], output
     return result  # type: ignore[return-value]
 
 
-def sequence_reward(token_rewards: torch.Tensor) -> float:
-    """One number per output: the mean of its per-token rewards.
+def sequence_reward(token_rewards: torch.Tensor, level: str = TOKEN) -> float:
+    """One number per output: the mean of its per-token rewards (level "token"), or its last
+    token's, the only one a sequence-level model was trained on (level "sequence").
 
     A mean (not a sum) so outputs of different lengths compare on the scale of the token
     targets (1 true, 0 negative); this is what the held-out evaluation ranks.
     """
     if token_rewards.numel() == 0:
         raise ValueError("sequence_reward of an output with no tokens")
+    if check_level(level) == SEQUENCE:
+        return float(token_rewards[-1].float())
     return float(token_rewards.float().mean())
+
+
+def ppo_rewards(scores: torch.Tensor, mask: torch.Tensor, level: str = TOKEN) -> torch.Tensor:
+    """The reward model's part of r_{t+1} in Eq. 2, [B, T], from its score at every output
+    token `scores` [B, T] (zero past each row's end) and the output mask [B, T].
+
+    "token" (the paper, §3.2): every token's own score, `scores` itself. "sequence": the last
+    output token's score on that token and zeros before it - the sparse, delayed reward the
+    paper's Discussion anticipates. The length penalty is added by PPO either way.
+    """
+    if check_level(level) == TOKEN:
+        return scores
+    last = mask.sum(-1) - 1  # [B]; every row has at least one output token
+    rows = torch.arange(mask.shape[0], device=mask.device)  # [B]
+    out = torch.zeros_like(scores)
+    out[rows, last] = scores[rows, last]
+    return out
+
+
+def save_level(adapter_dir: str | os.PathLike, level: str) -> None:
+    """Write the reward level into the adapter's metadata (modeling.SPEC_FILE), so whoever
+    loads the adapter (PPO) reads its rewards at the level it was trained at."""
+    path = Path(adapter_dir) / SPEC_FILE
+    meta = json.loads(path.read_text()) if path.exists() else {}
+    meta["reward_level"] = check_level(level)
+    path.write_text(json.dumps(meta, indent=2))
+
+
+def adapter_level(adapter_dir: str | os.PathLike) -> str:
+    """The level a saved reward adapter was trained at; "token" for adapters saved before
+    the option existed (they were all token-level)."""
+    path = Path(adapter_dir) / SPEC_FILE
+    meta = json.loads(path.read_text()) if path.exists() else {}
+    return check_level(meta.get("reward_level", TOKEN))
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -311,7 +383,8 @@ def evaluate_reward_model(model: AdapterModel, tokenizer, rows_with_negatives: S
                                       [r["prompt"] for r in rows_with_negatives],
                                       [r["output"] for r in rows_with_negatives],
                                       cfg.max_output_tokens)
-    return summarize_scores(rows_with_negatives, [sequence_reward(t) for t in token_rewards])
+    return summarize_scores(rows_with_negatives,
+                            [sequence_reward(t, cfg.level) for t in token_rewards])
 
 
 def held_out_reward_rows(test_rows: Sequence[dict], cfg: RewardConfig, tokenizer,
@@ -348,6 +421,7 @@ def train_reward_model(rm_path: str | os.PathLike, out_dir: str | os.PathLike,
     evaluation runs on the main rank alone, on the trained weights every rank shares.
     """
     check_precision(cfg.precision, "RewardConfig.precision")  # before any process starts
+    check_level(cfg.level)
     return distributed.launch(_train_reward_model, processes, rm_path, out_dir, cfg,
                               base_source, eval_rows, allow_pickle=allow_pickle,
                               trust_remote_code=trust_remote_code)
@@ -374,9 +448,10 @@ def _train_reward_model(rm_path: str | os.PathLike, out_dir: str | os.PathLike,
     summary = {"rows": len(rows), "categories": _count(rows), "load_seconds": round(loaded, 3),
                "train": train, "adapter": "adapter", "lora": {"r": cfg.lora.r,
                                                               "alpha": cfg.lora.alpha},
-               "processes": world.size, "precision": cfg.precision}
+               "processes": world.size, "precision": cfg.precision, "level": cfg.level}
     if world.is_main:
         model.save_adapter(ADAPTER, out / "adapter")
+        save_level(out / "adapter", cfg.level)
         checkpoint.clear(checkpoints)
         _evaluate_held_out(model, tokenizer, eval_rows, cfg, summary, out)
     return summary

@@ -307,6 +307,41 @@ def test_swap_entities_is_registered_but_not_a_default(tokenizer, rows10):
     assert all(m != r["output"] for m, r in zip(made[1:], rows10[1:]))
 
 
+def test_config_constants_name_every_registered_category():
+    from lastmile import config
+
+    assert set(config.ALL_NEGATIVE_CATEGORIES) == set(neg.REGISTRY)
+    assert config.OPTIONAL_NEGATIVE_CATEGORIES == ("swap_entities",)
+    assert not set(config.OPTIONAL_NEGATIVE_CATEGORIES) & set(NEGATIVE_CATEGORIES)
+    assert "swap_entities" in config.describe("negatives.categories")
+
+
+def test_config_accepts_swap_entities_from_a_parameter_or_a_config_file():
+    from lastmile import config
+
+    six = ",".join((*NEGATIVE_CATEGORIES, "swap_entities"))
+    profile = config.resolve("demo", {"negatives.categories": six})  # --param K=a,b,...
+    assert profile.negatives.categories == (*NEGATIVE_CATEGORIES, "swap_entities")
+    yaml_text = "negatives:\n  categories: [repaired, swap_entities]\n"  # --config / overrides
+    profile = config.resolve("demo", config.parse_overrides(yaml_text))
+    assert profile.negatives.categories == ("repaired", "swap_entities")
+    assert neg.negative_weight(profile.negatives) == 0.5
+    assert config.resolve("demo").negatives.categories == NEGATIVE_CATEGORIES  # not a default
+
+
+@pytest.mark.parametrize("value, why", [("repaired,swapped", "unknown swapped"),
+                                        ("repaired,repaired", "a name repeats"),
+                                        ("", "none named")])
+def test_config_rejects_bad_categories_listing_the_choices(value, why):
+    from lastmile import config
+
+    with pytest.raises(config.ConfigError) as err:
+        config.resolve("smoke", {"negatives.categories": value})
+    message = str(err.value)
+    assert message.startswith(f"negatives.categories: {why}; choose one or more of ")
+    assert all(c in message for c in config.ALL_NEGATIVE_CATEGORIES)
+
+
 # ----------------------------------------------------------------------------- edge cases
 
 def test_one_row_cannot_be_repaired_but_works_without_that_category(tokenizer):

@@ -423,3 +423,144 @@ def test_bfloat16_stage_trains_and_says_its_precision(tokenizer, tmp_path):
         reward.train_reward_model(tmp_path / "rm.jsonl", tmp_path / "o2",
                                   _cfg(max_steps=1, precision="fp8"), "tiny-random", None)
     assert not (tmp_path / "o2").exists()  # refused before anything was written
+
+
+# ----------------------------------------------------------------------------- sequence level
+
+def test_sequence_loss_reads_only_the_last_output_token(tiny_model, tokenizer):
+    """RewardConfig.level "sequence": sum_i w_i (r̂_i,last - y_i)^2 / sum_i w_i."""
+    model = _model(tiny_model)
+    eos = tokenizer.eos_token_id
+    examples = [TokenExample([1, 2, 3, 4], [5, 6, eos], label=1.0, weight=1.0),
+                TokenExample([1, 2, 3, 4], [9, 10, 11, 12, eos], label=0.0, weight=0.2),
+                TokenExample([13, 14, 15], [16], label=0.0, weight=0.2)]  # cut: no EOS
+    seen = []  # the states the head scores
+    hook = model.heads["reward"].register_forward_hook(lambda m, i, o: seen.append(i[0].shape))
+    try:
+        got = reward.reward_loss(model, examples, tokenizer.pad_token_id, level="sequence")
+    finally:
+        hook.remove()
+    assert seen == [torch.Size([3, model.hidden_size])]  # one state per row, no other token
+
+    numerator = denominator = 0.0
+    with torch.no_grad():
+        for e in examples:  # one unpadded row at a time: the last output token's position
+            ids = torch.tensor([e.prompt_ids + e.output_ids])
+            scores = model.scalar(model.hidden_states(ids, torch.ones_like(ids), "reward"),
+                                  "reward")[0]
+            numerator += e.weight * (scores[-1].item() - e.label) ** 2
+            denominator += e.weight
+    assert got.item() == pytest.approx(numerator / denominator, rel=1e-5)
+    assert reward.reward_loss_weight(examples[1], "sequence") == pytest.approx(0.2)
+    token = reward.reward_loss(model, examples, tokenizer.pad_token_id)
+    assert torch.equal(token, reward.reward_loss(model, examples, tokenizer.pad_token_id,
+                                                 level="token"))  # the default is "token"
+    assert token.item() != pytest.approx(got.item(), rel=1e-3)
+    with pytest.raises(ValueError, match="reward level must be one of"):
+        reward.reward_loss(model, examples, tokenizer.pad_token_id, level="episode")
+
+
+def test_sequence_reward_and_ppo_rewards_by_hand():
+    scores = torch.tensor([0.25, 1.0, 0.5])
+    assert reward.sequence_reward(scores) == pytest.approx(1.75 / 3)
+    assert reward.sequence_reward(scores, "sequence") == 0.5  # the last token's alone
+    rm = torch.tensor([[0.1, 0.2, 0.3], [0.4, 0.5, 0.0]])  # row 1: 2 tokens + padding
+    mask = torch.tensor([[True, True, True], [True, True, False]])
+    assert reward.ppo_rewards(rm, mask) is rm  # token level: untouched
+    torch.testing.assert_close(reward.ppo_rewards(rm, mask, "sequence"),
+                               torch.tensor([[0.0, 0.0, 0.3], [0.0, 0.5, 0.0]]))
+
+
+def _ppo_model(tiny_model):
+    from lastmile.config import LoraSpec as Spec
+
+    model = AdapterModel(tiny_model)
+    model.add_adapter("reward", Spec(r=4, alpha=8), head=True, seed=1, trainable=False)
+    model.add_adapter("policy", Spec(r=4, alpha=8), seed=2)
+    model.add_adapter("value", Spec(r=4, alpha=8), head=True, seed=3)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.adapter_parameters("reward"):
+            p.add_(torch.randn(p.shape, generator=gen) * 0.05)
+    return model
+
+
+def test_ppo_rollout_at_sequence_level_rewards_only_the_last_output_token(tiny_model,
+                                                                          tokenizer):
+    from lastmile import ppo
+    from lastmile.config import PPOConfig
+
+    model = _ppo_model(tiny_model)
+    eos = tokenizer.eos_token_id
+    prompts, outputs = [[1, 2, 3, 4], [5, 6]], [[7, 8, eos], [9]]
+    references = [[7], [9]]  # row 0 runs 2 tokens past its reference: length penalty
+    default = ppo.PPOTrainer(model, tokenizer, PPOConfig(), 1)
+    token = ppo.PPOTrainer(model, tokenizer, PPOConfig(), 1, reward_level="token")
+    sequence = ppo.PPOTrainer(model, tokenizer, PPOConfig(), 1, reward_level="sequence")
+    a, b, s = (t.rollout("sampled", prompts, outputs, references)
+               for t in (default, token, sequence))
+    assert torch.equal(a.rm_rewards, b.rm_rewards) and torch.equal(a.rewards, b.rewards)
+    last = torch.zeros_like(s.mask)
+    last[0, 2] = last[1, 0] = True  # each row's last output token
+    assert not s.rm_rewards[~last].any()
+    torch.testing.assert_close(s.rm_rewards[last], a.rm_rewards[last], rtol=0, atol=0)
+    assert s.rm_rewards[last].abs().min() > 0
+    torch.testing.assert_close(s.penalty, a.penalty)  # the length penalty is unchanged
+    assert s.penalty[0, 1] == s.penalty[0, 2] == -2.5
+    torch.testing.assert_close(s.rewards, s.rm_rewards + s.penalty)
+    with pytest.raises(ValueError, match="reward level"):
+        ppo.PPOTrainer(model, tokenizer, PPOConfig(), 1, reward_level="tokens")
+
+
+def test_the_level_travels_with_the_adapter_into_ppo(tokenizer, tmp_path):
+    from lastmile import ppo
+    from lastmile.config import PPOConfig
+    from lastmile.io import write_jsonl
+
+    write_jsonl(tmp_path / "rm.jsonl", _rows(tokenizer, 4))
+    held_out = [dict(id=f"h{i}", input=f"Package {i} provides a tool.", output="a tool",
+                     prompt=_prompt(tokenizer, f"Summarize: package {i}.")) for i in range(2)]
+    cfg = _cfg(batch_size=6, max_steps=1, eval_examples=2, level="sequence")
+    summary = reward.train_reward_model(tmp_path / "rm.jsonl", tmp_path / "rm", cfg,
+                                        "tiny-random", eval_rows=held_out)
+    adapter = tmp_path / "rm" / "adapter"
+    assert summary["level"] == "sequence" and reward.adapter_level(adapter) == "sequence"
+    assert set(summary["eval"]["accuracy"]) == {"copy_input", "random_tokens"}
+    meta = json.loads((adapter / "lastmile_adapter.json").read_text())
+    assert meta["lora"]["r"] == 4  # the adapter's own metadata kept beside the level
+    train = tmp_path / "train.jsonl"
+    write_jsonl(train, [{k: r[k] for k in ("id", "input", "output", "prompt")}
+                        for r in _rows(tokenizer, 3) if r["category"] == "true"])
+    out = ppo.train_ppo(train, adapter, tmp_path / "ppo",
+                        PPOConfig(batch_size=3, max_new_tokens=4, max_updates=1), "tiny-random")
+    assert out["reward_level"] == "sequence"
+    # An adapter saved without the level (before the option existed) was token-level.
+    (adapter / "lastmile_adapter.json").write_text(json.dumps({"lora": meta["lora"]}))
+    assert reward.adapter_level(adapter) == "token"
+
+
+def test_held_out_evaluation_and_report_name_swapped_entities(tokenizer, tmp_path):
+    from lastmile import negatives
+    from lastmile.config import NEGATIVE_CATEGORIES, NegativesConfig
+    from lastmile.io import write_jsonl
+    from lastmile.report import rm_table
+
+    def rows(n, start=0):
+        out = []
+        for i in range(start, start + n):
+            text = f"Alice moved {i + 3} boxes to Paris with Bob in {2000 + i}."
+            out.append(dict(id=f"r{i}", input=text, output=f"Alice moved {i + 3} boxes to Paris.",
+                            prompt=_prompt(tokenizer, f"Summarize: {text}")))
+        return out
+
+    six = NegativesConfig(categories=(*NEGATIVE_CATEGORIES, "swap_entities"))
+    write_jsonl(tmp_path / "rm.jsonl", negatives.synthesize(rows(4), six, tokenizer))
+    summary = reward.train_reward_model(tmp_path / "rm.jsonl", tmp_path / "out",
+                                        _cfg(batch_size=7, max_steps=1, eval_examples=3),
+                                        "tiny-random", eval_rows=rows(3, start=10))
+    evaluation = summary["eval"]
+    assert set(evaluation["accuracy"]) == set(six.categories)
+    assert evaluation["pairs"]["swap_entities"] == 3
+    assert summary["categories"]["swap_entities"] == 4
+    table = rm_table(evaluation)
+    assert "swapped entities" in [row[0] for row in table.rows]
