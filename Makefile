@@ -7,12 +7,15 @@ STAMP   = $(VENV)/.installed
 PROFILE ?= demo
 ARGS   ?=
 
-.PHONY: install run test test-fast browser compile bench bench-trl bench-scaling clean
+.PHONY: install run test test-fast browser compile bench bench-trl bench-scaling clean \
+	tune reproduce
 .DEFAULT_GOAL := help
 
 help:
 	@echo "make run      full local pipeline (profile $(PROFILE)) -> runs/<timestamp>/report.html"
 	@echo "make test     the whole test suite"
+	@echo "make tune     equal step-size search for MLE and RL (4 trials each; validation from train)"
+	@echo "make reproduce  the run with seeds 0,1,2 -> mean +- sd per metric (3x make run)"
 	@echo "make compile  pipeline.yaml for the Kubeflow UI / kfp CLI"
 	@echo "make bench    PPO step benchmark (bench/)"
 	@echo "make bench-trl  ours vs TRL 0.29.1 PPO, alternately (builds $(TRL_VENV); slow)"
@@ -45,6 +48,15 @@ test: $(STAMP) browser
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -m "not slow and not e2e" $(ARGS)
+
+# Equal tuning budget (lastmile/tune.py): selected on training rows held out, never the test
+# split; ARGS="--trials 2 --max-train 140" for a shorter search.
+tune: $(STAMP)
+	$(PY) pipeline.py tune --profile $(PROFILE) $(ARGS)
+
+# One run per seed (lastmile/reproduce.py), one after another; ARGS="--seeds 0,1,2,3,4".
+reproduce: $(STAMP)
+	$(PY) pipeline.py reproduce --profile $(PROFILE) $(ARGS)
 
 compile: $(STAMP)
 	$(PY) pipeline.py compile -o pipeline.yaml

@@ -2,6 +2,8 @@
 """lastmile's Kubeflow pipeline: the DAG and its one entry point.
 
     pipeline.py run [--profile demo] [--config FILE] [--param K=V]   the DAG, locally (kfp.local)
+    pipeline.py tune [--profile demo] [--trials 4] [--max-train N]  equal MLE / RL step-size search
+    pipeline.py reproduce [--profile demo] [--seeds 0,1,2]          the run per seed, mean ± sd
     pipeline.py config show [--profile demo] [--config FILE]        every field, type, meaning
     pipeline.py compile [-o pipeline.yaml] [--image IMG] ...        IR YAML for the Kubeflow UI
     pipeline.py upload --host URL [--pipeline-name lastmile]        a new version of the pipeline
@@ -996,6 +998,29 @@ def _build_parser() -> argparse.ArgumentParser:
     result_flags(p)
     compile_time_flags(p)
 
+    p = sub.add_parser("tune", help="equal step-size search for MLE and RL on a validation "
+                                    "split of the training rows (lastmile.tune)")
+    settings_flags(p, profile_default="demo")
+    p.add_argument("--data", default="",
+                   help="file, directory, hub id or s3:// URI (default: bundled)")
+    p.add_argument("--trials", type=int, default=4, metavar="N",
+                   help="trials per method (MLE and RL get the same number; default 4)")
+    p.add_argument("--max-train", type=int, metavar="N",
+                   help="training rows before the validation split (default: the profile's)")
+    p.add_argument("--validation-fraction", type=float, default=0.1, metavar="F",
+                   help="share of the filtered training rows held out for selection")
+    p.add_argument("--out", type=Path, help="default runs/tune-<timestamp>")
+
+    p = sub.add_parser("reproduce", help="the local run once per seed, then mean and standard "
+                                         "deviation per metric (lastmile.reproduce)")
+    settings_flags(p, profile_default="demo")
+    p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default 0,1,2)")
+    p.add_argument("--fixed-data", action="store_true",
+                   help="vary only the negatives, reward, MLE and PPO seeds (default: the "
+                        "seed parameter, which also draws each run's data rows)")
+    p.add_argument("--out", type=Path, help="summary folder (default runs/reproduce-<timestamp>)")
+    p.add_argument("-v", "--verbose", action="store_true")
+
     p = sub.add_parser("config", help="show the configuration a run would get")
     what = p.add_subparsers(dest="config_command", required=True)
     show = what.add_parser("show", help="every field with its type, value and meaning")
@@ -1123,6 +1148,8 @@ def _main(parser, args) -> int:
         except RunFailed as failed:  # its error and log are already the last lines shown
             return failed.exit_code
         return 0
+    if args.command in ("tune", "reproduce"):
+        return _tune_or_reproduce(args)
     settings = settings_from_args(args)
     if args.command == "compile":
         cluster = _cluster_from_args(args)  # sets the image for --accelerator-type none
@@ -1178,6 +1205,70 @@ def _main(parser, args) -> int:
                                         package, reference)
             verb = f"updated (replaced {', '.join(replaced)})" if replaced else "created"
             print(f"recurring run {job_id} {verb}: {args.name}, enabled, cron {args.cron!r}")
+    return 0
+
+
+def _seeds(text: str) -> list[int]:
+    try:
+        seeds = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise UsageError(f"--seeds expects comma-separated integers, got {text!r}") from None
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise UsageError(f"--seeds expects distinct integers, got {text!r}")
+    return seeds
+
+
+def reproduce_settings(settings: RunSettings, seed: int, fixed_data: bool) -> RunSettings:
+    """`settings` with the seed of one reproduce run (lastmile.reproduce.seed_settings)."""
+    import copy
+
+    from lastmile import reproduce
+
+    one = copy.deepcopy(settings)
+    one.parameters.pop("seed", None)  # the run's own seed wins over a --param seed
+    for key, value in reproduce.seed_settings(seed, fixed_data).items():
+        one.set(key, value, "reproduce")
+    one.resolve("demo")
+    return one
+
+
+def _tune_or_reproduce(args) -> int:
+    """`tune` and `reproduce`: argument handling here, the work in lastmile.tune/reproduce."""
+    from lastmile import reproduce, tune
+    from lastmile.console import RunFailed
+
+    settings = settings_from_args(args, default_profile="demo")
+    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    if args.command == "tune":
+        if args.trials < 1:
+            raise UsageError(f"--trials must be >= 1, got {args.trials}")
+        if args.max_train is not None:
+            settings.set("max_train", args.max_train, "--max-train")
+        out = args.out or Path("runs") / f"tune-{stamp}"
+        record = tune.tune(settings.resolve("demo"), out, trials=args.trials,
+                           data_source=settings.run.get("data_source", ""),
+                           validation_fraction=args.validation_fraction)
+        print(f"\ntrials: {out / 'tune.md'}, {out / 'tune.json'}\n"
+              f"chosen (pipeline.py run --profile {record['profile']} --config "
+              f"{out / 'chosen.yaml'}):\n\n"
+              f"{record['chosen_yaml']}", end="")
+        return 0
+    seeds = _seeds(args.seeds)
+    for seed in seeds:  # every run's configuration checked before the first starts
+        reproduce_settings(settings, seed, args.fixed_data)
+
+    def run_one(seed: int) -> Path:
+        run = run_locally(reproduce_settings(settings, seed, args.fixed_data),
+                          Path("runs") / f"{stamp}-seed{seed}", args.verbose)
+        if not run.trained:
+            raise UsageError(f"seed {seed}: the run trained nothing ({run.message})")
+        return run.out_dir
+
+    try:
+        reproduce.reproduce(run_one, seeds, args.out or Path("runs") / f"reproduce-{stamp}",
+                            fixed_data=args.fixed_data)
+    except RunFailed as failed:
+        return failed.exit_code
     return 0
 
 

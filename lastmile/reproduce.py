@@ -1,0 +1,210 @@
+"""The demo over several seeds: mean and standard deviation per metric (issue 20, point 3).
+
+`reproduce` runs one whole local pipeline per seed (the caller's `run_one`, e.g. pipeline.py's
+run_locally, so each is a normal run under runs/), reads each run's scores.json and writes
+reproduce.json and reproduce.md after every run:
+
+* per variant and metric: the mean over seeds and the sample standard deviation (n - 1 in
+  the denominator; none with one seed), with each seed's value;
+* per paired-bootstrap comparison in scores.json (RL - MLE, RL - MLE post-processed) and
+  headline metric: each seed's difference and 95% interval, and how many seeds call RL, the
+  other variant or neither the winner (a winner only where that seed's interval excludes 0,
+  as lastmile.metrics.paired_bootstrap decides).
+
+The seed: by default the `seed` pipeline parameter, which config fans out to every seeded
+stage, data included (data.seed orders the rows before max_train / max_test cut them, so
+each seed also draws its own training and test rows); with `fixed_data`, only the
+negatives, reward, MLE and PPO seeds change and every run sees the same rows.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from .io import read_json, write_json
+from .metrics import (BOOTSTRAP_KEYS, PAIRED_BOOTSTRAP, TOWARD_ZERO_KEYS, VARIANT_ORDER,
+                      metric_name, variant_name)
+
+SEEDS = (0, 1, 2)
+#: The stages whose seeds change with `fixed_data` (config._SEEDED without data).
+TRAINING_SEEDED = ("negatives", "reward", "mle", "ppo")
+#: Rows of the markdown table (every numeric metric is in reproduce.json).
+HEADLINE_KEYS = ("excess_length", "rougeL_f1", "la_rougeL_f1", "semantic_similarity", "bleurt")
+
+
+def seed_settings(seed: int, fixed_data: bool = False) -> dict[str, int]:
+    """The run settings (a pipeline parameter or dotted fields) that give a run `seed`."""
+    if fixed_data:
+        return {f"{stage}.seed": seed for stage in TRAINING_SEEDED}
+    return {"seed": seed}
+
+
+def mean_sd(values: Sequence[float]) -> tuple[float | None, float | None]:
+    """(mean, sample standard deviation with n - 1) of the values; sd None below 2 values,
+    both None with none."""
+    n = len(values)
+    if n == 0:
+        return None, None
+    mean = math.fsum(values) / n
+    if n < 2:
+        return mean, None
+    return mean, math.sqrt(math.fsum((v - mean) ** 2 for v in values) / (n - 1))
+
+
+def _number(value: Any) -> bool:
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)
+            and math.isfinite(value))
+
+
+def aggregate(scores: Mapping[int, Mapping[str, Any]]) -> dict:
+    """{"seeds", "models": {variant: {key: {mean, sd, values}}}, "comparisons": {...}} from
+    each seed's scores.json content (keyed by seed)."""
+    seeds = list(scores)
+    models: dict[str, dict[str, dict]] = {}
+    variants = [v for v in VARIANT_ORDER if any(v in s.get("models", {}) for s in scores.values())]
+    variants += sorted({v for s in scores.values() for v in s.get("models", {})} - set(variants))
+    for variant in variants:
+        keys = []
+        for s in scores.values():
+            for key, value in s.get("models", {}).get(variant, {}).items():
+                if key not in keys and _number(value):
+                    keys.append(key)
+        models[variant] = {}
+        for key in keys:
+            values = {seed: s["models"][variant][key] for seed, s in scores.items()
+                      if _number(s.get("models", {}).get(variant, {}).get(key))}
+            mean, sd = mean_sd(list(values.values()))
+            models[variant][key] = {"mean": mean, "sd": sd, "n": len(values),
+                                    "values": values}
+    return {"seeds": seeds, "models": models, "comparisons": _comparisons(scores)}
+
+
+def _comparisons(scores: Mapping[int, Mapping[str, Any]]) -> dict:
+    """Each seed's paired-bootstrap intervals, and the winners counted over seeds."""
+    found: dict[str, dict] = {}
+    for seed, s in scores.items():
+        for name, comparison in ((s.get(PAIRED_BOOTSTRAP) or {}).get("comparisons")
+                                 or {}).items():
+            entry = found.setdefault(name, {"a": comparison["a"], "b": comparison["b"],
+                                            "metrics": {}})
+            for key, result in (comparison.get("metrics") or {}).items():
+                metric = entry["metrics"].setdefault(key, {"per_seed": {}})
+                metric["per_seed"][seed] = {k: result.get(k) for k in
+                                            ("difference", "low", "high", "winner")}
+    for entry in found.values():
+        for metric in entry["metrics"].values():
+            per_seed = metric["per_seed"].values()
+            mean, sd = mean_sd([r["difference"] for r in per_seed if _number(r["difference"])])
+            metric["difference_mean"], metric["difference_sd"] = mean, sd
+            metric["winners"] = {"a": sum(r["winner"] == "a" for r in per_seed),
+                                 "b": sum(r["winner"] == "b" for r in per_seed),
+                                 "none": sum(r["winner"] not in ("a", "b") for r in per_seed)}
+    return found
+
+
+# ----------------------------------------------------------------------------- reporting
+
+def _digits(key: str) -> int:
+    return 2 if key in TOWARD_ZERO_KEYS else 3
+
+
+def mean_sd_text(entry: Mapping[str, Any] | None, key: str, signed: bool = False) -> str:
+    if not entry or entry.get("mean") is None:
+        return "n/a"
+    d = _digits(key)
+    sd = entry.get("sd")
+    sign = "+" if signed else ""
+    return f"{entry['mean']:{sign}.{d}f}" + (f" ± {sd:.{d}f}" if sd is not None else "")
+
+
+def markdown(result: Mapping[str, Any]) -> str:
+    """reproduce.md: mean ± sd per headline metric and variant; the intervals per seed."""
+    seeds = result["seeds"]
+    models = result["models"]
+    variants = list(models)
+    lines = [f"# The run over {len(seeds)} seed(s): {', '.join(map(str, seeds))}", ""]
+    if result.get("runs"):
+        lines += ["Runs: " + ", ".join(f"seed {seed} `{run}`" for seed, run in
+                                       result["runs"].items()), ""]
+    if result.get("seed_note"):
+        lines += [result["seed_note"], ""]
+    lines += ["Mean ± standard deviation over the seeds (sample sd, n - 1):", "",
+              "| metric | " + " | ".join(variant_name(v) for v in variants) + " |",
+              "|---|" + "---:|" * len(variants)]
+    for key in HEADLINE_KEYS:
+        cells = [mean_sd_text(models[v].get(key), key) for v in variants]
+        if all(c == "n/a" for c in cells):
+            continue
+        lines.append(f"| {metric_name(key)} | " + " | ".join(cells) + " |")
+    lines.append("")
+    for entry in result["comparisons"].values():
+        a, b = variant_name(entry["a"]), variant_name(entry["b"])
+        lines += [f"## {a} − {b}: paired bootstrap 95% intervals per seed", "",
+                  "| metric | " + " | ".join(f"seed {s}" for s in seeds)
+                  + f" | mean difference ± sd | seeds calling {a} / {b} / neither |",
+                  "|---|" + "---|" * len(seeds) + "---:|---:|"]
+        for key in BOOTSTRAP_KEYS:
+            metric = entry["metrics"].get(key)
+            if metric is None:
+                continue
+            d = _digits(key)
+            cells = []
+            for seed in seeds:
+                r = metric["per_seed"].get(seed)
+                cells.append("n/a" if r is None else
+                             f"{r['difference']:+.{d}f} [{r['low']:+.{d}f}, {r['high']:+.{d}f}]")
+            w = metric["winners"]
+            spread = mean_sd_text({"mean": metric["difference_mean"],
+                                   "sd": metric["difference_sd"]}, key, signed=True)
+            lines.append(f"| {metric_name(key)} | " + " | ".join(cells)
+                         + f" | {spread} | {w['a']} / {w['b']} / {w['none']} |")
+        lines += ["", "A seed calls a winner only where its interval excludes 0 (for extra "
+                      "length: the mean closer to 0).", ""]
+    return "\n".join(lines)
+
+
+def write(result: Mapping[str, Any], out_dir: str | Path) -> dict[str, Path]:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out / "reproduce.json", "markdown": out / "reproduce.md"}
+    write_json(paths["json"], result)
+    paths["markdown"].write_text(markdown(result))
+    return paths
+
+
+def read_scores(run_dir: str | Path) -> dict:
+    """A local run's scores.json (pipeline.py run copies it to the run's folder)."""
+    path = Path(run_dir) / "scores.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{run_dir}: no scores.json (did the run finish?)")
+    return read_json(path)
+
+
+def reproduce(run_one: Callable[[int], Path], seeds: Sequence[int], out_dir: str | Path, *,
+              fixed_data: bool = False, log: Callable[[str], None] = print) -> dict:
+    """Run `run_one(seed)` (returns the run's folder) for each seed in turn; after each,
+    aggregate every finished run into out_dir/reproduce.json and reproduce.md."""
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ValueError(f"reproduce needs distinct seeds, got {list(seeds)}")
+    scores: dict[int, dict] = {}
+    runs: dict[int, str] = {}
+    started = time.perf_counter()
+    note = ("Each seed sets only the negatives, reward, MLE and PPO seeds (the same data "
+            "rows in every run)." if fixed_data else
+            "Each seed is the `seed` pipeline parameter: every stage's seed, the data's too, "
+            "so each run also draws its own training and test rows.")
+    result: dict[str, Any] = {}
+    for seed in seeds:
+        run_dir = run_one(seed)
+        runs[seed] = str(run_dir)
+        scores[seed] = read_scores(run_dir)
+        result = {**aggregate(scores), "runs": runs, "seed_note": note,
+                  "fixed_data": fixed_data, "seconds": round(time.perf_counter() - started, 1)}
+        paths = write(result, out_dir)
+        log(f"reproduce: seed {seed} done ({run_dir}); {len(scores)} of {len(seeds)} "
+            f"seeds in {paths['markdown']}")
+    return result
