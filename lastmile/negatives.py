@@ -15,6 +15,12 @@ Categories are a registry (`register_negative`), so another kind of error is one
 Discussion suggests - is registered but not in the default list: name it in
 ``negatives.categories`` (config.OPTIONAL_NEGATIVE_CATEGORIES, which config's validation
 accepts; a test ties those constants to `REGISTRY`). Every negative's weight is then 1/6.
+A row without a name or number to swap comes back unchanged - on the Debian synopses about
+38% of rows - and such a row is no error at all: labelled 0, it would teach the reward model
+that true outputs are wrong, and in the held-out evaluation it is a certain tie (counted
+wrong). So rows that `DROP_UNCHANGED` categories leave unchanged are left out (the summary's
+``left_out_unchanged``), and that class is smaller than the data; the paper's five keep every
+row, as the paper sizes them.
 
 Choices the paper leaves open, made here:
 
@@ -70,6 +76,8 @@ TRUE = "true"
 ROW_FIELDS = ("id", "input", "output", "prompt")
 MAX_NGRAM = 3  # repetitive: n-gram length drawn from 1..MAX_NGRAM
 MIN_REPEATS = 2  # repetitive: "repeated" means at least twice
+#: Categories whose unchanged outputs are left out instead of labelled 0 (module docstring).
+DROP_UNCHANGED = frozenset({"swap_entities"})
 
 
 # ----------------------------------------------------------------------------- registry
@@ -496,7 +504,8 @@ def synthesize(rows: Sequence[dict], cfg: NegativesConfig, tokenizer) -> list[di
 
     Negative rows: id "<id>:<category>", source_id the true row's id, the true row's input and
     prompt, the negative output, label 0.0, weight 1/len(categories) (or cfg.weight).
-    Deterministic for cfg.seed; see the module docstring for each category.
+    Deterministic for cfg.seed; see the module docstring for each category. A category in
+    `DROP_UNCHANGED` has no row where its output equals the true one (after stripping).
     """
     check_config(cfg)
     check_rows(rows)
@@ -517,6 +526,8 @@ def synthesize(rows: Sequence[dict], cfg: NegativesConfig, tokenizer) -> list[di
         out.append({"id": row["id"], "source_id": row["id"], **base, "output": row["output"],
                     "label": 1.0, "weight": 1.0, "category": TRUE})
         for name in cfg.categories:
+            if name in DROP_UNCHANGED and made[name][i].strip() == row["output"].strip():
+                continue
             out.append({"id": f"{row['id']}:{name}", "source_id": row["id"], **base,
                         "output": made[name][i], "label": 0.0, "weight": weight,
                         "category": name})
@@ -524,7 +535,8 @@ def synthesize(rows: Sequence[dict], cfg: NegativesConfig, tokenizer) -> list[di
 
 
 def summarize(rows_in: int, synthesized: Sequence[dict], cfg: NegativesConfig) -> dict:
-    """Counts per category, weights, and how many negatives equal their true output."""
+    """Counts per category, weights, how many negatives equal their true output, and how
+    many rows `DROP_UNCHANGED` categories left out (unchanged: no error to learn)."""
     truth = {r["source_id"]: r["output"].strip() for r in synthesized if r["category"] == TRUE}
     per_category = Counter(r["category"] for r in synthesized)
     identical = Counter(r["category"] for r in synthesized
@@ -538,6 +550,8 @@ def summarize(rows_in: int, synthesized: Sequence[dict], cfg: NegativesConfig) -
         "per_category": {c: per_category[c] for c in (TRUE, *cfg.categories)},
         "weights": {TRUE: 1.0, **{c: weight for c in cfg.categories}},
         "identical_to_true": {c: identical[c] for c in cfg.categories},
+        "left_out_unchanged": {c: rows_in - per_category[c] for c in cfg.categories
+                               if c in DROP_UNCHANGED},
         "max_output_tokens": cfg.max_output_tokens,
         "seed": cfg.seed,
     }

@@ -578,20 +578,31 @@ def test_negatives_from_loader_output_account_for_every_row(tokenizer, rows, cat
                                                  summary_path=Path(tmp) / "summary.json")
         made = list(read_jsonl(out))
     k = len(cats)
+    left_out = summary.get("left_out_unchanged", {})
     assert summary["rows_in"] == len(rows) and summary["rows_out"] == len(made)
-    assert len(made) == len(rows) * (1 + k)  # one of each category per true row, none lost
+    # One of each category per true row, none lost - but the unchanged rows that
+    # negatives.DROP_UNCHANGED categories leave out, which the summary counts.
+    assert len(made) == len(rows) * (1 + k) - sum(left_out.values())
+    assert set(left_out) == set(cats) & negatives.DROP_UNCHANGED
     assert sum(summary["per_category"].values()) == len(made)
     assert len({r["id"] for r in made}) == len(made)
     encode = negatives.encode
     special = negatives.special_ids(tokenizer)
     identical: Counter = Counter()
+    starts = [j for j, r in enumerate(made) if r["category"] == "true"] + [len(made)]
+    assert len(starts) == len(rows) + 1
     for i, row in enumerate(rows):
-        group = made[i * (1 + k):(i + 1) * (1 + k)]
+        group = made[starts[i]:starts[i + 1]]
         assert group[0] == {"id": row["id"], "source_id": row["id"], "input": row["input"],
                             "prompt": row["prompt"], "output": row["output"], "label": 1.0,
                             "weight": 1.0, "category": "true"}
-        for name, neg in zip(cats, group[1:]):
+        present = [neg["category"] for neg in group[1:]]
+        assert present == [c for c in cats if c in present]  # in the configured order
+        assert set(cats) - set(present) <= negatives.DROP_UNCHANGED
+        for name, neg in zip(present, group[1:]):
             assert neg["category"] == name and neg["label"] == 0.0
+            if name in negatives.DROP_UNCHANGED:
+                assert neg["output"].strip() != row["output"].strip()
             assert neg["weight"] == pytest.approx(1 / k) and neg["source_id"] == row["id"]
             assert isinstance(neg["output"], str)
             identical[name] += neg["output"].strip() == row["output"].strip()

@@ -300,11 +300,20 @@ def test_swap_entities_trades_two_output_entities_without_input_candidates():
 
 def test_swap_entities_is_registered_but_not_a_default(tokenizer, rows10):
     assert "swap_entities" in neg.REGISTRY and "swap_entities" not in NEGATIVE_CATEGORIES
-    out = synth(rows10, tokenizer, ("swap_entities",))
-    made = outputs_of(out, "swap_entities")
-    # Row 0 ("Alice saw 0 cats and 0 dogs.") has no name to swap and one distinct number.
-    assert made[0] == rows10[0]["output"]
-    assert all(m != r["output"] for m, r in zip(made[1:], rows10[1:]))
+    cfg = NegativesConfig(categories=("shuffled", "swap_entities"))
+    out = neg.synthesize(rows10, cfg, tokenizer)
+    made = {r["source_id"]: r["output"] for r in out if r["category"] == "swap_entities"}
+    # Row 0 ("Alice saw 0 cats and 0 dogs.") has no name to swap and one distinct number: its
+    # output would come back unchanged, no error at all, so the class leaves that row out.
+    assert neg.swap_one_entity(rows10[0]["input"], rows10[0]["output"],
+                               np.random.default_rng(0)) == rows10[0]["output"]
+    assert sorted(made) == sorted(r["id"] for r in rows10[1:])
+    assert all(made[r["id"]] != r["output"] for r in rows10[1:])
+    assert len(outputs_of(out, "shuffled")) == 10  # the paper's classes keep every row
+    summary = neg.summarize(10, out, cfg)
+    assert summary["per_category"] == {"true": 10, "shuffled": 10, "swap_entities": 9}
+    assert summary["left_out_unchanged"] == {"swap_entities": 1}
+    assert summary["identical_to_true"]["swap_entities"] == 0
 
 
 def test_config_constants_name_every_registered_category():
