@@ -171,6 +171,10 @@ class Workspace:
 def _configured(profile: cfgmod.Profile, settings: dict) -> cfgmod.Profile:
     trial = copy.deepcopy(profile)
     cfgmod.apply(trial, settings, source="tune")
+    for stage in (trial.reward, trial.mle, trial.ppo):
+        # Each trial checkpoints in its own folder: a configured checkpoint_dir shared by
+        # every trial would let one resume from another's state.
+        stage.checkpoint_dir = None
     return cfgmod.validate(trial)
 
 
@@ -260,7 +264,7 @@ def train_shared_reward(ws: Workspace) -> dict:
     rm_path = ws.out / "reward" / "rm.jsonl"
     rm_path.parent.mkdir(parents=True, exist_ok=True)
     negatives.build_reward_dataset(ws.fit_path, rm_path, p.negatives, tokenizer)
-    ws.reward_dir = ws.out / "reward" / "model"
+    ws.reward_dir = ws.out / "reward" / "model"  # checkpoints: its own folder (_configured)
     summary = reward.train_reward_model(rm_path, ws.reward_dir, p.reward, p.base_model,
                                         list(read_jsonl(ws.validation_path)),
                                         allow_pickle=p.allow_pickle,
@@ -280,7 +284,7 @@ def _trial(method: str, index: int, settings: dict,
     started = time.perf_counter()
     try:
         record.update(runner(ws, settings, trial_dir))
-    except (FloatingPointError, ValueError, RuntimeError) as exc:  # a diverged trial ranks last
+    except FloatingPointError as exc:  # the NaN guard stopped it: diverged, ranks last
         record["error"] = f"{type(exc).__name__}: {exc}"
     record["seconds"] = round(time.perf_counter() - started, 1)
     return record
@@ -292,9 +296,14 @@ def tune(profile: cfgmod.Profile, out: str | Path, *, trials: int = 4, data_sour
     """The whole search: data, the shared reward model, `trials` MLE and `trials` RL trials,
     each recorded in out/tune.json and out/tune.md as it ends; the choice in out/chosen.yaml.
     Returns the record (tune.json's content)."""
+    if trials < 1:
+        raise ValueError(f"trials must be >= 1, got {trials}")
+    if profile.ppo.init_policy_from_mle:
+        raise cfgmod.ConfigError("tune: init_policy_from_mle is not supported (each RL trial "
+                                 "starts from the base, as the demo does)")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    profile = copy.deepcopy(profile)
+    profile = _configured(profile, {})
     started = time.perf_counter()
     ws = prepare(profile, out, data_source, validation_fraction)
     log(f"tune: {ws.prepared['fit_rows']} training rows, {ws.prepared['validation_rows']} "
@@ -337,10 +346,10 @@ def _finish(record: dict, out: Path, max_excess: float, started: float) -> None:
 
 # ----------------------------------------------------------------------------- reporting
 
-def _number(value: Any, digits: int = 3) -> str:
-    if value is None:
-        return "n/a"
-    return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+def _number(value: Any) -> str:
+    if value is None:  # a head step size left unset: the LoRAs' (OptimConfig)
+        return "none (the LoRAs')"
+    return f"{value:g}" if isinstance(value, float) else str(value)
 
 
 _SHORT = {"mle.optim.learning_rate": "lr", "ppo.optim.learning_rate": "lr",
@@ -367,11 +376,15 @@ def markdown(record: dict) -> str:
     lines = [f"# Step-size search: MLE and RL, {record['trials_per_method']} trials each",
              "",
              f"Profile `{record['profile']}` ({record['base_model']}), "
-             f"{data['fit_rows']} training rows, {data['validation_rows']} validation rows "
+             f"{data['fit_rows']} rows to train on, {data['validation_rows']} validation rows "
              f"held out of the filtered training rows by a hash of their id (the test split "
              f"is not read). Total {record.get('seconds', 0) / 60:.1f} min.",
              "",
              f"Selection: {record['selection']}",
+             "",
+             "The profile's values: " + ", ".join(
+                 f"`{k}` {_number(v)}"
+                 for k, v in record["profile_values"].items()) + ".",
              "",
              f"Reward model: trained once at the profile's step sizes (LoRA "
              f"{record['reward']['learning_rate']:g}, head "
