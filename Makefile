@@ -7,7 +7,7 @@ STAMP   = $(VENV)/.installed
 PROFILE ?= demo
 ARGS   ?=
 
-.PHONY: install run test test-fast browser compile bench bench-trl bench-scaling clean \
+.PHONY: install run test test-fast browser compile bench bench-trl bench-scaling bench-costs clean \
 	tune reproduce
 .DEFAULT_GOAL := help
 
@@ -20,6 +20,7 @@ help:
 	@echo "make bench    PPO step benchmark (bench/)"
 	@echo "make bench-trl  ours vs TRL 0.29.1 PPO, alternately (builds $(TRL_VENV); slow)"
 	@echo "make bench-scaling  cost model: whole local pipeline at 3 sizes x 1, 2 shards (slow)"
+	@echo "make bench-costs    cost account per stage: runs the demo, or ARGS=\"--run runs/<stamp>\""
 
 # torch is pinned to the CPU wheel on local disk: an unpinned torch pulls a multi-GB CUDA build.
 $(STAMP): pyproject.toml requirements.lock requirements-nodeps.txt
@@ -67,6 +68,11 @@ bench: $(STAMP)
 # The cost model: the whole local pipeline (profile smoke) at 3 data sizes x 1 and 2 shards.
 bench-scaling: $(STAMP)
 	$(PY) bench/scaling.py $(ARGS)
+
+# The cost account (issue 21): per stage seconds, tokens, FLOPs and the share of the matmul bound.
+# Runs the demo first unless ARGS names a finished run: make bench-costs ARGS="--run runs/latest"
+bench-costs: $(STAMP)
+	$(PY) bench/stage_costs.py $(ARGS)
 
 # TRL 0.29.1 (the last release with PPOTrainer) lives in its own venv, outside our dependencies;
 # the shared packages are held to requirements.lock's versions.

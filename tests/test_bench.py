@@ -273,3 +273,219 @@ def test_scaling_arguments(scaling):
     assert len(scaling.parse_sizes(full.sizes)) >= 3 and full.shards == "1,2" and not full.capped
     with pytest.raises(SystemExit):
         scaling.parse(["--shards", "0"])
+
+
+# ----------------------------------------------------------------------------- stage_costs.py
+
+@pytest.fixture(scope="module")
+def costs():
+    # registered in sys.modules before it runs: its dataclasses look their module up there
+    spec = importlib.util.spec_from_file_location("bench_stage_costs", BENCH / "stage_costs.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def _stage(name: str, folder: Path, run: Path, fn):
+    """Run one stage function as its component does (runinfo.stage writes summary.json) and
+    file the summary where `pipeline.py run` puts it (summaries/<stage>.json)."""
+    from lastmile import runinfo
+
+    with runinfo.stage(name, folder) as summary:
+        summary.update(fn())
+    (run / "summaries").mkdir(exist_ok=True)
+    (run / "summaries" / f"{name}.json").write_text(json.dumps(summary))
+    return summary
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """A run folder laid out as `pipeline.py run` writes it, made by the real stage functions
+    on the tiny random Llama (profile smoke, 2 steps each): kfp/<run>/<task>/<output>/ with
+    each stage's files and summary.json, summaries/, config.json, ppo_log.jsonl,
+    predictions/<variant>.jsonl and a kfp.log naming the tasks."""
+    import shutil
+
+    from lastmile import config, generate, metrics, mle, negatives, ppo, reward
+    from lastmile import data as task_data
+    from lastmile.io import read_jsonl
+    from lastmile.modeling import load_tokenizer
+
+    run = tmp_path_factory.mktemp("run")
+    kfp = run / "kfp" / "lastmile-tiny"
+    p = config.get_profile("smoke")
+    p.data.max_train, p.data.max_test = 14, 4
+    p.reward.eval_examples = 2
+    tok = load_tokenizer(p.base_model)
+    d = {t: kfp / t / o for t, o in (("filter-data", "data"), ("synthesize-negatives", "negatives"),
+                                     ("train-reward", "reward_model"), ("train-mle", "mle_model"),
+                                     ("train-ppo", "ppo_model"), ("generate", "predictions"),
+                                     ("generate-2", "predictions"), ("generate-3", "predictions"))}
+    for folder in d.values():
+        folder.mkdir(parents=True)
+    _stage("filter_data", d["filter-data"], run,
+           lambda: task_data.prepare(task_data.DEFAULT_DATA, d["filter-data"], p.data, tok))
+    train, test = d["filter-data"] / "train.jsonl", d["filter-data"] / "test.jsonl"
+    _stage("negatives", d["synthesize-negatives"], run, lambda: negatives.build_reward_dataset(
+        train, d["synthesize-negatives"] / "rm.jsonl", p.negatives, tok))
+    _stage("train_reward", d["train-reward"], run, lambda: reward.train_reward_model(
+        d["synthesize-negatives"] / "rm.jsonl", d["train-reward"], p.reward, p.base_model,
+        list(read_jsonl(test))))
+    _stage("train_mle", d["train-mle"], run,
+           lambda: mle.train_mle(train, d["train-mle"], p.mle, p.base_model))
+    _stage("train_ppo", d["train-ppo"], run, lambda: ppo.train_ppo(
+        train, d["train-reward"] / "adapter", d["train-ppo"], p.ppo, p.base_model))
+    shutil.copyfile(d["train-ppo"] / "ppo_log.jsonl", run / "ppo_log.jsonl")
+    (run / "predictions").mkdir()
+    for task, variant, adapter in (("generate", "base", None), ("generate-2", "mle", "train-mle"),
+                                   ("generate-3", "rl", "train-ppo")):
+        out = d[task] / "predictions.jsonl"
+        _stage(f"generate_{variant}", d[task], run, lambda: generate.generate_predictions(
+            test, out, variant, p.base_model,
+            str(d[adapter] / "adapter") if adapter else None, p.generate))
+        shutil.copyfile(out, run / "predictions" / f"{variant}.jsonl")
+    (kfp / "score" / "examples").mkdir(parents=True)
+    _stage("score", kfp / "score" / "examples", run, lambda: {"n": metrics.score_examples_file(
+        sorted((run / "predictions").glob("*.jsonl")),
+        kfp / "score" / "examples" / "example_scores.jsonl", p.score)})
+    (run / "config.json").write_text(json.dumps(p.to_dict()))
+    (run / "logs").mkdir()
+    (run / "logs" / "kfp.log").write_text(
+        "23:59:58.500 - INFO - Running pipeline: 'lastmile'\n"
+        "23:59:58.500 - INFO - Executing task 'train-mle'\n"
+        "00:00:01.000 - INFO - Task 'train-mle' finished with status SUCCESS\n")
+    return run
+
+
+def test_stage_costs_account_a_run(costs, tiny_run):
+    """The account of a (tiny) run: its token counts are those the stages logged, and every
+    row's arithmetic is the stated formula: FLOPs from tokens, FLOP/s = FLOPs / compute
+    seconds, share of the bound = FLOP/s / the bound at the stage's precision."""
+    run = costs.RunFolder(tiny_run)
+    assert run.task_seconds == {"train-mle": pytest.approx(2.5)}  # across midnight
+    assert run.task_wall("train_mle") == pytest.approx(2.5)
+    assert costs.run_wall(tiny_run / "logs" / "kfp.log") == pytest.approx(2.5)
+    by_stage = {c.stage: c for c in costs.account(run)}
+    assert {"filter_data", "negatives", "train_reward", "reward_eval", "train_mle", "train_ppo",
+            "generate_base", "generate_mle", "generate_rl", "score"} <= by_stage.keys()
+    # the replayed batches carry the tokens the training logs counted, step by step
+    for stage in ("train_reward", "train_mle"):
+        assert by_stage[stage].checks == {"log_tokens_match": True, "steps": 2}, stage
+    assert by_stage["train_ppo"].checks["updates"] == 2
+    assert by_stage["reward_eval"].checks["rows"] == 2 * 6  # 2 held-out rows + 5 negatives each
+
+    shape = costs.base_shape("tiny-random")
+    n, vh = shape.linear_params, shape.vocab * shape.hidden
+    # MLE by hand: a right-padded forward per micro-batch (the stage's token-budget split),
+    # logits at the output tokens, LoRA r=32, backward through the same positions.
+    from lastmile import config, mle
+    from lastmile.io import read_jsonl
+    from lastmile.modeling import load_tokenizer
+    from lastmile.train_utils import DEFAULT_TOKEN_BUDGET, epoch_batches, micro_batches
+
+    p = config.get_profile("smoke")
+    tok = load_tokenizer("tiny-random")
+    rows = list(read_jsonl(run.folder("filter_data") / "train.jsonl"))
+    examples = mle.encode_rows(tok, rows, p.mle.max_output_tokens)
+    tokens = logits = context = 0
+    for idx in epoch_batches(len(rows), p.mle.batch_size, 1, p.mle.seed, p.mle.max_steps):
+        for micro in micro_batches([examples[i] for i in idx], None, DEFAULT_TOKEN_BUDGET):
+            width = max(e.length for e in micro)
+            tokens += len(micro) * width
+            context += len(micro) * width * width
+            logits += sum(len(e.output_ids) for e in micro)
+    lora = shape.lora_params(32)
+    c = by_stage["train_mle"]
+    assert c.tokens_fwd == c.tokens_bwd == tokens
+    assert c.flops_fwd == pytest.approx(2 * (n + lora) * tokens + 2 * vh * logits
+                                        + 4 * shape.layers * shape.attn * context)
+    assert c.flops_bwd == pytest.approx(2 * n * tokens + 4 * lora * tokens + 2 * vh * logits
+                                        + 8 * shape.layers * shape.attn * context)
+    # forward-only stages have no backward; text-only stages no FLOPs
+    for stage in ("reward_eval", "generate_base", "generate_rl", "score"):
+        assert by_stage[stage].tokens_fwd > 0 and by_stage[stage].tokens_bwd == 0, stage
+        assert by_stage[stage].flops_bwd == 0
+    assert by_stage["filter_data"].flops == 0 and by_stage["filter_data"].precision is None
+    # generation: as many real new tokens as the stage's summary counted (less each row's
+    # last, never fed back; the accounting re-encodes the decoded text: within a token a row)
+    gen = run.summaries["generate_base"]
+    real_new = by_stage["generate_base"].real_fwd - sum(
+        len(x) for x in tok([r["prompt"] for r in read_jsonl(run.folder("filter_data") /
+                                                            "test.jsonl")],
+                            add_special_tokens=False)["input_ids"])
+    assert real_new == pytest.approx(gen["mean_new_tokens"] * gen["n"] - gen["n"], abs=gen["n"])
+
+    peaks = {"float32": 2e9, "bfloat16": 5e9}
+    for cost in by_stage.values():
+        row = cost.row(peaks)
+        if not cost.flops:
+            assert row["flops_per_second"] is None and row["fraction_of_peak"] is None
+            continue
+        assert cost.compute_seconds, cost.stage
+        assert row["flops_per_second"] == pytest.approx(cost.flops / cost.compute_seconds)
+        assert row["fraction_of_peak"] == pytest.approx(row["flops_per_second"]
+                                                        / peaks[cost.precision])
+    table = costs.markdown_table(list(by_stage.values()), peaks, "Stages")
+    assert all(f"| {stage} |" in table for stage in by_stage)
+
+
+def test_flop_formula_and_shapes(costs):
+    """The formula on numbers small enough to check by hand, and a config's shape equal to the
+    real model's linear weights."""
+    shape = costs.Shape("toy", layers=2, hidden=4, attn=4, vocab=10, linears=((4, 4), (4, 8)))
+    assert shape.linear_params == 2 * (16 + 32)
+    assert shape.lora_params(1) == 2 * (8 + 12)
+    w = costs.Work(tokens=10, real=7, context=30, logits=3, lora=40, backward=True)
+    assert costs.forward_flops(shape, w) == 2 * (96 + 40) * 10 + 2 * 10 * 4 * 3 + 4 * 2 * 4 * 30
+    assert costs.backward_flops(shape, w) == (2 * 96 * 10 + 4 * 40 * 10 + 2 * 10 * 4 * 3
+                                              + 8 * 2 * 4 * 30)
+    w.backward = False
+    assert costs.backward_flops(shape, w) == 0
+    # decoding: a [2, 5] prefill, then 2 one-position steps attending to 6 and 7 positions;
+    # real: the prompts (5 + 4) and the tokens fed back before each row's last (2 + 0)
+    d = costs.decoding([5, 4], [3, 1])
+    assert (d.tokens, d.logits, d.context) == (2 * 5 + 2 * 2, 2 + 2 * 2, 2 * 25 + 2 * (6 + 7))
+    assert d.real == 5 + 4 + 2
+
+    import torch
+
+    from lastmile.modeling import load_base
+
+    model, _ = load_base("tiny-random")
+    real = sum(m.weight.numel() for name, m in model.named_modules()
+               if isinstance(m, torch.nn.Linear) and ".layers." in name)
+    assert costs.base_shape("tiny-random").linear_params == real
+
+
+def test_ppo_parts_time_the_trainers_own_gradients(costs, tiny_run):
+    """The PPO parts table times a copy of the trainer's fast path: it must leave the same
+    gradients as `PPOTrainer.gradients` on the same rollout."""
+    import torch
+
+    from lastmile import ppo
+    from lastmile.train_utils import seed_everything
+
+    run = costs.RunFolder(tiny_run)
+    cfg = run.profile.ppo
+    seed_everything(0)
+    model, tok = ppo.build_model(run.profile.base_model, run.folder("train_reward") / "adapter",
+                                 cfg)
+    trainer = ppo.PPOTrainer(model, tok, cfg, 4, micro_batch_size=2)
+    prompts = tok([r["prompt"] for r in costs.read_jsonl(run.folder("filter_data") /
+                                                         "train.jsonl")[:3]],
+                  add_special_tokens=False)["input_ids"]
+    outputs = trainer.sample(prompts, update=1)
+    rollout = trainer.rollout(ppo.SAMPLED, prompts, outputs, outputs)
+    trainer.gradients(rollout)
+    expected = [p.grad.clone() for p in trainer.policy_params + trainer.value_params]
+    times = {}
+    costs.value_and_policy_gradients(trainer, rollout, times)
+    for want, p in zip(expected, trainer.policy_params + trainer.value_params):
+        torch.testing.assert_close(p.grad, want)
+    assert set(times) == {"value forward", "value backward", "policy forward", "policy backward"}
+    parts = costs.ppo_update_works(costs.base_shape("tiny-random"), prompts,
+                                   [len(o) for o in outputs], True, 1, 1, 2)
+    assert len(parts["value"]) == len(parts["policy"]) == 2  # 3 rows in micro-batches of 2
+    assert sum(w.logits for w in parts["policy"]) == sum(len(o) for o in outputs)
+    assert [w.backward for w in parts["reward"]] == [False, False]
