@@ -225,6 +225,10 @@ class Cost:
     flops_bwd: float = 0.0
     note: str = ""
     part_of: str | None = None  # a part of that stage's row (left out of the totals)
+    #: median over the stage's steps of step FLOPs / step seconds (the logs' per-step times):
+    #: what a step achieves when nothing else holds the cores (a shared machine's stalls
+    #: inflate some steps' seconds many times over)
+    median_step_flops_per_second: float | None = None
     checks: dict = field(default_factory=dict)
 
     def add(self, shape: Shape, work: Work) -> "Cost":
@@ -276,7 +280,11 @@ class RunFolder:
         # stage name -> the folders that wrote it (several when sharded), from kfp/'s summaries
         self.dirs: dict[str, list[Path]] = {}
         for path in sorted(self.root.glob("kfp/*/*/*/summary.json")):
-            stage = json.loads(path.read_text()).get("stage")
+            summary = json.loads(path.read_text())
+            stage = summary.get("stage")
+            if stage == "postprocess":  # one stage name for both: the report's are per variant
+                read = next(iter(summary.get("input_sha256") or {}), "")
+                stage = f"postprocess_{read.split('/')[0]}" if "/" in read else stage
             if stage:
                 self.dirs.setdefault(stage, []).append(path.parent)
         self.task_seconds = task_walls(self.root / "logs" / "kfp.log")
@@ -396,13 +404,16 @@ def train_reward(run: RunFolder, shape: Shape, tokenizer) -> tuple[Cost, Cost]:
                  (summary.get("train") or {}).get("seconds"),
                  note=f"LoRA r={cfg.lora.r}, shared-prompt forward, budget {cfg.token_budget}")
     logged = [r for r in read_jsonl(out / "train_log.jsonl") if "tokens" in r]
-    rebuilt = []
+    rebuilt, step_flops = [], []
     for indices, micros in reward_micro_batches(examples, rows, cfg):
         rebuilt.append(sum(examples[i].length for i in indices))
+        before = train.flops
         for micro in micros:
             for w in reward_forward(micro, lora, backward=True):
                 train.add(shape, w)
+        step_flops.append(train.flops - before)
     train.checks["log_tokens_match"] = rebuilt[:len(logged)] == [r["tokens"] for r in logged]
+    train.median_step_flops_per_second = median_rate(step_flops, logged)
     train.checks["steps"] = len(logged)
 
     evaluation = Cost("reward_eval", cfg.precision, shape.name, None, None,
@@ -446,11 +457,12 @@ def train_mle(run: RunFolder, shape: Shape, tokenizer) -> Cost:
     cost = Cost("train_mle", cfg.precision, shape.name, run.task_wall("train_mle"),
                 run.seconds("train_mle"), (summary.get("train") or {}).get("seconds"),
                 note=f"LoRA r={cfg.lora.r}, logits at output tokens")
-    rebuilt = []
+    rebuilt, step_flops = [], []
     for indices in epoch_batches(len(examples), cfg.batch_size, cfg.epochs, cfg.seed,
                                  cfg.max_steps):
         batch = [examples[i] for i in indices]
         rebuilt.append(sum(e.length for e in batch))
+        step_flops.append(cost.flops)
         for micro in micro_batches(batch, cfg.micro_batch_size, DEFAULT_TOKEN_BUDGET):
             width = max(e.length for e in micro)
             cost.add(shape, dense(len(micro), width, sum(e.length for e in micro),
@@ -460,7 +472,16 @@ def train_mle(run: RunFolder, shape: Shape, tokenizer) -> Cost:
               if "tokens" in r]
     cost.checks["log_tokens_match"] = rebuilt[:len(logged)] == [r["tokens"] for r in logged]
     cost.checks["steps"] = len(logged)
+    step_flops = [b - a for a, b in zip(step_flops, step_flops[1:] + [cost.flops])]
+    cost.median_step_flops_per_second = median_rate(step_flops, logged)
     return cost
+
+
+def median_rate(step_flops: Sequence[float], logged: Sequence[dict]) -> float | None:
+    """The median over steps of FLOPs / the logged step seconds."""
+    rates = [f / float(r["seconds"]) for f, r in zip(step_flops, logged)
+             if r.get("seconds") and not r.get("skipped")]
+    return statistics.median(rates) if rates else None
 
 
 def ppo_update_works(shape: Shape, prompts: Sequence[Sequence[int]],
@@ -507,7 +528,9 @@ def train_ppo(run: RunFolder, shape: Shape, tokenizer) -> list[Cost]:
     split = {k: Cost(f"train_ppo: {k}", cfg.precision, shape.name, part_of="train_ppo",
                      compute_seconds=0.0) for k in ("sampling", "reward + update")}
     split["sampling"].note = "the log's sample_seconds"
+    step_flops = []
     for row in log:
+        step_flops.append(cost.flops)
         idx = batches[row["update"] - 1]
         sampled = row["batch_kind"] == ppo.SAMPLED
         if sampled:
@@ -526,6 +549,8 @@ def train_ppo(run: RunFolder, shape: Shape, tokenizer) -> list[Cost]:
                 cost.add(shape, w)
                 split["sampling" if name == "sampling" else "reward + update"].add(shape, w)
     cost.checks["updates"] = len(log)
+    step_flops = [b - a for a, b in zip(step_flops, step_flops[1:] + [cost.flops])]
+    cost.median_step_flops_per_second = median_rate(step_flops, log)
     return [cost, *split.values()]
 
 
@@ -818,6 +843,8 @@ def markdown_table(costs: Sequence[Cost], peaks: dict[str, float], title: str,
         head += ["task s", "stage s"]
     head += ["compute s", "tokens fwd", "tokens bwd", "padding", "GFLOP fwd", "GFLOP bwd",
              "GFLOP/s", "of peak"]
+    if task_column:
+        head += ["median step: GFLOP/s", "of peak"]
     lines = [f"**{title}**", "", "| " + " | ".join(head) + " |",
              "|" + "|".join("---" for _ in head) + "|"]
     for c in costs:
@@ -830,6 +857,11 @@ def markdown_table(costs: Sequence[Cost], peaks: dict[str, float], title: str,
                   _num(c.padding, "{:.0%}"), _gflop(c.flops_fwd), _gflop(c.flops_bwd),
                   _num(r["flops_per_second"] and r["flops_per_second"] / 1e9, "{:.1f}"),
                   _num(r["fraction_of_peak"], "{:.0%}")]
+        if task_column:
+            step = c.median_step_flops_per_second
+            peak = peaks.get(c.precision) if c.precision else None
+            cells += [_num(step and step / 1e9, "{:.1f}"),
+                      _num(step / peak if step and peak else None, "{:.0%}")]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -379,6 +379,8 @@ def test_stage_costs_account_a_run(costs, tiny_run):
     n, vh = shape.linear_params, shape.vocab * shape.hidden
     # MLE by hand: a right-padded forward per micro-batch (the stage's token-budget split),
     # logits at the output tokens, LoRA r=32, backward through the same positions.
+    import statistics
+
     from lastmile import config, mle
     from lastmile.io import read_jsonl
     from lastmile.modeling import load_tokenizer
@@ -388,20 +390,33 @@ def test_stage_costs_account_a_run(costs, tiny_run):
     tok = load_tokenizer("tiny-random")
     rows = list(read_jsonl(run.folder("filter_data") / "train.jsonl"))
     examples = mle.encode_rows(tok, rows, p.mle.max_output_tokens)
+    lora = shape.lora_params(32)
+
+    def flops(tokens, logits, context):  # forward + backward
+        return (2 * (n + lora) * tokens + 2 * vh * logits + 4 * shape.layers * shape.attn * context
+                + 2 * n * tokens + 4 * lora * tokens + 2 * vh * logits
+                + 8 * shape.layers * shape.attn * context)
+
     tokens = logits = context = 0
+    steps = []
     for idx in epoch_batches(len(rows), p.mle.batch_size, 1, p.mle.seed, p.mle.max_steps):
+        step = [0, 0, 0]
         for micro in micro_batches([examples[i] for i in idx], None, DEFAULT_TOKEN_BUDGET):
             width = max(e.length for e in micro)
-            tokens += len(micro) * width
-            context += len(micro) * width * width
-            logits += sum(len(e.output_ids) for e in micro)
-    lora = shape.lora_params(32)
+            step[0] += len(micro) * width
+            step[1] += sum(len(e.output_ids) for e in micro)
+            step[2] += len(micro) * width * width
+        steps.append(flops(*step))
+        tokens, logits, context = tokens + step[0], logits + step[1], context + step[2]
     c = by_stage["train_mle"]
     assert c.tokens_fwd == c.tokens_bwd == tokens
     assert c.flops_fwd == pytest.approx(2 * (n + lora) * tokens + 2 * vh * logits
                                         + 4 * shape.layers * shape.attn * context)
     assert c.flops_bwd == pytest.approx(2 * n * tokens + 4 * lora * tokens + 2 * vh * logits
                                         + 8 * shape.layers * shape.attn * context)
+    logged = list(read_jsonl(run.folder("train_mle") / "train_log.jsonl"))
+    assert c.median_step_flops_per_second == pytest.approx(
+        statistics.median(f / r["seconds"] for f, r in zip(steps, logged)))
     # forward-only stages have no backward; text-only stages no FLOPs
     for stage in ("reward_eval", "generate_base", "generate_rl", "score"):
         assert by_stage[stage].tokens_fwd > 0 and by_stage[stage].tokens_bwd == 0, stage
