@@ -879,6 +879,74 @@ def _cluster_from_args(args) -> ClusterSettings:
     return settings
 
 
+def _compile_time_flags(p):
+    p.add_argument("--init-policy-from-mle", action="store_true",
+                   help="start PPO's policy from the MLE adapter (PPO then waits for MLE)")
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="let the steps load the base model's pickle weights (.bin/.pt), "
+                        "which run code; fixed in the compiled pipeline, not a run "
+                        "parameter")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="let the steps run the base model's own Python code; fixed in the "
+                        "compiled pipeline")
+    p.add_argument("--bleurt-allow-pickle", action="store_true",
+                   help="let the score step load a BLEURT checkpoint's pickle weights")
+
+def _cluster_flags(p):
+    p.add_argument("--image", default=None,
+                   help=f"container image of every step (default {components.DEFAULT_IMAGE}, "
+                        "with -cpu appended for --accelerator-type none)")
+    p.add_argument("--accelerator-type", default="nvidia.com/gpu",
+                   help="GPU resource of training and generation steps; 'none' compiles "
+                        "for a cluster without GPUs (CPU image, no GPU requests)")
+    p.add_argument("--train-gpus", type=int, default=1, metavar="N",
+                   help="GPUs per training task (reward, MLE, PPO); the paper profile "
+                        "(train_processes=0) runs one data-parallel process per GPU")
+    p.add_argument("--node-selector", action="append", metavar="KEY=VALUE")
+    p.add_argument("--toleration", action="append", metavar="KEY[=VALUE]:EFFECT")
+    p.add_argument("--s3-secret", default="lastmile-s3-credentials",
+                   help="Secret providing object-store credentials as env vars ('' for none); "
+                        f"{KUBEFLOW_ARTIFACT_SECRET} (keys accesskey/secretkey) is mapped "
+                        "to AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY")
+    p.add_argument("--s3-endpoint", default="",
+                   help=f"object-store endpoint as a plain {ENDPOINT_VAR} variable (default "
+                        f"with --s3-secret {KUBEFLOW_ARTIFACT_SECRET}: {KUBEFLOW_ENDPOINT})")
+    p.add_argument("--cache-pvc", default="lastmile-model-cache",
+                   help="PVC mounted at /cache for the model cache ('' for none)")
+    p.add_argument("--step-resources", action="append", metavar="STEP=cpu=N,memory=Q",
+                   help="one step's requests (and memory_limit), e.g. "
+                        "score=cpu=8,memory=32Gi")
+    p.add_argument("--checkpoint-prefix", default="s3://lastmile/checkpoints/",
+                   help="where training steps checkpoint unless the run sets "
+                        "checkpoint_dir: object storage, so a retry on a new pod resumes "
+                        "('' for the pod's disk)")
+    p.add_argument("--training-timeout", type=int, default=24 * 3600, metavar="SECONDS",
+                   help="deadline of each training attempt (retries get their own)")
+    p.add_argument("--generation-timeout", type=int, default=6 * 3600, metavar="SECONDS")
+    p.add_argument("--step-timeout", type=int, default=4 * 3600, metavar="SECONDS",
+                   help="deadline of every other step")
+    p.add_argument("--shard-parallelism", type=int, default=4, metavar="N",
+                   help="generation shards running at once (each holds a GPU)")
+    p.add_argument("--trainer", choices=("kfp", "kubeflow-trainer"), default="kfp",
+                   help="kfp: training runs in its step's pod (one node); "
+                        "kubeflow-trainer: the step launches a TrainJob (torchrun on "
+                        "--trainer-nodes nodes of --train-gpus GPUs) and waits for it "
+                        "(docs/scaling.md; apply manifests/overlays/kubeflow-trainer)")
+    p.add_argument("--trainer-nodes", type=int, default=1, metavar="N",
+                   help="nodes of each TrainJob (--trainer kubeflow-trainer)")
+    p.add_argument("--trainer-runtime", default="torch-distributed",
+                   help="the Trainer runtime a TrainJob references")
+    p.add_argument("--trainjob-delete", choices=("always", "on-success", "never"),
+                   default="always", help="delete a TrainJob when it ends")
+    p.add_argument("--mlflow-uri", default="", metavar="URL",
+                   help="MLFLOW_TRACKING_URI of the training and report steps: each run "
+                        "becomes one MLflow run (docs/tracking.md)")
+    p.add_argument("--no-security-context", action="store_true",
+                   help="leave out runAsNonRoot/runAsUser (for KFP backends older than "
+                        "2.17, docs/deploy.md)")
+    _compile_time_flags(p)
+
+
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pipeline.py", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -896,73 +964,6 @@ def _build_parser() -> argparse.ArgumentParser:
                        help="a pipeline parameter, a run parameter or any dotted configuration "
                             "field (`config show` lists them): "
                             f"{', '.join(config.PIPELINE_PARAMETERS)}")
-
-    def compile_time_flags(p):
-        p.add_argument("--init-policy-from-mle", action="store_true",
-                       help="start PPO's policy from the MLE adapter (PPO then waits for MLE)")
-        p.add_argument("--allow-pickle", action="store_true",
-                       help="let the steps load the base model's pickle weights (.bin/.pt), "
-                            "which run code; fixed in the compiled pipeline, not a run "
-                            "parameter")
-        p.add_argument("--trust-remote-code", action="store_true",
-                       help="let the steps run the base model's own Python code; fixed in the "
-                            "compiled pipeline")
-        p.add_argument("--bleurt-allow-pickle", action="store_true",
-                       help="let the score step load a BLEURT checkpoint's pickle weights")
-
-    def cluster_flags(p):
-        p.add_argument("--image", default=None,
-                       help=f"container image of every step (default {components.DEFAULT_IMAGE}, "
-                            "with -cpu appended for --accelerator-type none)")
-        p.add_argument("--accelerator-type", default="nvidia.com/gpu",
-                       help="GPU resource of training and generation steps; 'none' compiles "
-                            "for a cluster without GPUs (CPU image, no GPU requests)")
-        p.add_argument("--train-gpus", type=int, default=1, metavar="N",
-                       help="GPUs per training task (reward, MLE, PPO); the paper profile "
-                            "(train_processes=0) runs one data-parallel process per GPU")
-        p.add_argument("--node-selector", action="append", metavar="KEY=VALUE")
-        p.add_argument("--toleration", action="append", metavar="KEY[=VALUE]:EFFECT")
-        p.add_argument("--s3-secret", default="lastmile-s3-credentials",
-                       help="Secret providing object-store credentials as env vars ('' for none); "
-                            f"{KUBEFLOW_ARTIFACT_SECRET} (keys accesskey/secretkey) is mapped "
-                            "to AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY")
-        p.add_argument("--s3-endpoint", default="",
-                       help=f"object-store endpoint as a plain {ENDPOINT_VAR} variable (default "
-                            f"with --s3-secret {KUBEFLOW_ARTIFACT_SECRET}: {KUBEFLOW_ENDPOINT})")
-        p.add_argument("--cache-pvc", default="lastmile-model-cache",
-                       help="PVC mounted at /cache for the model cache ('' for none)")
-        p.add_argument("--step-resources", action="append", metavar="STEP=cpu=N,memory=Q",
-                       help="one step's requests (and memory_limit), e.g. "
-                            "score=cpu=8,memory=32Gi")
-        p.add_argument("--checkpoint-prefix", default="s3://lastmile/checkpoints/",
-                       help="where training steps checkpoint unless the run sets "
-                            "checkpoint_dir: object storage, so a retry on a new pod resumes "
-                            "('' for the pod's disk)")
-        p.add_argument("--training-timeout", type=int, default=24 * 3600, metavar="SECONDS",
-                       help="deadline of each training attempt (retries get their own)")
-        p.add_argument("--generation-timeout", type=int, default=6 * 3600, metavar="SECONDS")
-        p.add_argument("--step-timeout", type=int, default=4 * 3600, metavar="SECONDS",
-                       help="deadline of every other step")
-        p.add_argument("--shard-parallelism", type=int, default=4, metavar="N",
-                       help="generation shards running at once (each holds a GPU)")
-        p.add_argument("--trainer", choices=("kfp", "kubeflow-trainer"), default="kfp",
-                       help="kfp: training runs in its step's pod (one node); "
-                            "kubeflow-trainer: the step launches a TrainJob (torchrun on "
-                            "--trainer-nodes nodes of --train-gpus GPUs) and waits for it "
-                            "(docs/scaling.md; apply manifests/overlays/kubeflow-trainer)")
-        p.add_argument("--trainer-nodes", type=int, default=1, metavar="N",
-                       help="nodes of each TrainJob (--trainer kubeflow-trainer)")
-        p.add_argument("--trainer-runtime", default="torch-distributed",
-                       help="the Trainer runtime a TrainJob references")
-        p.add_argument("--trainjob-delete", choices=("always", "on-success", "never"),
-                       default="always", help="delete a TrainJob when it ends")
-        p.add_argument("--mlflow-uri", default="", metavar="URL",
-                       help="MLFLOW_TRACKING_URI of the training and report steps: each run "
-                            "becomes one MLflow run (docs/tracking.md)")
-        p.add_argument("--no-security-context", action="store_true",
-                       help="leave out runAsNonRoot/runAsUser (for KFP backends older than "
-                            "2.17, docs/deploy.md)")
-        compile_time_flags(p)
 
     def result_flags(p):
         p.add_argument("--publish", default="", metavar="S3_URI",
@@ -996,7 +997,7 @@ def _build_parser() -> argparse.ArgumentParser:
                    help="show kfp.local's output and every stage's full log live (always "
                         "written to <run>/logs/)")
     result_flags(p)
-    compile_time_flags(p)
+    _compile_time_flags(p)
 
     p = sub.add_parser("tune", help="equal step-size search for MLE and RL on a validation "
                                     "split of the training rows (lastmile.tune)")
@@ -1029,7 +1030,7 @@ def _build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("compile", help="write the pipeline IR YAML")
     p.add_argument("-o", "--output", type=Path, default=Path("pipeline.yaml"))
     settings_flags(p)
-    cluster_flags(p)
+    _cluster_flags(p)
 
     p = sub.add_parser("upload", help="compile and upload as a new version of a named pipeline")
     server_flags(p)
@@ -1038,7 +1039,7 @@ def _build_parser() -> argparse.ArgumentParser:
                    help="default: lastmile's version and the git commit, e.g. 0.1.0-3e59738")
     p.add_argument("--description", default="")
     settings_flags(p)
-    cluster_flags(p)
+    _cluster_flags(p)
 
     for name, help_text in (("submit", "start a run on a Kubeflow Pipelines host"),
                             ("schedule",
@@ -1056,7 +1057,7 @@ def _build_parser() -> argparse.ArgumentParser:
                             "compiling this checkout; the compile flags then do not apply")
         settings_flags(p)
         result_flags(p)
-        cluster_flags(p)
+        _cluster_flags(p)
         if name == "submit":
             p.add_argument("--run-name", default="", help="default: lastmile <timestamp>")
         else:
@@ -1075,23 +1076,14 @@ def _check_cron(expr: str) -> None:
                          f"(e.g. '0 0 3 * * *'), got {len(fields)}")
 
 
-_COMPILE_FLAGS = ("image", "accelerator_type", "train_gpus", "node_selector", "toleration",
-                  "s3_secret", "s3_endpoint", "cache_pvc", "step_resources", "checkpoint_prefix",
-                  "training_timeout", "generation_timeout", "step_timeout", "shard_parallelism",
-                  "no_security_context", "mlflow_uri", "trainer", "trainer_nodes",
-                  "trainer_runtime", "trainjob_delete", "init_policy_from_mle", "allow_pickle",
-                  "trust_remote_code", "bleurt_allow_pickle")
-
-
-def _compile_flags_given(parser, args) -> list[str]:
+def _compile_flags_given(args) -> list[str]:
     """Compile flags set to something other than their defaults (they do not apply to an
-    uploaded --pipeline-version)."""
-    sub = parser._subparsers._group_actions[0].choices[args.command]
-    given = []
-    for action in sub._actions:
-        if action.dest in _COMPILE_FLAGS and getattr(args, action.dest) != action.default:
-            given.append(action.option_strings[0])
-    return given
+    uploaded --pipeline-version): the defaults come from a parser holding just those flags."""
+    reference = argparse.ArgumentParser(add_help=False)
+    _cluster_flags(reference)
+    defaults = vars(reference.parse_args([]))
+    return [f"--{dest.replace('_', '-')}" for dest, default in defaults.items()
+            if getattr(args, dest) != default]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -1162,7 +1154,7 @@ def _main(parser, args) -> int:
 
     namespace = args.namespace or None
     if getattr(args, "pipeline_version", ""):
-        given = _compile_flags_given(parser, args)
+        given = _compile_flags_given(args)
         if given:
             raise UsageError(f"{', '.join(given)}: fixed when the version was uploaded; drop "
                              f"them or upload a new version (python pipeline.py upload ...)")
