@@ -373,28 +373,36 @@ def sha256_file(path: Path) -> str:
 # ----------------------------------------------------------------------------- report
 
 def fit_shares(groups: dict[str, list[Pair]], max_tokens: int) -> dict[str, dict[str, float]]:
-    """Share of inputs whose chat-formatted prompt fits `max_tokens` (lastmile's filter)."""
+    """Share of inputs whose chat-formatted prompt fits `max_tokens` (lastmile's filter), per
+    instruction, and the prompts' token counts (default instruction) as "mean / median / p95"."""
+    import numpy as np
+
     from lastmile.modeling import load_tokenizer
 
     tokenizer = load_tokenizer("tiny-random")  # SmolLM2-135M-Instruct's tokenizer
-    shares: dict[str, dict[str, float]] = {}
+    shares: dict[str, dict] = {}
     for label, instruction in (("default instruction", DEFAULT_INSTRUCTION),
                                ("paper instruction", PAPER_INSTRUCTION)):
         shares[label] = {}
         for name, pairs in groups.items():
             prompts = [format_prompt(tokenizer, instruction, p.code) for p in pairs]
-            fit = sum(n <= max_tokens for n in prompt_lengths(tokenizer, prompts))
-            shares[label][name] = 100 * fit / max(len(pairs), 1)
+            lengths = np.array(prompt_lengths(tokenizer, prompts), dtype=float)
+            shares[label][name] = 100 * float((lengths <= max_tokens).mean())
+            if label == "default instruction":
+                shares.setdefault("tokens", {})[name] = (
+                    f"{lengths.mean():.1f} / {np.median(lengths):g} / "
+                    f"{np.percentile(lengths, 95):g}")
     return shares
 
 
 def stats_rows(groups: dict[str, list[Pair]], shares: dict[str, dict[str, float]]
                ) -> list[str]:
-    labels = list(shares)
+    labels = [label for label in shares if label != "tokens"]
     rows = ["| set | pairs | input words mean / median / p95 | docstring words mean / median "
-            "/ p95 | docstring sentences mean | docstring verbatim in input | "
+            "/ p95 | docstring sentences mean | docstring verbatim in input | prompt tokens "
+            "mean / median / p95 | "
             + " | ".join(f"fits 400 tokens ({label})" for label in labels) + " |",
-            "|---|---|---|---|---|---|" + "---|" * len(labels)]
+            "|---|---|---|---|---|---|---|" + "---|" * len(labels)]
     for name, pairs in groups.items():
         i = word_stats(p.code for p in pairs)
         o = word_stats(p.doc for p in pairs)
@@ -403,7 +411,7 @@ def stats_rows(groups: dict[str, list[Pair]], shares: dict[str, dict[str, float]
         verbatim = sum(p.doc.casefold() in p.code.casefold() for p in pairs)
         rows.append(f"| {name} | {len(pairs)} | {i['mean']} / {i['median']:g} / {i['p95']:g} | "
                     f"{o['mean']} / {o['median']:g} / {o['p95']:g} | {sent:.2f} | "
-                    f"{100 * verbatim / n:.1f}% | "
+                    f"{100 * verbatim / n:.1f}% | {shares['tokens'][name]} | "
                     + " | ".join(f"{shares[label][name]:.1f}%" for label in labels) + " |")
     return rows
 
@@ -419,10 +427,13 @@ def provenance(args, sources: list[dict], steps: list[tuple[str, int]],
         by_package[p.package] += 1
     package_rows = [
         "| package | version | license read | `.py` read / in the .deb | pairs (full set) "
-        "| .deb sha256 (= apt's list) |", "|---|---|---|---|---|---|"] + [
+        "| notices | .deb sha256 (= apt's list) |", "|---|---|---|---|---|---|---|"] + [
         f"| `{s['name']}` | {s['version']} | {s['license']} | {s['read']} / {s['py']} | "
-        f"{by_package[s['name']]} | `{s['sha256']}` |" for s in sources]
+        f"{by_package[s['name']]} | `LICENSES/{s['notice']}` | `{s['sha256']}` |"
+        for s in sources]
     sample_train, sample_test = len(groups["sample train"]), len(groups["sample test"])
+    psf_pairs = sum(n for s in sources for name, n in by_package.items()
+                    if name == s["name"] and s["license"] == "PSF-2.0")
     return "\n".join([
         "# Python functions → docstrings",
         "",
@@ -436,15 +447,16 @@ def provenance(args, sources: list[dict], steps: list[tuple[str, int]],
         "",
         "Candidates weighed (no internet here, only the PyPI, Debian and npm registries): (a) the",
         "CPython standard library, (b) paired text inside Debian packages, (c) a PyPI package",
-        "that ships a summarization corpus. Debian's paired text is one line on the summary",
-        "side (package synopses, man-page NAME lines, AppStream summaries); the corpora found",
-        "on PyPI are too small or too long for a 400-token prompt (ACLSum: 250 full papers).",
-        "(a) gives a natural task whose references people wrote for this purpose and which,",
-        "once the docstring is cut from the input, are not copied from it; but the standard",
-        "library alone holds only ~800 such pairs after the filters below, so the same",
-        "extraction also reads permissively licensed (BSD, MIT/Expat) Python libraries that",
-        "Debian packages, each file's license taken from the package's copyright file. Inputs",
-        "are code, not prose: they count more tokens per word than English.",
+        "that ships a summarization corpus. The paired text Debian packages carry is one line",
+        "on the summary side (package synopses, man-page NAME lines, AppStream summaries). The",
+        "one PyPI package found shipping a summarization corpus, ACLSum (MIT), holds 247 full",
+        "papers: too long for a 400-token prompt, and its abstract -> 3-sentence aspect summary",
+        "pairs would be too few. (a) gives a natural task whose references people wrote for",
+        "this purpose and which, once the docstring is cut from the input, are not copied from",
+        f"it; but the standard library alone gives {psf_pairs} pairs after the filters below, so",
+        "the same extraction also reads permissively licensed (BSD, MIT/Expat) Python",
+        "libraries that Debian packages, each file's license taken from the package's copyright",
+        "file. Inputs are code, not prose: they count more tokens per word than English.",
         "",
         "## Source",
         "",
@@ -507,9 +519,11 @@ def provenance(args, sources: list[dict], steps: list[tuple[str, int]],
         "",
         "## Lengths (whitespace words) and the token budget",
         "",
-        "`fits 400 tokens`: the share of inputs whose prompt (`lastmile.data.format_prompt` "
-        "with SmolLM2-135M-Instruct's chat template and the default or the paper profile's "
-        "instruction) is at most 400 tokens, the budget `lastmile.data` filters on (§4.2).",
+        "`prompt tokens`: the input in its prompt (`lastmile.data.format_prompt`: "
+        "SmolLM2-135M-Instruct's chat template, the default instruction; 50 tokens without the "
+        "input). `fits 400 tokens`: the share of prompts, with the default or the paper "
+        "profile's instruction, of at most 400 tokens, the budget `lastmile.data` filters on "
+        "(§4.2).",
         "",
         *stats_rows(groups, shares),
         "",
@@ -526,8 +540,8 @@ def provenance(args, sources: list[dict], steps: list[tuple[str, int]],
         "or 3-clause or the MIT (Expat) license for the others. All permit redistributing "
         "modified copies provided that the copyright notices and license texts are kept: "
         "`LICENSES/<package>.copyright` holds each package's Debian copyright file verbatim "
-        "(notices, license texts, file-level exceptions; `libpython3.11-stdlib` shares "
-        "`libpython3.11-minimal`'s). Each record's `id` names its module, "
+        "(notices, license texts, file-level exceptions; packages with the same file share "
+        "one, as the `notices` column says). Each record's `id` names its module, "
         "hence its package. No other source is included.",
         "",
     ])
@@ -561,9 +575,12 @@ def main(argv: list[str] | None = None) -> int:
             copyrights[pkg.name] = copyright_of(pkg, tree, copyrights)
             files = package_files(pkg, tree, copyrights[pkg.name], counts)
             extracted += extract(pkg.name, files, counts)
+            # one notices file per distinct copyright text, named after its first package
+            first = next(n for n, t in copyrights.items() if t == copyrights[pkg.name])
             sources.append({"name": pkg.name, "version": pkg.version, "license": pkg.license,
                             "sha256": record["SHA256"], "py": counts["py"] - py_before,
-                            "read": len(files), "built": built})
+                            "read": len(files), "notice": f"{first}.copyright",
+                            "built": built})
     read = sum(s["read"] for s in sources)
     steps = [("`.py` files in the packages' Python directories", counts["py"]),
              ("outside tests, vendored code and caches, not symlinks",
@@ -585,9 +602,9 @@ def main(argv: list[str] | None = None) -> int:
     licenses = args.out / "LICENSES"
     shutil.rmtree(licenses, ignore_errors=True)
     licenses.mkdir(parents=True)
-    for name, text in copyrights.items():
-        if text not in list(copyrights.values())[:list(copyrights).index(name)]:
-            (licenses / f"{name}.copyright").write_text(text, encoding="utf-8")
+    for name in {s["notice"] for s in sources}:
+        (licenses / name).write_text(copyrights[name.removesuffix(".copyright")],
+                                     encoding="utf-8")
     groups = {"full": pairs, "full train": sides["train"], "full test": sides["test"],
               "sample train": chosen["train"], "sample test": chosen["test"]}
     shares = fit_shares(groups, DataConfig().max_input_tokens)
