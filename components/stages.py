@@ -174,7 +174,7 @@ def train_reward(config: str, data: Input[Dataset], negatives: Input[Dataset],
         summary.update(reward.train_reward_model(
             rm_path, out, profile.reward, profile.base_model, held_out,
             allow_pickle=profile.allow_pickle, trust_remote_code=profile.trust_remote_code,
-            processes=profile.train_processes))
+            processes=profile.train_processes, fsdp=profile.fsdp))
     for category, accuracy in summary.get("eval", {}).get("accuracy", {}).items():
         metrics.log_metric(f"rm_accuracy_{category}", float(accuracy))
 
@@ -197,7 +197,7 @@ def train_mle(config: str, data: Input[Dataset], mle_model: Output[Model]):
         summary.update(mle.train_mle(train, out, profile.mle, profile.base_model,
                                      allow_pickle=profile.allow_pickle,
                                      trust_remote_code=profile.trust_remote_code,
-                                     processes=profile.train_processes))
+                                     processes=profile.train_processes, fsdp=profile.fsdp))
 
 
 def train_ppo(config: str, data: Input[Dataset], reward_model: Input[Model],
@@ -223,7 +223,7 @@ def train_ppo(config: str, data: Input[Dataset], reward_model: Input[Model],
                                      profile.ppo, profile.base_model, mle_adapter_dir=start_from,
                                      allow_pickle=profile.allow_pickle,
                                      trust_remote_code=profile.trust_remote_code,
-                                     processes=profile.train_processes))
+                                     processes=profile.train_processes, fsdp=profile.fsdp))
 
 
 def plan_shards(config: str, data: Input[Dataset]) -> list:

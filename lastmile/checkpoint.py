@@ -36,6 +36,12 @@ pipeline's stages give each task its own prefix (`task_scope`). A data-parallel 
 (`lastmile.distributed`, one node) is one writer too: its main rank saves (every rank holds
 the same state) and downloads a remote checkpoint; every rank then restores from the local
 copy.
+
+Sharded base (`lastmile.fsdp`). When some trainable parameters are FSDP shards (DTensors),
+every rank gathers them and their AdamW moments whole (a collective) and the main rank
+writes those whole tensors: the files are the same as an unsharded run's, whatever the
+number of ranks. Restoring cuts each rank's shard out of the whole tensor again
+(`fsdp.shard_like`), for the parameters and for their AdamW state.
 """
 
 from __future__ import annotations
@@ -359,13 +365,18 @@ def pull(uri: str, local: str | os.PathLike) -> Path | None:
 # ----------------------------------------------------------------------------- state
 
 def optimizer_state(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
-    """AdamW's state dict split into tensors ("optim.<param>.<key>") and JSON."""
+    """AdamW's state dict split into tensors ("optim.<param>.<key>") and JSON. Sharded
+    state (DTensors, `lastmile.fsdp`) is gathered whole: a collective, call it on every rank."""
+    from .fsdp import full_tensor
+
     sd = optimizer.state_dict()
     tensors, scalars = {}, {}
-    for idx, state in sd["state"].items():
-        for key, value in state.items():
+    # In a fixed order, the same on every rank: the gathers are collectives (the state's own
+    # order follows a resumed checkpoint's, which safetensors loads in no fixed order).
+    for idx, state in sorted(sd["state"].items()):
+        for key, value in sorted(state.items()):
             if torch.is_tensor(value):
-                tensors[f"optim.{idx}.{key}"] = value
+                tensors[f"optim.{idx}.{key}"] = full_tensor(value)
             else:
                 scalars.setdefault(str(idx), {})[key] = value
     return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
@@ -373,10 +384,18 @@ def optimizer_state(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.T
 
 def load_optimizer_state(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor],
                          meta: dict) -> None:
+    """The state `optimizer_state` saved; a whole moment of a sharded parameter becomes this
+    rank's shard of it (laid out as the parameter)."""
+    from .fsdp import shard_like
+
+    params = [p for group in optimizer.param_groups for p in group["params"]]  # state_dict's ids
     state: dict[int, dict] = {}
     for name, value in tensors.items():
         if name.startswith("optim."):
             _, idx, key = name.split(".", 2)
+            param = params[int(idx)]
+            if value.shape == param.shape and value.dim() > 0:  # a moment, not the step count
+                value = shard_like(value, param)
             state.setdefault(int(idx), {})[key] = value
     for idx, values in meta["scalars"].items():
         state.setdefault(int(idx), {}).update(values)
@@ -475,22 +494,32 @@ class Checkpointer:
         if len(names) != len(self.params):
             raise ValueError(f"checkpoint {path} holds {len(names)} parameters, the model "
                              f"trains {len(self.params)}")
+        from .fsdp import shard_like
+
         with torch.no_grad():
             for name, p in zip(names, self.params):
                 if tensors[name].shape != p.shape:
                     raise ValueError(f"checkpoint {path}: {name} has shape "
                                      f"{tuple(tensors[name].shape)}, the model {tuple(p.shape)}")
-                p.copy_(tensors[name])
+                p.copy_(shard_like(tensors[name], p))
 
     def due(self, step: int, last: int) -> bool:
         return self.root is not None and (step % self.every == 0 or step == last)
 
     def save(self, step: int, extras: dict) -> Path | None:
-        """Write the state (main rank only: the other ranks hold the same state)."""
-        if self.root is None or not distributed.world().is_main:
+        """Write the state (main rank only: the other ranks hold the same state). With
+        sharded parameters every rank must call it: they gather the shards whole first."""
+        from .fsdp import any_sharded, full_tensor
+
+        if self.root is None:
             return None
-        tensors = {f"param.{i:05d}": p for i, p in enumerate(self.params)}
+        sharded = any_sharded(self.params)
+        if not sharded and not distributed.world().is_main:
+            return None
+        tensors = {f"param.{i:05d}": full_tensor(p) for i, p in enumerate(self.params)}
         optim_tensors, optim_meta = optimizer_state(self.optimizer)
+        if not distributed.world().is_main:
+            return None
         rng_tensors, rng_meta = rng_state(self.generators)
         meta = {"run": self.run, "optimizer": optim_meta, "rng": rng_meta,
                 "scheduler": self.scheduler.state_dict(), "extras": extras}

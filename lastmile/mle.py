@@ -21,6 +21,7 @@ from typing import Sequence
 import torch
 
 from . import checkpoint, distributed
+from . import fsdp as sharding
 from .config import MLEConfig
 from .io import read_jsonl
 from .modeling import (AdapterModel, autocast, check_precision, collate, encode_outputs,
@@ -116,22 +117,27 @@ def train_mle_adapter(model: AdapterModel, tokenizer, rows: Sequence[dict], cfg:
 
 def train_mle(train_path: str | os.PathLike, out_dir: str | os.PathLike, cfg: MLEConfig,
               base_source: str, *, allow_pickle: bool = False, trust_remote_code: bool = False,
-              processes: int = 1) -> dict:
+              processes: int = 1, fsdp: bool = False) -> dict:
     """The train_mle stage: out_dir/adapter, out_dir/train_log.jsonl; returns the summary.
 
     Checkpoints go to `cfg.checkpoint_dir` or out_dir/checkpoints; a rerun with the same
     out_dir resumes from the latest; they are deleted once the adapter is written.
     `allow_pickle` / `trust_remote_code`: see `modeling.load_base` (both off unless asked).
     `processes`: data-parallel training processes (0: one per visible GPU; the same batches
-    and, up to float rounding, the same adapter: `lastmile.distributed`).
+    and, up to float rounding, the same adapter: `lastmile.distributed`). `fsdp`
+    (`Profile.fsdp`): shard the base's decoder layers over those processes (`lastmile.fsdp`;
+    needs two or more).
     """
     check_precision(cfg.precision, "MLEConfig.precision")  # before any process starts
+    sharding.check_world(fsdp, processes)
     return distributed.launch(_train_mle, processes, train_path, out_dir, cfg, base_source,
-                              allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+                              allow_pickle=allow_pickle, trust_remote_code=trust_remote_code,
+                              fsdp=fsdp)
 
 
 def _train_mle(train_path: str | os.PathLike, out_dir: str | os.PathLike, cfg: MLEConfig,
-               base_source: str, *, allow_pickle: bool, trust_remote_code: bool) -> dict:
+               base_source: str, *, allow_pickle: bool, trust_remote_code: bool,
+               fsdp: bool = False) -> dict:
     """`train_mle` in this process, as one rank of the current world (or alone)."""
     world = distributed.world()
     out = Path(out_dir)
@@ -143,14 +149,16 @@ def _train_mle(train_path: str | os.PathLike, out_dir: str | os.PathLike, cfg: M
                                 trust_remote_code=trust_remote_code)
     model = AdapterModel(base)
     model.add_adapter(ADAPTER, cfg.lora, head=False, seed=cfg.seed, trainable=True)
+    if fsdp:  # before the optimiser (it steps the shards) and before the move to the GPU:
+        sharding.shard_base(model)  # each layer goes there alone and leaves a shard
     model.to(default_device())
     loaded = time.perf_counter() - started
     checkpoints = checkpoint.resolve_dir(out, cfg.checkpoint_dir)
     train = train_mle_adapter(model, tokenizer, rows, cfg, log_path=out / "train_log.jsonl",
                               checkpoint_dir=checkpoints)
+    sharding.save_adapter(model, ADAPTER, out / "adapter")  # every rank: gathers when sharded
     if world.is_main:
-        model.save_adapter(ADAPTER, out / "adapter")
         checkpoint.clear(checkpoints)
     return {"rows": len(rows), "load_seconds": round(loaded, 3), "train": train,
             "adapter": "adapter", "lora": {"r": cfg.lora.r, "alpha": cfg.lora.alpha},
-            "processes": world.size, "precision": cfg.precision}
+            "processes": world.size, "precision": cfg.precision, "fsdp": fsdp}

@@ -842,8 +842,14 @@ class AdapterModel(nn.Module):
             raise KeyError(f"no adapter {name!r}; have {sorted(self.specs)}")
         return sum(p.numel() * p.element_size() for p in self.adapter_parameters(name))
 
-    def save_adapter(self, name: str, out_dir: str | os.PathLike) -> Path:
-        """Write adapter `name` (peft format) and its head as a small directory."""
+    def save_adapter(self, name: str, out_dir: str | os.PathLike,
+                     state: dict[str, torch.Tensor] | None = None) -> Path:
+        """Write adapter `name` (peft format) and its head as a small directory.
+
+        `state`: the adapter's whole tensors as `fsdp.full_adapter_state` gathers them from a
+        sharded base (whose own parameters are shards: `fsdp.save_adapter` is the call that
+        works on every rank); the files are the same as from the model's own tensors.
+        """
         from safetensors.torch import save_file
 
         out = Path(out_dir)
@@ -851,14 +857,25 @@ class AdapterModel(nn.Module):
                           f"adapter {name!r} in {out}")
         out.mkdir(parents=True, exist_ok=True)
         tmp = out.parent / f".{out.name}.tmp{os.getpid()}"
-        self.peft.save_pretrained(tmp, selected_adapters=[name])
+        if state is None:
+            self.peft.save_pretrained(tmp, selected_adapters=[name])
+        else:  # keys as in the PeftModel's state_dict: base_model.model.<name in the base>
+            lora = {f"base_model.model.{k}": v for k, v in state.items()
+                    if not k.startswith("heads.")}
+            self.peft.save_pretrained(tmp, selected_adapters=[name], state_dict=lora)
         saved = tmp / name if (tmp / name).is_dir() else tmp
         for f in saved.iterdir():
             if f.is_file():
                 os.replace(f, out / f.name)
         if name in self.heads:
-            state = {k: v.detach().contiguous() for k, v in self.heads[name].state_dict().items()}
-            save_file(state, str(out / HEAD_FILE))
+            if state is None:
+                head = {k: v.detach().contiguous()
+                        for k, v in self.heads[name].state_dict().items()}
+            else:
+                prefix = f"heads.{name}."
+                head = {k[len(prefix):]: v.contiguous() for k, v in state.items()
+                        if k.startswith(prefix)}
+            save_file(head, str(out / HEAD_FILE))
         (out / SPEC_FILE).write_text(json.dumps({"name": name, "lora": asdict(self.specs[name]),
                                                  "head": name in self.heads}, indent=2))
         import shutil

@@ -82,6 +82,7 @@ from typing import Iterator, Sequence
 import torch
 
 from . import checkpoint, distributed
+from . import fsdp as sharding
 from .config import PPOConfig
 from .io import read_jsonl, write_json
 from .modeling import (AdapterModel, SequenceBatch, autocast, bf16_attention, check_precision,
@@ -271,8 +272,12 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> t
 
 def can_merge(model: AdapterModel) -> bool:
     """Whether `merged_weights` applies: not on a quantized base (GPTQ's packed qweight has no
-    dense W to add s·BA to), which samples and scores with its LoRA layers unmerged."""
-    return not is_quantized(model)
+    dense W to add s·BA to), which samples and scores with its LoRA layers unmerged. Nor on
+    a sharded base (`lastmile.fsdp`): outside a forward its weights are this rank's shards
+    (DTensors), so there is no whole W to add s·BA to, and a merged copy of every layer at
+    once is the memory sharding exists to avoid; FSDP gathers one layer at a time inside
+    the unmerged forward instead."""
+    return not is_quantized(model) and not sharding.is_sharded_model(model)
 
 
 def _lora_layers(model: AdapterModel, adapter: str) -> list:
@@ -356,15 +361,22 @@ def sample_outputs(model: AdapterModel, prompt_ids: Sequence[Sequence[int]], ada
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if temperature <= 0:
         raise ValueError(f"PPOConfig.temperature must be > 0, got {temperature}")
+    # Sharded layers gather in every forward on every rank at once (`fsdp.shortfall`): decode
+    # until the rows of every rank are done (the done rows of this one emit padding); a rank
+    # with no rows decodes one throwaway row, done from the start.
+    device = model.lm_head.weight.device
+    lockstep = sharding.is_sharded_model(model)
+    idle = lockstep and not prompt_ids
+    if idle:
+        prompt_ids, generator = [[pad_id]], torch.Generator(device).manual_seed(0)
     if not prompt_ids or any(len(p) == 0 for p in prompt_ids):
         raise ValueError("sample_outputs: needs non-empty prompts")
     from transformers import DynamicCache
 
-    device = model.lm_head.weight.device
     ids, mask = left_pad(prompt_ids, pad_id)
     ids, mask = ids.to(device), mask.to(device)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)  # [B, P]
-    done = torch.zeros(len(prompt_ids), dtype=torch.bool, device=device)
+    done = torch.full((len(prompt_ids),), idle, dtype=torch.bool, device=device)
     steps: list[torch.Tensor] = []
     weights = (merged_weights(model, adapter, dtype)
                if (merge or dtype != torch.float32) and can_merge(model) else model.use(adapter))
@@ -383,12 +395,17 @@ def sample_outputs(model: AdapterModel, prompt_ids: Sequence[Sequence[int]], ada
             token = torch.where(done, torch.full_like(token, pad_id), token)  # [B]
             steps.append(token)
             done |= token == eos_id
-            if bool(done.all()) or step == max_new_tokens - 1:
+            if step == max_new_tokens - 1:
+                break
+            if (distributed.all_reduce_sum(float(not done.all())) == 0 if lockstep
+                    else bool(done.all())):
                 break
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
             position = position + 1
             out = model.base(input_ids=token[:, None], attention_mask=mask,
                              position_ids=position, past_key_values=cache, use_cache=True)
+    if idle:
+        return []
     rows = torch.stack(steps, dim=1).tolist()  # [B, n]
     return [row[: row.index(eos_id) + 1] if eos_id in row else row for row in rows]
 
@@ -481,10 +498,15 @@ class PPOTrainer:
             raise ValueError(f"micro_batch_size must be >= 1 or None, got {micro_batch_size}")
         self.model, self.tokenizer, self.cfg = model, tokenizer, cfg
         self.micro_batch_size = micro_batch_size
-        # A quantized base has no dense weights to merge into: sample and score unmerged.
+        # A quantized or sharded base has no whole dense weights to merge into (`can_merge`):
+        # sample and score unmerged.
         self.merge = merge and can_merge(model)
         if merge and not self.merge:
-            log.info("quantized base: PPO samples and scores the reward with unmerged LoRA")
+            log.info("quantized or sharded base: PPO samples and scores the reward with "
+                     "unmerged LoRA")
+        # Sharded layers (lastmile.fsdp): FSDP sums their gradients, and every rank runs as
+        # many forwards as the rank with the most (`_idle`).
+        self.sharded = sharding.is_sharded_model(model)
         self.precision = precision
         self.fast = fast and cfg.ppo_epochs == 1 and cfg.minibatches == 1 and cfg.kl_coef == 0
         self.device = model.lm_head.weight.device
@@ -509,8 +531,8 @@ class PPOTrainer:
         calls or processes. `update` None: this trainer's count of such calls; `positions`
         None: 0..B-1.
         """
-        if not prompt_ids:  # a rank whose share of a short batch is empty
-            return []
+        if not prompt_ids and not self.sharded:  # a rank whose share of a short batch is empty
+            return []  # (sharded, it still joins the decoding: `sample_outputs`)
         if update is None:
             self.sample_calls += 1
             update = self.sample_calls
@@ -542,19 +564,27 @@ class PPOTrainer:
         where = {"positions": None if positions is None else list(positions),
                  "batch_rows": batch_rows}
         if not output_ids:
-            return self._empty_rollout(kind, **where)
+            empty = self._empty_rollout(kind, **where)
+            if self.sharded:  # join the other ranks' sharded forwards
+                self._idle(self._shortfall(0), REWARD)
+                if self.cfg.kl_coef:
+                    self._policy_logprobs(empty, POLICY), self._policy_logprobs(empty, None)
+            return empty
         batch = collate(list(prompt_ids), list(output_ids), self.tokenizer.pad_token_id)
         batch = batch.to(self.device)
         mask = output_space_mask(batch.output_lengths)  # [B, T]
         rm = mask.new_zeros(mask.shape, dtype=torch.float32)
         merged = merged_weights(self.model, REWARD) if self.merge else contextlib.nullcontext()
+        parts = self._micro_batches(len(output_ids))
+        missing = self._shortfall(len(parts))
         with merged, self._autocast():
-            for idx in self._micro_batches(len(output_ids)):
+            for idx in parts:
                 part = _rows(batch, idx)
                 hidden = self.model.hidden_states(part.input_ids, part.attention_mask,
                                                   None if self.merge else REWARD)
                 scores = self.model.scalar(hidden[part.output_mask], REWARD).float()  # [N]
                 rm[idx] = to_output_space(scores, mask[idx])
+        self._idle(missing, REWARD)
         rm = ppo_rewards(rm, mask, self.reward_level)  # [B, T]
         ref_lengths = torch.tensor([len(r) for r in reference_ids], device=self.device)
         penalty = length_penalty(batch.output_lengths, ref_lengths, mask.shape[1],
@@ -582,6 +612,23 @@ class PPOTrainer:
         size = self.micro_batch_size or max(n, 1)
         return [list(range(i, min(i + size, n))) for i in range(0, n, size)]
 
+    def _shortfall(self, parts: int) -> int:
+        """Sharded: the idle micro-batches this rank, about to run `parts`, must add to run as
+        many as every other rank (`fsdp.shortfall`, a collective before the forwards);
+        0 unsharded."""
+        return sharding.shortfall(parts) if self.sharded else 0
+
+    def _idle(self, times: int, adapter: str | None, backward: bool = False) -> None:
+        """`times` forwards of one one-token row with `adapter` (each with the backward of
+        zero times its states): they change nothing, but run the sharded layers' gathers
+        (and reduce-scatters) as a real micro-batch does."""
+        ids = torch.full((1, 1), self.tokenizer.pad_token_id, device=self.device)
+        for _ in range(times):
+            with torch.set_grad_enabled(backward), self._autocast():
+                hidden = self.model.hidden_states(ids, torch.ones_like(ids), adapter)
+            if backward:
+                (hidden.float().sum() * 0.0).backward()
+
     def _autocast(self):  # bf16 attention: PPO's larger steps outgrow the rounding
         return autocast(self.model, self.precision, exact_lora=False)
 
@@ -602,18 +649,24 @@ class PPOTrainer:
     @torch.no_grad()
     def _policy_logprobs(self, rollout: Rollout, adapter: str | None) -> torch.Tensor:
         out = torch.zeros_like(rollout.rewards)
-        for idx in self._micro_batches(rollout.mask.shape[0]):
+        parts = self._micro_batches(rollout.mask.shape[0])
+        missing = self._shortfall(len(parts))
+        for idx in parts:
             out[idx] = to_output_space(self._logprobs(_rows(rollout.batch, idx), adapter).float(),
                                        rollout.mask[idx])
+        self._idle(missing, adapter)
         return out
 
     @torch.no_grad()
     def _values(self, rollout: Rollout) -> torch.Tensor:
         out = torch.zeros_like(rollout.rewards)
-        for idx in self._micro_batches(rollout.mask.shape[0]):
+        parts = self._micro_batches(rollout.mask.shape[0])
+        missing = self._shortfall(len(parts))
+        for idx in parts:
             part = _rows(rollout.batch, idx)
             out[idx] = to_output_space(self.model.scalar(self._states(part, VALUE), VALUE).float(),
                                        rollout.mask[idx])
+        self._idle(missing, VALUE)
         return out
 
     def _advantages(self, rollout: Rollout, values: torch.Tensor
@@ -630,14 +683,20 @@ class PPOTrainer:
         return int(distributed.all_reduce_sum(float(rollout.mask[list(rows)].sum())))
 
     def _sync_gradients(self) -> None:
-        """Sum the gradients over ranks: every rank then holds the whole batch's."""
-        distributed.all_reduce_gradients(self.policy_params + self.value_params)
+        """Sum the gradients over ranks: every rank then holds the whole batch's (sharded
+        ones: its shard of it, which FSDP's reduce-scatter summed already)."""
+        if self.sharded:
+            sharding.reduce_replicated_gradients(self.policy_params + self.value_params)
+        else:
+            distributed.all_reduce_gradients(self.policy_params + self.value_params)
 
     def _value_backward(self, rollout: Rollout, rows: Sequence[int], returns: torch.Tensor,
                         total_tokens: int) -> tuple[float, torch.Tensor]:
         """Value loss over `rows` (forward + backward per micro-batch); (its share, values)."""
         loss_sum, values = 0.0, torch.zeros_like(rollout.rewards)
-        for idx in self._micro_batches(len(rows)):
+        parts = self._micro_batches(len(rows))
+        missing = self._shortfall(len(parts))
+        for idx in parts:
             idx = [rows[i] for i in idx]
             mask = rollout.mask[idx]  # [b, T]
             v = self.model.scalar(self._states(_rows(rollout.batch, idx), VALUE), VALUE)  # [N]
@@ -646,13 +705,16 @@ class PPOTrainer:
             (loss * share).backward()
             loss_sum += float(loss.detach()) * share
             values[idx] = to_output_space(v.detach().float(), mask)
+        self._idle(missing, VALUE, backward=True)
         return loss_sum, values
 
     def _policy_backward(self, rollout: Rollout, rows: Sequence[int], advantages: torch.Tensor,
                          old_logprobs: torch.Tensor | None, total_tokens: int) -> dict:
         """Policy loss over `rows`; old_logprobs None: the fast path (pi_old = pi_theta)."""
         sums = {"policy_loss": 0.0, "clip_fraction": 0.0, "approx_kl": 0.0}
-        for idx in self._micro_batches(len(rows)):
+        parts = self._micro_batches(len(rows))
+        missing = self._shortfall(len(parts))
+        for idx in parts:
             idx = [rows[i] for i in idx]
             mask = rollout.mask[idx]
             logp = self._logprobs(_rows(rollout.batch, idx), POLICY).float()  # [N]
@@ -664,6 +726,7 @@ class PPOTrainer:
             (loss * share).backward()
             for key, value in zip(sums, (loss, clip_fraction, approx_kl)):
                 sums[key] += float(value.detach()) * share
+        self._idle(missing, POLICY, backward=True)
         return sums
 
     # -- updates ---------------------------------------------------------------------------
@@ -709,6 +772,9 @@ class PPOTrainer:
         norms = {}
         for name, params in (("policy", self.policy_params), ("value", self.value_params)):
             grads = [p for p in params if p.grad is not None]
+            if self.sharded:  # the global norm over every rank's shards (a collective)
+                norms[f"{name}_grad_norm"] = sharding.clip_gradients(grads, max_norm)
+                continue
             norm = (torch.nn.utils.clip_grad_norm_(grads, max_norm) if max_norm is not None
                     else torch.linalg.vector_norm(torch.stack(
                         [torch.linalg.vector_norm(p.grad) for p in grads])))
@@ -899,7 +965,7 @@ def train_ppo(train_path: str | os.PathLike, reward_adapter_dir: str | os.PathLi
               mle_adapter_dir: str | os.PathLike | None = None, *,
               micro_batch_size: int | None = DEFAULT_MICRO_BATCH,
               precision: str | None = None, allow_pickle: bool = False,
-              trust_remote_code: bool = False, processes: int = 1) -> dict:
+              trust_remote_code: bool = False, processes: int = 1, fsdp: bool = False) -> dict:
     """The train_ppo stage. Writes out_dir/adapter (policy), out_dir/value_adapter,
     out_dir/ppo_log.jsonl (one row per update) and out_dir/ppo_summary.json; returns the
     summary. `precision` is the frozen base's compute precision (see `PPOTrainer`; None:
@@ -915,20 +981,25 @@ def train_ppo(train_path: str | os.PathLike, reward_adapter_dir: str | os.PathLi
     `processes`: data-parallel training processes (0: one per visible GPU). Each samples,
     scores and differentiates its share of every outer batch; the samples, the gradients and
     so, up to float rounding, the adapters are those of one process (`lastmile.distributed`).
+    `fsdp` (`Profile.fsdp`): shard the base's decoder layers over those processes
+    (`lastmile.fsdp`; needs two or more); the adapters are the same up to float rounding.
     """
     precision = precision or cfg.precision
     check_precision(precision, "PPO precision")
     _check_config(cfg)  # before any process starts
+    sharding.check_world(fsdp, processes)
     return distributed.launch(_train_ppo, processes, train_path, reward_adapter_dir, out_dir,
                               cfg, base_source, mle_adapter_dir,
                               micro_batch_size=micro_batch_size, precision=precision,
-                              allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+                              allow_pickle=allow_pickle, trust_remote_code=trust_remote_code,
+                              fsdp=fsdp)
 
 
 def _train_ppo(train_path: str | os.PathLike, reward_adapter_dir: str | os.PathLike,
                out_dir: str | os.PathLike, cfg: PPOConfig, base_source: str,
                mle_adapter_dir: str | os.PathLike | None, *, micro_batch_size: int | None,
-               precision: str, allow_pickle: bool, trust_remote_code: bool) -> dict:
+               precision: str, allow_pickle: bool, trust_remote_code: bool,
+               fsdp: bool = False) -> dict:
     """`train_ppo` in this process, as one rank of the current world (or alone)."""
     world = distributed.world()
     out = Path(out_dir)
@@ -940,6 +1011,8 @@ def _train_ppo(train_path: str | os.PathLike, reward_adapter_dir: str | os.PathL
     model, tokenizer = build_model(base_source, reward_adapter_dir, cfg, mle_adapter_dir,
                                    allow_pickle=allow_pickle,
                                    trust_remote_code=trust_remote_code)
+    if fsdp:  # before the optimiser (it steps the shards) and before the move to the GPU:
+        sharding.shard_base(model)  # each layer goes there alone and leaves a shard
     model.to(default_device())
     load_seconds = time.perf_counter() - started
 
@@ -977,10 +1050,10 @@ def _train_ppo(train_path: str | os.PathLike, reward_adapter_dir: str | os.PathL
         logger.close()
     summary = summarize(logger.rows, time.perf_counter() - started, load_seconds, len(rows), cfg)
     summary.update(resumed_from_step=start or None, processes=world.size, precision=precision,
-                   reward_level=trainer.reward_level)
+                   reward_level=trainer.reward_level, fsdp=trainer.sharded)
+    sharding.save_adapter(model, POLICY, out / "adapter")  # every rank: gathers when sharded
+    sharding.save_adapter(model, VALUE, out / "value_adapter")
     if world.is_main:
-        model.save_adapter(POLICY, out / "adapter")
-        model.save_adapter(VALUE, out / "value_adapter")
         write_json(out / "ppo_summary.json", summary)
         checkpoint.clear(root)
     return summary

@@ -44,6 +44,7 @@ from typing import Sequence
 import torch
 
 from . import checkpoint, distributed
+from . import fsdp as sharding
 from .config import REWARD_LEVELS, NegativesConfig, RewardConfig
 from .io import read_jsonl, write_json
 from .modeling import (SPEC_FILE, AdapterModel, autocast, check_precision, collate,
@@ -116,6 +117,8 @@ def output_states(model: AdapterModel, prompt_ids: Sequence[Sequence[int]],
     (tests/test_reward.py); on rm.jsonl this processes ~3x fewer tokens than that. Gradients
     flow into the prompt forward through the gathered cache.
     """
+    if sharding.is_sharded_model(model):
+        return _row_states(model, prompt_ids, output_ids, pad_id, adapter)
     from transformers import DynamicCache
 
     device = model.heads[adapter].proj.weight.device
@@ -148,6 +151,27 @@ def output_states(model: AdapterModel, prompt_ids: Sequence[Sequence[int]],
             hidden = hidden.index_put((rows[:, None], torch.arange(width, device=device)),
                                       states)
     return hidden, outputs.output_mask
+
+
+def _row_states(model: AdapterModel, prompt_ids: Sequence[Sequence[int]],
+                output_ids: Sequence[Sequence[int]], pad_id: int,
+                adapter: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """`output_states` by one forward of prompt + output per row, for a sharded base
+    (lastmile.fsdp). There every decoder call gathers each layer on every rank at once, and
+    FSDP re-gathers a layer for its backward only when gradient reaches the layer's output:
+    the shared prompt's forward reaches the loss through its KV cache alone, so its last
+    layer would be differentiated with its weights already freed. One call per micro-batch,
+    the same on every rank, at the price of each row's own prompt forward."""
+    device = model.heads[adapter].proj.weight.device
+    batch = collate([list(p) for p in prompt_ids], [list(o) for o in output_ids],
+                    pad_id).to(device)
+    hidden = model.hidden_states(batch.input_ids, batch.attention_mask, adapter)  # [B, L, H]
+    lengths = batch.output_lengths.to(device)  # [B]
+    steps = torch.arange(int(lengths.max()), device=device)  # [O]
+    mask = steps[None, :] < lengths[:, None]  # [B, O], outputs left-aligned
+    where = (batch.prompt_lengths.to(device)[:, None] + steps).clamp(max=hidden.shape[1] - 1)
+    states = hidden.gather(1, where[..., None].expand(-1, -1, hidden.shape[-1]))  # [B, O, H]
+    return states, mask
 
 
 def length_buckets(lengths: Sequence[int]) -> list[list[int]]:
@@ -408,7 +432,8 @@ def held_out_reward_rows(test_rows: Sequence[dict], cfg: RewardConfig, tokenizer
 def train_reward_model(rm_path: str | os.PathLike, out_dir: str | os.PathLike,
                        cfg: RewardConfig, base_source: str,
                        eval_rows: list[dict] | None = None, *, allow_pickle: bool = False,
-                       trust_remote_code: bool = False, processes: int = 1) -> dict:
+                       trust_remote_code: bool = False, processes: int = 1,
+                       fsdp: bool = False) -> dict:
     """The train_reward stage: train, save out_dir/adapter, evaluate into rm_eval.json.
 
     Writes out_dir/train_log.jsonl (one row per step) and, when `eval_rows` (held-out true
@@ -419,17 +444,22 @@ def train_reward_model(rm_path: str | os.PathLike, out_dir: str | os.PathLike,
     `processes`: data-parallel training processes (0: one per visible GPU; the same batches
     and, up to float rounding, the same adapter: `lastmile.distributed`); the held-out
     evaluation runs on the main rank alone, on the trained weights every rank shares.
+    `fsdp` (`Profile.fsdp`): shard the base's decoder layers over those processes
+    (`lastmile.fsdp`; needs two or more); every rank then runs the evaluation, the main rank
+    writes it.
     """
     check_precision(cfg.precision, "RewardConfig.precision")  # before any process starts
     check_level(cfg.level)
+    sharding.check_world(fsdp, processes)
     return distributed.launch(_train_reward_model, processes, rm_path, out_dir, cfg,
                               base_source, eval_rows, allow_pickle=allow_pickle,
-                              trust_remote_code=trust_remote_code)
+                              trust_remote_code=trust_remote_code, fsdp=fsdp)
 
 
 def _train_reward_model(rm_path: str | os.PathLike, out_dir: str | os.PathLike,
                         cfg: RewardConfig, base_source: str, eval_rows: list[dict] | None, *,
-                        allow_pickle: bool, trust_remote_code: bool) -> dict:
+                        allow_pickle: bool, trust_remote_code: bool,
+                        fsdp: bool = False) -> dict:
     """`train_reward_model` in this process, as one rank of the current world (or alone)."""
     world = distributed.world()
     out = Path(out_dir)
@@ -440,6 +470,8 @@ def _train_reward_model(rm_path: str | os.PathLike, out_dir: str | os.PathLike,
                                 trust_remote_code=trust_remote_code)
     model = AdapterModel(base)
     add_reward_adapter(model, cfg)
+    if fsdp:  # before the optimiser (it steps the shards) and before the move to the GPU:
+        sharding.shard_base(model)  # each layer goes there alone and leaves a shard
     model.to(default_device())
     loaded = time.perf_counter() - started
     checkpoints = checkpoint.resolve_dir(out, cfg.checkpoint_dir)
@@ -448,25 +480,29 @@ def _train_reward_model(rm_path: str | os.PathLike, out_dir: str | os.PathLike,
     summary = {"rows": len(rows), "categories": _count(rows), "load_seconds": round(loaded, 3),
                "train": train, "adapter": "adapter", "lora": {"r": cfg.lora.r,
                                                               "alpha": cfg.lora.alpha},
-               "processes": world.size, "precision": cfg.precision, "level": cfg.level}
+               "processes": world.size, "precision": cfg.precision, "level": cfg.level,
+               "fsdp": fsdp}
+    sharding.save_adapter(model, ADAPTER, out / "adapter")  # every rank: gathers when sharded
     if world.is_main:
-        model.save_adapter(ADAPTER, out / "adapter")
         save_level(out / "adapter", cfg.level)
         checkpoint.clear(checkpoints)
-        _evaluate_held_out(model, tokenizer, eval_rows, cfg, summary, out)
+    if world.is_main or fsdp:  # sharded forwards need every rank (each scores every row)
+        _evaluate_held_out(model, tokenizer, eval_rows, cfg, summary, out, world.is_main)
     return summary
 
 
 def _evaluate_held_out(model: AdapterModel, tokenizer, eval_rows: list[dict] | None,
-                       cfg: RewardConfig, summary: dict, out: Path) -> None:
-    """summary["eval"] and out/rm_eval.json from the held-out rows (nothing without them)."""
+                       cfg: RewardConfig, summary: dict, out: Path, write: bool = True) -> None:
+    """summary["eval"] and (`write`) out/rm_eval.json from the held-out rows (nothing
+    without them)."""
     if eval_rows:
         trained = [c for c in summary["categories"] if c != TRUE]
         held_out = held_out_reward_rows(eval_rows, cfg, tokenizer, categories=trained or None)
         t0 = time.perf_counter()
         summary["eval"] = evaluate_reward_model(model, tokenizer, held_out, cfg)
         summary["eval_seconds"] = round(time.perf_counter() - t0, 3)
-        write_json(out / "rm_eval.json", summary["eval"])
+        if write:
+            write_json(out / "rm_eval.json", summary["eval"])
 
 
 def _count(rows: Sequence[dict]) -> dict[str, int]:

@@ -27,7 +27,9 @@ The training itself is the pipeline's: the same stage functions (`reward.train_r
 `mle.train_mle`, `ppo.train_ppo`) run as ranks of the world torchrun started (they find the
 process group and use it: `distributed.launch`), so N ranks give the adapters of one
 process up to float rounding (tests/test_trainer.py). Without torchrun (or with a world of
-one) the command trains in one process, without torch.distributed.
+one) the command trains in one process, without torch.distributed. With `"fsdp": true` in the
+configuration the base's decoder layers are sharded over the ranks (`lastmile.fsdp`, for a
+base too big for one GPU; tests/test_fsdp.py); a world of one refuses it (exit code 2).
 
 Exit codes: 0 done (or already done), 2 bad arguments or configuration (one line on stderr),
 anything else a training failure (its traceback; torchrun and the TrainJob report it).
@@ -49,7 +51,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from . import distributed
+from . import distributed, fsdp
 
 log = logging.getLogger(__name__)
 
@@ -334,7 +336,8 @@ def run_stage(stage: str, profile, inputs: dict[str, Path], out: Path,
     main = distributed.world().is_main
     cfg = getattr(profile, stage)
     cfg.checkpoint_dir = ckpt
-    common = dict(allow_pickle=profile.allow_pickle, trust_remote_code=profile.trust_remote_code)
+    common = dict(allow_pickle=profile.allow_pickle, trust_remote_code=profile.trust_remote_code,
+                  fsdp=fsdp.enabled(profile))
     data = inputs["data"]
     if stage == "reward":
         from . import reward
@@ -385,6 +388,9 @@ def train(args: argparse.Namespace) -> dict | None:
     place = place_from_env()
     check_args(args)
     profile = load_config(args.config)
+    if fsdp.enabled(profile) and place.size < 2:
+        raise UsageError("fsdp=true shards the base over torchrun's processes, but there is "
+                         "one: start 2 or more (--nproc-per-node, --nnodes) or set fsdp=false")
     join_world(place)
     try:
         if is_remote(args.out) and already_published(args.out):

@@ -18,6 +18,13 @@ Data parallelism (`lastmile.distributed`). Run as N processes, every rank forms 
 batches and takes a contiguous share of each batch's rows; losses still divide by the whole
 batch's denominator, so the gradients summed over ranks are the one-process gradient and every
 rank takes the same step. Only the main rank writes the log and the checkpoints.
+
+Sharded base (`lastmile.fsdp`, `Profile.fsdp`). When the trainable parameters are FSDP shards
+(the stage called `fsdp.shard_base`), FSDP has already summed their gradients over ranks
+(reduce-scatter): only the whole ones (scalar heads) are all-reduced, the norm for clipping
+is the global one over the shards (`fsdp.clip_gradients`), and every rank runs as many
+micro-batches as the rank with the most (`fsdp.shortfall`), so the sharded layers' gathers
+line up. Unsharded, none of this runs.
 """
 
 from __future__ import annotations
@@ -37,7 +44,7 @@ from typing import Callable, Iterable, Sequence
 
 import torch
 
-from . import distributed
+from . import distributed, fsdp
 from .checkpoint import Checkpointer
 from .config import OptimConfig
 
@@ -344,7 +351,8 @@ def _train_step(step: int, batch: list[TokenExample], params, optimizer, schedul
 
     Distributed: this rank backpropagates its share of the rows (the denominator is the whole
     batch's); the loss and the gradients are summed over ranks before anything reads them,
-    so every rank clips, checks and steps alike.
+    so every rank clips, checks and steps alike. Sharded (`lastmile.fsdp`): FSDP has summed
+    the shards' gradients; the rest are all-reduced and the norm is the global one.
     """
     t0 = time.perf_counter()
     total = float(sum(denominator(e) for e in batch))
@@ -353,11 +361,18 @@ def _train_step(step: int, batch: list[TokenExample], params, optimizer, schedul
     optimizer.zero_grad(set_to_none=True)
     world = distributed.world()
     mine = distributed.shard_indices(batch, world.rank, world.size)
-    loss = _accumulate(mine, numerator, total, micro_batch_size, token_budget, token_cost)
+    sharded = fsdp.any_sharded(params)
+    loss = _accumulate(mine, numerator, total, micro_batch_size, token_budget, token_cost,
+                       idle=batch if sharded else None)
     watched = {"loss": distributed.all_reduce_sum(loss)}
     if math.isfinite(watched["loss"]):  # a non-finite loss stopped before all backwards
-        distributed.all_reduce_gradients(params)
-        watched["grad_norm"] = _clip(params, optim.max_grad_norm)
+        if sharded:
+            fsdp.reduce_replicated_gradients(params)
+            watched["grad_norm"] = fsdp.clip_gradients(
+                [p for p in params if p.grad is not None], optim.max_grad_norm)
+        else:
+            distributed.all_reduce_gradients(params)
+            watched["grad_norm"] = _clip(params, optim.max_grad_norm)
     lr = scheduler.get_last_lr()[0]
     bad = guard.check(step, watched, where)
     if bad:
@@ -374,19 +389,26 @@ def _train_step(step: int, batch: list[TokenExample], params, optimizer, schedul
 
 def _accumulate(batch: list[TokenExample], numerator: Numerator, total: float,
                 micro_batch_size: int | None, token_budget: int | None,
-                token_cost: TokenCost) -> float:
+                token_cost: TokenCost, idle: Sequence[TokenExample] | None = None) -> float:
     """Backpropagate the batch loss micro-batch by micro-batch; returns the loss.
 
     Stops at the first non-finite part (its value is returned; the caller skips the update).
+    `idle` (a sharded base: the whole batch, which every rank holds): every micro-batch runs,
+    whatever its loss, and then idle ones (zero times the loss of the batch's shortest row)
+    until this rank has run as many as the rank with the most (`fsdp.shortfall`).
     """
     loss_sum = 0.0
-    for micro in micro_batches(batch, micro_batch_size, token_budget, token_cost):
+    parts = micro_batches(batch, micro_batch_size, token_budget, token_cost)
+    missing = fsdp.shortfall(len(parts)) if idle is not None else 0  # before any forward
+    for micro in parts:
         part = numerator(micro) / total  # scalar
         value = part.item()
-        if not math.isfinite(value):
+        if not math.isfinite(value) and idle is None:
             return value
-        part.backward()
+        part.backward()  # sharded: a non-finite part skips the update all the same
         loss_sum += value
+    for _ in range(missing):
+        (numerator([min(idle, key=lambda e: e.length)]) * 0.0).backward()
     return loss_sum
 
 

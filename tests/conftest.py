@@ -54,3 +54,64 @@ def assert_bf16_close():
         assert cosine > 0.99, cosine
 
     return check
+
+
+# ----------------------------------------------------------------------------- stage inputs
+
+def _write_jsonl(path, rows: list[dict]):
+    import json
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture(scope="session")
+def artifacts(tmp_path_factory):
+    """Local KFP-like artifacts for the training stages on the tiny random Llama: data
+    (train.jsonl: 7 task rows, test.jsonl: the first 3), negatives (rm.jsonl: each row true
+    and with two negative classes) and a trained-looking reward model (reward_model/adapter).
+    Shared by tests/test_trainer.py, test_distributed.py and test_fsdp.py."""
+    import torch
+
+    from lastmile.config import LoraSpec
+    from lastmile.modeling import AdapterModel, load_base, load_tokenizer
+
+    tokenizer = load_tokenizer("tiny-random")
+    root = tmp_path_factory.mktemp("artifacts")
+    task, rm = [], []
+    for i in range(7):
+        text = f"package {i} provides tools number {i} for the shell " * (1 + i % 3)
+        prompt = tokenizer.apply_chat_template([{"role": "user", "content": "Summarize: " + text}],
+                                               tokenize=False, add_generation_prompt=True)
+        task.append({"id": f"r{i}", "input": text, "output": f"tools {i} for shell",
+                     "prompt": prompt})
+        for suffix, output, label, weight, category in (
+                ("", f"tools {i} for shell", 1.0, 1.0, "true"),
+                ("-r", "zebra " * (1 + i % 4), 0.0, 0.5, "random_tokens"),
+                ("-c", text, 0.0, 0.5, "copy_input")):
+            rm.append(dict(id=f"r{i}{suffix}", source_id=f"r{i}", input=text, prompt=prompt,
+                           output=output, label=label, weight=weight, category=category))
+    _write_jsonl(root / "data" / "train.jsonl", task)
+    _write_jsonl(root / "data" / "test.jsonl", task[:3])
+    _write_jsonl(root / "negatives" / "rm.jsonl", rm)
+    model = AdapterModel(load_base("tiny-random")[0])
+    model.add_adapter("reward", LoraSpec(r=4, alpha=8), head=True, seed=1)
+    gen = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for p in model.adapter_parameters("reward"):
+            p.add_(torch.randn(p.shape, generator=gen) * 0.05)
+    model.save_adapter("reward", root / "reward_model" / "adapter")
+    return root
+
+
+@pytest.fixture(scope="session")
+def inputs(artifacts):
+    """The `artifacts` as the stage functions take them: file paths and held-out rows."""
+    import json
+
+    held_out = [json.loads(line) for line in (artifacts / "data" / "test.jsonl").open()]
+    return {"train": str(artifacts / "data" / "train.jsonl"),
+            "rm": str(artifacts / "negatives" / "rm.jsonl"),
+            "reward_adapter": str(artifacts / "reward_model" / "adapter"),
+            "held_out": held_out}

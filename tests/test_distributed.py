@@ -99,48 +99,6 @@ def test_sampling_a_batch_whole_or_in_parts_draws_the_same_tokens(tiny_model, to
 
 # ----------------------------------------------------------------------------- training
 
-def _prompt(tokenizer, text: str) -> str:
-    return tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
-                                         add_generation_prompt=True)
-
-
-def _write(path: Path, rows: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
-
-
-@pytest.fixture(scope="module")
-def inputs(tmp_path_factory):
-    """Task rows, reward rows (true + two negative classes), a trained-looking reward adapter."""
-    from lastmile.config import LoraSpec
-    from lastmile.modeling import AdapterModel, load_base, load_tokenizer
-
-    tokenizer = load_tokenizer("tiny-random")
-    root = tmp_path_factory.mktemp("inputs")
-    task, rm = [], []
-    for i in range(7):
-        text = f"package {i} provides tools number {i} for the shell " * (1 + i % 3)
-        prompt = _prompt(tokenizer, "Summarize: " + text)
-        task.append({"id": f"r{i}", "input": text, "output": f"tools {i} for shell",
-                     "prompt": prompt})
-        for suffix, output, label, weight, category in (
-                ("", f"tools {i} for shell", 1.0, 1.0, "true"),
-                ("-r", "zebra " * (1 + i % 4), 0.0, 0.5, "random_tokens"),
-                ("-c", text, 0.0, 0.5, "copy_input")):
-            rm.append(dict(id=f"r{i}{suffix}", source_id=f"r{i}", input=text, prompt=prompt,
-                           output=output, label=label, weight=weight, category=category))
-    model = AdapterModel(load_base("tiny-random")[0])
-    model.add_adapter("reward", LoraSpec(r=4, alpha=8), head=True, seed=1)
-    gen = torch.Generator().manual_seed(4)
-    with torch.no_grad():
-        for p in model.adapter_parameters("reward"):
-            p.add_(torch.randn(p.shape, generator=gen) * 0.05)
-    return {"train": str(_write(root / "train.jsonl", task)),
-            "rm": str(_write(root / "rm.jsonl", rm)),
-            "reward_adapter": str(model.save_adapter("reward", root / "reward")),
-            "held_out": task[:3]}
-
-
 def _configs() -> dict:
     from lastmile.config import LoraSpec, MLEConfig, OptimConfig, PPOConfig, RewardConfig
 

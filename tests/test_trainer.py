@@ -47,12 +47,6 @@ TOKEN = "test-token-0123456789"
 
 # ----------------------------------------------------------------------------- inputs
 
-def _write(path: Path, rows: list[dict]) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
-
-
 def _config(**changes) -> str:
     """The smoke profile, small and exact: LoRA r=4, a few steps, checkpoints every step."""
     from lastmile.config import LoraSpec, get_profile, profile_to_json
@@ -75,40 +69,6 @@ def _config(**changes) -> str:
             obj = getattr(obj, part)
         setattr(obj, last, value)
     return profile_to_json(p)
-
-
-@pytest.fixture(scope="module")
-def artifacts(tmp_path_factory):
-    """Local KFP-like artifacts: data (train/test), negatives (rm.jsonl), a reward model."""
-    from lastmile.config import LoraSpec
-    from lastmile.modeling import AdapterModel, load_base, load_tokenizer
-
-    tokenizer = load_tokenizer("tiny-random")
-    root = tmp_path_factory.mktemp("artifacts")
-    task, rm = [], []
-    for i in range(7):
-        text = f"package {i} provides tools number {i} for the shell " * (1 + i % 3)
-        prompt = tokenizer.apply_chat_template([{"role": "user", "content": "Summarize: " + text}],
-                                               tokenize=False, add_generation_prompt=True)
-        task.append({"id": f"r{i}", "input": text, "output": f"tools {i} for shell",
-                     "prompt": prompt})
-        for suffix, output, label, weight, category in (
-                ("", f"tools {i} for shell", 1.0, 1.0, "true"),
-                ("-r", "zebra " * (1 + i % 4), 0.0, 0.5, "random_tokens"),
-                ("-c", text, 0.0, 0.5, "copy_input")):
-            rm.append(dict(id=f"r{i}{suffix}", source_id=f"r{i}", input=text, prompt=prompt,
-                           output=output, label=label, weight=weight, category=category))
-    _write(root / "data" / "train.jsonl", task)
-    _write(root / "data" / "test.jsonl", task[:3])
-    _write(root / "negatives" / "rm.jsonl", rm)
-    model = AdapterModel(load_base("tiny-random")[0])
-    model.add_adapter("reward", LoraSpec(r=4, alpha=8), head=True, seed=1)
-    gen = torch.Generator().manual_seed(4)
-    with torch.no_grad():
-        for p in model.adapter_parameters("reward"):
-            p.add_(torch.randn(p.shape, generator=gen) * 0.05)
-    model.save_adapter("reward", root / "reward_model" / "adapter")
-    return root
 
 
 @pytest.fixture
