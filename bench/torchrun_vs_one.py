@@ -5,6 +5,7 @@ per rank, for a lastmile training stage run through its torchrun entry point.
     .venv/bin/python bench/torchrun_vs_one.py --base tiny-random --steps 6 --rows 48
     .venv/bin/python bench/torchrun_vs_one.py --stage reward --json runs/bench/torchrun.json
     .venv/bin/python bench/torchrun_vs_one.py --fsdp-params     # bytes per rank, FSDP or not
+    .venv/bin/python bench/torchrun_vs_one.py --fsdp --steps 3  # N ranks, unsharded vs FSDP
 
 Each round runs `python -m lastmile.train STAGE` as one process on every core, as one
 process on cores / N threads (what each rank gets), and `torchrun --nproc-per-node N -m
@@ -13,7 +14,8 @@ replaced), on the same synthetic rows and configuration, for `--rounds` rounds. 
 reads the main rank's `median_step_seconds` (the stage summary's median of its steps'
 `seconds`, the upper one for an even count) and every rank's peak RSS (each rank reports
 its own `ru_maxrss` at exit). The global batch is the same in every setup, so a step does
-the same work: N ranks split its rows.
+the same work: N ranks split its rows. `--fsdp` runs the N-process setup twice instead,
+with `fsdp` off and on (the base's decoder layers sharded over the ranks, lastmile.fsdp).
 
 It is a benchmark, not a test: it never asserts a time. The figures in docs/scaling.md come
 from it. On a machine with fewer cores than N x the threads a forward can use, expect
@@ -110,12 +112,12 @@ def make_inputs(root: Path, base: str, rows: int, words: int) -> dict[str, Path]
     return paths
 
 
-def make_config(base: str, stage: str, steps: int, batch: int) -> str:
+def make_config(base: str, stage: str, steps: int, batch: int, fsdp: bool = False) -> str:
     sys.path.insert(0, str(ROOT))
     from lastmile.config import get_profile, profile_to_json
 
     p = get_profile("demo")
-    p.base_model = base
+    p.base_model, p.fsdp = base, fsdp
     cfg = getattr(p, stage)
     cfg.batch_size = batch
     cfg.checkpoint_every = 0
@@ -155,7 +157,8 @@ def run_once(processes: int, stage: str, inputs: dict[str, Path], config: str, r
                    key=lambda r: r["rank"])
     steps = [json.loads(l)["seconds"] for l in (out / "out" / "train_log.jsonl").open()
              if "seconds" in json.loads(l)]
-    return {"processes": processes, "threads_per_rank": threads, "wall_seconds": round(wall, 2),
+    return {"processes": processes, "threads_per_rank": threads,
+            "fsdp": bool(summary.get("fsdp")), "wall_seconds": round(wall, 2),
             "load_seconds": summary["load_seconds"],
             "median_step_seconds": summary["train"]["median_step_seconds"],
             "step_seconds": steps, "steps": summary["train"]["steps"],
@@ -180,6 +183,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=1, help="alternating 1-process/N-process pairs")
     p.add_argument("--cores", type=int, default=len(os.sched_getaffinity(0)))
     p.add_argument("--json", metavar="FILE", help="also write the results here")
+    p.add_argument("--fsdp", action="store_true",
+                   help="instead of the 1-process setups: the N-process one unsharded and "
+                        "with the base sharded (fsdp on)")
     p.add_argument("--fsdp-params", action="store_true",
                    help="instead: parameter bytes per rank, whole and FSDP-sharded, with "
                         "--processes gloo ranks")
@@ -200,21 +206,26 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="lastmile-bench-torchrun-") as tmp:
         root = Path(tmp)
         inputs = make_inputs(root, args.base, args.rows, args.words)
-        config = make_config(args.base, args.stage, args.steps, args.batch)
-        # (processes, threads per rank): one process on every core, one process on one core
-        # (what each rank gets), N processes sharing the cores.
-        setups = [(1, args.cores), (1, max(1, args.cores // args.processes)),
-                  (args.processes, max(1, args.cores // args.processes))]
+        configs = {fsdp: make_config(args.base, args.stage, args.steps, args.batch, fsdp)
+                   for fsdp in (False, True)}
+        # (processes, threads per rank, fsdp): one process on every core, one process on one
+        # core (what each rank gets), N processes sharing the cores; or with --fsdp the N
+        # processes unsharded and sharded.
+        share = max(1, args.cores // args.processes)
+        setups = ([(args.processes, share, False), (args.processes, share, True)] if args.fsdp
+                  else [(1, args.cores, False), (1, share, False),
+                        (args.processes, share, False)])
         setups = list(dict.fromkeys(setups))
         runs = []
         for _ in range(args.rounds):
-            for n, threads in setups:
-                runs.append(run_once(n, args.stage, inputs, config, root, threads))
+            for n, threads, fsdp in setups:
+                runs.append(run_once(n, args.stage, inputs, configs[fsdp], root, threads))
                 print(json.dumps(runs[-1]), flush=True)
     table = []
-    for n, threads in setups:
-        mine = [r for r in runs if r["processes"] == n and r["threads_per_rank"] == threads]
-        table.append({"processes": n, "threads_per_rank": threads,
+    for n, threads, fsdp in setups:
+        mine = [r for r in runs if r["processes"] == n and r["threads_per_rank"] == threads
+                and r["fsdp"] == fsdp]
+        table.append({"processes": n, "threads_per_rank": threads, "fsdp": fsdp,
                       "median_step_seconds": statistics.median(r["median_step_seconds"]
                                                                for r in mine),
                       "peak_rss_gib_per_rank": max(max(r["peak_rss_gib"]) for r in mine),
@@ -225,7 +236,8 @@ def main(argv: list[str] | None = None) -> int:
     print("| processes x threads | s / step (median) | peak RSS per rank | model load |")
     print("|---|---|---|---|")
     for row in table:
-        print(f"| {row['processes']} x {row['threads_per_rank']} | "
+        print(f"| {row['processes']} x {row['threads_per_rank']}"
+              f"{' (fsdp)' if row['fsdp'] else ''} | "
               f"{row['median_step_seconds']:.3f} | {row['peak_rss_gib_per_rank']:.2f} GiB | "
               f"{row['load_seconds']:.1f} s |")
     if args.json:

@@ -806,4 +806,12 @@ def test_the_torchrun_bench_runs_and_reports_finite_figures(tmp_path):
     assert sharded.returncode == 0, sharded.stderr[-3000:]
     row = json.loads([l for l in sharded.stdout.splitlines() if l.startswith("{")][0])
     assert row["world"] == 2 and row["sharded_bytes"] < row["whole_bytes"]
+    fsdp = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "torchrun_vs_one.py"), "--base", "tiny-random",
+         "--steps", "1", "--rows", "8", "--words", "10", "--batch", "4", "--fsdp", "--json",
+         str(out)], capture_output=True, text=True, timeout=600, env=_child_env())
+    assert fsdp.returncode == 0, fsdp.stderr[-3000:]
+    table = json.loads(out.read_text())["table"]
+    assert [(r["processes"], r["fsdp"]) for r in table] == [(2, False), (2, True)]
+    assert all(r["median_step_seconds"] > 0 for r in table) and "| 2 x 1 (fsdp) |" in fsdp.stdout
     assert row["lora_sharded_bytes"] * 2 == row["lora_whole_bytes"]  # every LoRA in a layer
