@@ -271,14 +271,9 @@ class RunFolder:
         from lastmile import config as cfg_mod
 
         self.root = Path(root).resolve()
-        summaries = self.root / "summaries"
-        if not summaries.is_dir():
-            raise SystemExit(f"{self.root}: no summaries/ (a finished run's folder?)")
-        self.summaries = {p.stem: json.loads(p.read_text()) for p in summaries.glob("*.json")}
-        self.profile = cfg_mod.from_dict(cfg_mod.Profile,
-                                         json.loads((self.root / "config.json").read_text()))
         # stage name -> the folders that wrote it (several when sharded), from kfp/'s summaries
         self.dirs: dict[str, list[Path]] = {}
+        found: dict[str, dict] = {}
         for path in sorted(self.root.glob("kfp/*/*/*/summary.json")):
             summary = json.loads(path.read_text())
             stage = summary.get("stage")
@@ -287,7 +282,32 @@ class RunFolder:
                 stage = f"postprocess_{read.split('/')[0]}" if "/" in read else stage
             if stage:
                 self.dirs.setdefault(stage, []).append(path.parent)
+                found.setdefault(stage, summary)
+        summaries = self.root / "summaries"
+        # a finished run: the report's summaries (shards merged); a run still going or failed:
+        # the stage folders' own, for the stages that finished
+        self.complete = summaries.is_dir()
+        self.summaries = ({p.stem: json.loads(p.read_text()) for p in summaries.glob("*.json")}
+                          if self.complete else found)
+        if not self.summaries:
+            raise SystemExit(f"{self.root}: no stage summaries (summaries/ or kfp/*/*/*/)")
+        config = self.root / "config.json"
+        if config.is_file():
+            values = json.loads(config.read_text())
+        else:  # the resolve-config task's output: the same profile, as JSON
+            out = next(self.root.glob("kfp/*/resolve-config/executor_output.json"), None)
+            if out is None:
+                raise SystemExit(f"{self.root}: no config.json nor resolve-config output")
+            values = json.loads(json.loads(out.read_text())["parameterValues"]["Output"])
+        self.profile = cfg_mod.from_dict(cfg_mod.Profile, values)
         self.task_seconds = task_walls(self.root / "logs" / "kfp.log")
+
+    def has(self, *stages: str) -> bool:
+        return all(s in self.summaries and s in self.dirs for s in stages)
+
+    def file(self, name: str, stage: str) -> Path:
+        """`name` at the run's root (the report's copy) or in the stage's folder."""
+        return self.root / name if (self.root / name).is_file() else self.folder(stage) / name
 
     def folder(self, stage: str) -> Path:
         found = self.dirs.get(stage)
@@ -519,7 +539,7 @@ def train_ppo(run: RunFolder, shape: Shape, tokenizer) -> list[Cost]:
     prompts = encode_prompts(tokenizer, [r["prompt"] for r in rows])
     references = encode_outputs(tokenizer, [r["output"] for r in rows], cfg.max_new_tokens)
     batches = epoch_batches(len(rows), cfg.batch_size, cfg.epochs, cfg.seed, cfg.max_updates)
-    log = read_jsonl(run.root / "ppo_log.jsonl")
+    log = read_jsonl(run.file("ppo_log.jsonl", "train_ppo"))
     micro = ppo.DEFAULT_MICRO_BATCH
     cost = Cost("train_ppo", cfg.precision, shape.name, run.task_wall("train_ppo"),
                 run.seconds("train_ppo"), sum(float(r["seconds"]) for r in log),
@@ -612,7 +632,10 @@ def scoring(run: RunFolder) -> Cost:
     if st.exists():
         limit = json.loads(st.read_text())["max_seq_length"]
     pairs = []
-    for path in sorted((run.root / "predictions").glob("*.jsonl")):
+    files = sorted((run.root / "predictions").glob("*.jsonl")) or [
+        d / "predictions.jsonl" for stage, dirs in sorted(run.dirs.items())
+        if stage.startswith(("generate_", "postprocess_")) for d in dirs]
+    for path in files:
         pairs += [(r["prediction"], r["reference"]) for r in read_jsonl(path)]
     for start in range(0, len(pairs), metrics.BATCH_SIZE):
         chunk = pairs[start: start + metrics.BATCH_SIZE]
@@ -634,9 +657,12 @@ def account(run: RunFolder) -> list[Cost]:
     shape = base_shape(profile.base_model)
     costs = [no_model(run, "filter_data", "tokenizer only"),
              no_model(run, "negatives", "tokenizer only")]
-    costs += train_reward(run, shape, tokenizer)
-    costs.append(train_mle(run, shape, tokenizer))
-    costs += train_ppo(run, shape, tokenizer)
+    if run.has("train_reward", "negatives"):
+        costs += train_reward(run, shape, tokenizer)
+    if run.has("train_mle"):
+        costs.append(train_mle(run, shape, tokenizer))
+    if run.has("train_ppo"):
+        costs += train_ppo(run, shape, tokenizer)
     for variant in ("base", "mle", "rl"):
         cost = generation(run, shape, tokenizer, variant)
         if cost is not None:
@@ -644,6 +670,9 @@ def account(run: RunFolder) -> list[Cost]:
     for variant in ("base", "mle"):
         if f"postprocess_{variant}" in run.summaries:
             costs.append(no_model(run, f"postprocess_{variant}", "text only"))
+    if run.has("score"):
+        costs.append(scoring(run))
+    return costs
     costs.append(scoring(run))
     return costs
 
@@ -889,6 +918,7 @@ def report(result: dict) -> str:
     costs = [Cost(**{k: v for k, v in c.items() if k in Cost.__dataclass_fields__})
              for c in result["stages"]]
     out = [f"run {result['run']}  (profile {result['profile']}, base {result['base_model']}, "
+           f"{'' if result.get('complete', True) else 'UNFINISHED: stages done so far; '}"
            f"torch threads {result['threads']}, wall {_num(result['run_wall_seconds'], '{:.0f}')}"
            " s by kfp.log)"]
     m = result.get("machine") or {}
@@ -927,7 +957,7 @@ def result_of(run: RunFolder, costs: Sequence[Cost], peaks: dict, repeats: int,
     bound = {p: peaks[p][PEAK_M] for p in PRECISIONS}
     return {
         "machine": machine(),
-        "run": str(run.root), "profile": run.profile.name, "base_model": run.profile.base_model,
+        "run": str(run.root), "complete": run.complete, "profile": run.profile.name, "base_model": run.profile.base_model,
         "threads": torch.get_num_threads(), "peak_repeats": repeats,
         "run_wall_seconds": run_wall(run.root / "logs" / "kfp.log"),
         "peaks": {p: {str(m): v for m, v in by_m.items()} for p, by_m in peaks.items()},
@@ -976,7 +1006,8 @@ def main(argv=None) -> int:
     costs = account(run)
     peaks = measure_peaks(base_shape(run.profile.base_model), args.peak_repeats,
                           args.peak_seconds)
-    parts = None if args.no_ppo_parts else ppo_parts(run, args.ppo_updates)
+    parts = (ppo_parts(run, args.ppo_updates)
+             if not args.no_ppo_parts and run.has("train_reward") else None)
     result = result_of(run, costs, peaks, args.peak_repeats, parts)
     print(report(result))
     if args.json:
