@@ -274,7 +274,9 @@ class RunFolder:
         # stage name -> the folders that wrote it (several when sharded), from kfp/'s summaries
         self.dirs: dict[str, list[Path]] = {}
         found: dict[str, dict] = {}
-        for path in sorted(self.root.glob("kfp/*/*/*/summary.json")):
+        for path in sorted(self.root.glob("kfp/*/**/summary.json")):
+            if path.parent.parent.name in ("gather", "report"):  # merged copies of the shards'
+                continue
             summary = json.loads(path.read_text())
             stage = summary.get("stage")
             if stage == "postprocess":  # one stage name for both: the report's are per variant
@@ -283,6 +285,13 @@ class RunFolder:
             if stage:
                 self.dirs.setdefault(stage, []).append(path.parent)
                 found.setdefault(stage, summary)
+        # a training stage that failed or is still going has no summary yet: its folder by name
+        for stage, (task, output, log) in TRAINING_FOLDERS.items():
+            if stage not in self.dirs:
+                self.dirs[stage] = [d for d in sorted(self.root.glob(f"kfp/*/{task}/{output}"))
+                                    if (d / log).is_file()]
+                if not self.dirs[stage]:
+                    del self.dirs[stage]
         summaries = self.root / "summaries"
         # a finished run: the report's summaries (shards merged); a run still going or failed:
         # the stage folders' own, for the stages that finished
@@ -303,7 +312,7 @@ class RunFolder:
         self.task_seconds = task_walls(self.root / "logs" / "kfp.log")
 
     def has(self, *stages: str) -> bool:
-        return all(s in self.summaries and s in self.dirs for s in stages)
+        return all(s in self.dirs for s in stages)
 
     def file(self, name: str, stage: str) -> Path:
         """`name` at the run's root (the report's copy) or in the stage's folder."""
@@ -316,8 +325,9 @@ class RunFolder:
         return found[0]
 
     def task_wall(self, stage: str) -> float | None:
-        """The kfp task's wall time summed over the stage's folders (shards)."""
-        walls = [self.task_seconds.get(d.parent.name) for d in self.dirs.get(stage, [])]
+        """The kfp task's wall time, summed over its shards' tasks."""
+        names = {d.parent.name for d in self.dirs.get(stage, [])}
+        walls = [self.task_seconds.get(n) for n in names]
         return sum(walls) if walls and all(w is not None for w in walls) else None
 
     def seconds(self, stage: str) -> float | None:
@@ -325,12 +335,28 @@ class RunFolder:
         return float(s) if isinstance(s, (int, float)) else None
 
 
-_KFP_LINE = re.compile(r"^(\d\d:\d\d:\d\d\.\d+) - INFO - (?:Executing task '([^']+)'|"
+#: stage -> (kfp task folder, output folder, the log it writes step by step)
+TRAINING_FOLDERS = {"train_reward": ("train-reward", "reward_model", "train_log.jsonl"),
+                    "train_mle": ("train-mle", "mle_model", "train_log.jsonl"),
+                    "train_ppo": ("train-ppo", "ppo_model", "ppo_log.jsonl")}
+
+
+def logged_seconds(summary: dict, logged: Sequence[dict]) -> float | None:
+    """The training loop's seconds: the summary's, else (a stage that did not finish) the sum
+    of the logged steps' seconds."""
+    seconds = (summary.get("train") or {}).get("seconds")
+    if seconds is None and logged:
+        seconds = sum(float(r.get("seconds") or 0.0) for r in logged)
+    return seconds
+
+
+_KFP_LINE = re.compile(r"^(\d\d:\d\d:\d\d\.\d+) - [A-Z]+ - (?:Executing task '([^']+)'|"
                        r"Task '([^']+)' finished)")
 
 
 def task_walls(log: Path) -> dict[str, float]:
-    """{task: seconds} from kfp.local's log: 'Executing task' to 'Task ... finished'."""
+    """{task: seconds} from kfp.local's log: 'Executing task' to 'Task ... finished' (a task
+    name that runs once per shard: the sum of its runs; a failed task counts too)."""
     if not log.is_file():
         return {}
     started, walls = {}, {}
@@ -349,7 +375,7 @@ def task_walls(log: Path) -> dict[str, float]:
         if m.group(2):
             started[m.group(2)] = t
         elif m.group(3) in started:
-            walls[m.group(3)] = t - started.pop(m.group(3))
+            walls[m.group(3)] = walls.get(m.group(3), 0.0) + t - started.pop(m.group(3))
     return walls
 
 
@@ -419,11 +445,10 @@ def train_reward(run: RunFolder, shape: Shape, tokenizer) -> tuple[Cost, Cost]:
     rows = reward.read_reward_rows(run.folder("negatives") / "rm.jsonl")
     examples = reward.encode_rows(tokenizer, rows, cfg.max_output_tokens)
     lora = shape.lora_params(cfg.lora.r)
-    train = Cost("train_reward", cfg.precision, shape.name, run.task_wall("train_reward"),
-                 run.seconds("train_reward"),
-                 (summary.get("train") or {}).get("seconds"),
-                 note=f"LoRA r={cfg.lora.r}, shared-prompt forward, budget {cfg.token_budget}")
     logged = [r for r in read_jsonl(out / "train_log.jsonl") if "tokens" in r]
+    train = Cost("train_reward", cfg.precision, shape.name, run.task_wall("train_reward"),
+                 run.seconds("train_reward"), logged_seconds(summary, logged),
+                 note=f"LoRA r={cfg.lora.r}, shared-prompt forward, budget {cfg.token_budget}")
     rebuilt, step_flops = [], []
     for indices, micros in reward_micro_batches(examples, rows, cfg):
         rebuilt.append(sum(examples[i].length for i in indices))
@@ -440,8 +465,8 @@ def train_reward(run: RunFolder, shape: Shape, tokenizer) -> tuple[Cost, Cost]:
                       summary.get("eval_seconds"), note="held-out rows + negatives, forward "
                       "only; inside train_reward's task and stage seconds")
     test = read_jsonl(run.folder("filter_data") / "test.jsonl")
-    if summary.get("eval") is not None and test:
-        trained = [c for c in summary.get("categories", {}) if c != reward.TRUE]
+    if cfg.eval_examples and test:  # also what an evaluation that did not finish would do
+        trained = sorted({r["category"] for r in rows} - {reward.TRUE})
         held = reward.held_out_reward_rows(test, cfg, tokenizer, categories=trained or None)
         held_examples = reward.encode_rows(tokenizer, held, cfg.max_output_tokens)
         # score_outputs: rows of one prompt together, similar lengths together, 16 per forward
@@ -474,8 +499,10 @@ def train_mle(run: RunFolder, shape: Shape, tokenizer) -> Cost:
     rows = read_jsonl(run.folder("filter_data") / "train.jsonl")
     examples = mle.encode_rows(tokenizer, rows, cfg.max_output_tokens)
     lora = shape.lora_params(cfg.lora.r)
+    logged = [r for r in read_jsonl(run.folder("train_mle") / "train_log.jsonl")
+              if "tokens" in r]
     cost = Cost("train_mle", cfg.precision, shape.name, run.task_wall("train_mle"),
-                run.seconds("train_mle"), (summary.get("train") or {}).get("seconds"),
+                run.seconds("train_mle"), logged_seconds(summary, logged),
                 note=f"LoRA r={cfg.lora.r}, logits at output tokens")
     rebuilt, step_flops = [], []
     for indices in epoch_batches(len(examples), cfg.batch_size, cfg.epochs, cfg.seed,
@@ -488,8 +515,6 @@ def train_mle(run: RunFolder, shape: Shape, tokenizer) -> Cost:
             cost.add(shape, dense(len(micro), width, sum(e.length for e in micro),
                                   logits=sum(len(e.output_ids) for e in micro), lora=lora,
                                   backward=True))
-    logged = [r for r in read_jsonl(run.folder("train_mle") / "train_log.jsonl")
-              if "tokens" in r]
     cost.checks["log_tokens_match"] = rebuilt[:len(logged)] == [r["tokens"] for r in logged]
     cost.checks["steps"] = len(logged)
     step_flops = [b - a for a, b in zip(step_flops, step_flops[1:] + [cost.flops])]
@@ -502,6 +527,22 @@ def median_rate(step_flops: Sequence[float], logged: Sequence[dict]) -> float | 
     rates = [f / float(r["seconds"]) for f, r in zip(step_flops, logged)
              if r.get("seconds") and not r.get("skipped")]
     return statistics.median(rates) if rates else None
+
+
+def ppo_api():
+    """lastmile.ppo's names, wherever they live (the module is being split into ppo_trainer,
+    ppo_equations and sampling): one namespace with all of them."""
+    import importlib
+    import types
+
+    found = {}
+    for name in ("sampling", "ppo_equations", "ppo_trainer", "ppo"):
+        try:
+            module = importlib.import_module(f"lastmile.{name}")
+        except ImportError:
+            continue
+        found.update({k: getattr(module, k) for k in dir(module) if not k.startswith("__")})
+    return types.SimpleNamespace(**found)
 
 
 def ppo_update_works(shape: Shape, prompts: Sequence[Sequence[int]],
@@ -530,7 +571,7 @@ def train_ppo(run: RunFolder, shape: Shape, tokenizer) -> list[Cost]:
     """PPO from ppo_log.jsonl: each update's rows (the seeded batches), their prompts, and its
     mean response length (the log keeps no per-row lengths: every sampled row is taken at the
     mean, so the sampled updates' decoding and padding are lower bounds)."""
-    from lastmile import ppo
+    ppo = ppo_api()
     from lastmile.modeling import encode_outputs, encode_prompts
     from lastmile.train_utils import epoch_batches
 
@@ -680,37 +721,54 @@ def account(run: RunFolder) -> list[Cost]:
 # ============================================================================ the bound
 
 def matmul_peak(shape: Shape, precision: str, m: int, seconds: float = 1.0) -> float:
-    """FLOP/s of one decoder layer's linear maps on [m, d_in] inputs at `precision`."""
+    """FLOP/s of one decoder layer's linear maps on [m, d_in] inputs at `precision`: each map
+    timed alone, many times, its best time kept (short timings catch the moments the shared
+    cores are free); the layer's FLOPs over the sum of the best times."""
     dtype = getattr(torch, precision)
     gen = torch.Generator().manual_seed(0)
-    weights = [torch.randn(o, i, generator=gen).to(dtype) for i, o in shape.linears]
-    inputs = {i: torch.randn(m, i, generator=gen).to(dtype) for i, _ in shape.linears}
-    flops = 2.0 * m * sum(i * o for i, o in shape.linears)
-
-    def layer():
-        for w in weights:
-            torch.nn.functional.linear(inputs[w.shape[1]], w)
-
+    total = 0.0
     with torch.inference_mode():
-        for _ in range(3):
-            layer()
-        best, spent = math.inf, 0.0
-        while spent < seconds:
-            t0 = time.perf_counter()
-            layer()
-            dt_ = time.perf_counter() - t0
-            best, spent = min(best, dt_), spent + dt_
-    return flops / best
+        for d_in, d_out in shape.linears:
+            w = torch.randn(d_out, d_in, generator=gen).to(dtype)
+            x = torch.randn(m, d_in, generator=gen).to(dtype)
+            for _ in range(3):
+                torch.nn.functional.linear(x, w)
+            best, spent = math.inf, 0.0
+            while spent < seconds / len(shape.linears):
+                t0 = time.perf_counter()
+                torch.nn.functional.linear(x, w)
+                took = time.perf_counter() - t0
+                best, spent = min(best, took), spent + took
+            total += best
+    return 2.0 * m * sum(i * o for i, o in shape.linears) / total
 
 
-def measure_peaks(shape: Shape, repeats: int, seconds: float = 1.0) -> dict:
-    """{precision: {m: best FLOP/s over `repeats`}} for m = PEAK_M and DECODE_M."""
-    found = {p: {PEAK_M: 0.0, DECODE_M: 0.0} for p in PRECISIONS}
-    for _ in range(repeats):
-        for p in PRECISIONS:
-            for m in (PEAK_M, DECODE_M):
-                found[p][m] = max(found[p][m], matmul_peak(shape, p, m, seconds))
-    return found
+def measure_peaks(shape: Shape, repeats: int, seconds: float = 2.0) -> dict:
+    """{precision: {m: FLOP/s}}: the best over `repeats` of `matmul_peak` with torch's
+    current thread count (the run's), and of `threads` x the one-thread figure (perfect
+    scaling, what the cores can do: on a shared machine, one thread of a pair held up by
+    another process stalls both, and one-thread timings are the steadier). The bound is the
+    larger; both are kept ("threads", "one_thread_scaled")."""
+    threads = torch.get_num_threads()
+    found = {p: {str(m): 0.0 for m in (PEAK_M, DECODE_M)} for p in PRECISIONS}
+    detail = {"threads": threads, "at_threads": {p: {str(m): 0.0 for m in (PEAK_M, DECODE_M)}
+                                                 for p in PRECISIONS},
+              "one_thread_scaled": {p: {str(m): 0.0 for m in (PEAK_M, DECODE_M)}
+                                    for p in PRECISIONS}}
+    try:
+        for _ in range(repeats):
+            for p in PRECISIONS:
+                for m in (PEAK_M, DECODE_M):
+                    torch.set_num_threads(threads)
+                    at = matmul_peak(shape, p, m, seconds)
+                    torch.set_num_threads(1)
+                    one = threads * matmul_peak(shape, p, m, seconds)
+                    for key, value in (("at_threads", at), ("one_thread_scaled", one)):
+                        detail[key][p][str(m)] = max(detail[key][p][str(m)], value)
+                    found[p][str(m)] = max(found[p][str(m)], at, one)
+    finally:
+        torch.set_num_threads(threads)
+    return {**found, "detail": detail}
 
 
 # ============================================================================ PPO's parts
@@ -732,7 +790,7 @@ def timed_update(trainer, kind: str, prompt_ids, reference_ids, update: int) -> 
     A copy of `PPOTrainer.gradients`' fast path with clocks between its pieces
     (tests/test_bench.py checks that it leaves the gradients `gradients` computes).
     """
-    from lastmile import ppo
+    ppo = ppo_api()
 
     times: dict[str, float] = {}
     t = time.perf_counter()
@@ -749,7 +807,7 @@ def timed_update(trainer, kind: str, prompt_ids, reference_ids, update: int) -> 
 
 
 def value_and_policy_gradients(trainer, rollout, times: dict) -> None:
-    from lastmile import ppo
+    ppo = ppo_api()
 
     cfg, model = trainer.cfg, trainer.model
     trainer.optimizer.zero_grad(set_to_none=True)
@@ -782,7 +840,7 @@ def ppo_parts(run: RunFolder, updates: int) -> dict:
     """PPO's parts on the run's first batches: the run's reward adapter, fresh policy and value
     (the run's start), its precision and micro-batches; one warm-up update per kind, then
     `updates` measured per kind. Tokens of each part from the real outputs."""
-    from lastmile import ppo
+    ppo = ppo_api()
     from lastmile.modeling import encode_outputs, encode_prompts
     from lastmile.train_utils import default_device, epoch_batches, seed_everything
 
@@ -898,7 +956,7 @@ def markdown_table(costs: Sequence[Cost], peaks: dict[str, float], title: str,
 def totals(costs: Sequence[Cost]) -> Cost:
     total = Cost("all stages")
     for c in costs:
-        if c.part_of:
+        if c.part_of or (c.flops and not c.compute_seconds):  # parts; work without a time
             continue
         for key in ("task_seconds", "stage_seconds", "compute_seconds"):
             v = getattr(c, key)
@@ -925,10 +983,17 @@ def report(result: dict) -> str:
     out += [f"machine cpu=\"{m.get('cpu')}\" cores={m.get('cores')} "
             f"memory={_num(m.get('memory_gib'), '{:.1f}')}GiB "
             f"load_1min={_num(m.get('load_1min'), '{:.1f}')} torch={torch.__version__}", ""]
-    out.append("matmul bound (one decoder layer's linear maps, best of "
+    out.append("matmul bound (one decoder layer's linear maps, F.linear, best of "
                f"{result['peak_repeats']}): " + "; ".join(
                    f"{p} {peaks[p][str(PEAK_M)] / 1e9:.1f} GFLOP/s at M={PEAK_M}, "
                    f"{peaks[p][str(DECODE_M)] / 1e9:.1f} at M={DECODE_M}" for p in PRECISIONS))
+    detail = peaks.get("detail")
+    if detail:
+        for key, label in (("at_threads", f"at {detail['threads']} threads"),
+                           ("one_thread_scaled", f"{detail['threads']} x one thread")):
+            out.append(f"  {label}: " + "; ".join(
+                f"{p} {detail[key][p][str(PEAK_M)] / 1e9:.1f} (M={PEAK_M}), "
+                f"{detail[key][p][str(DECODE_M)] / 1e9:.1f} (M={DECODE_M})" for p in PRECISIONS))
     out.append("")
     out.append(markdown_table(costs + [totals(costs)], bound, "Stages"))
     checks = {c.stage: c.checks for c in costs if c.checks}
@@ -954,13 +1019,13 @@ def machine() -> dict:
 
 def result_of(run: RunFolder, costs: Sequence[Cost], peaks: dict, repeats: int,
               parts: dict | None) -> dict:
-    bound = {p: peaks[p][PEAK_M] for p in PRECISIONS}
+    bound = {p: peaks[p][str(PEAK_M)] for p in PRECISIONS}
     return {
         "machine": machine(),
         "run": str(run.root), "complete": run.complete, "profile": run.profile.name, "base_model": run.profile.base_model,
         "threads": torch.get_num_threads(), "peak_repeats": repeats,
         "run_wall_seconds": run_wall(run.root / "logs" / "kfp.log"),
-        "peaks": {p: {str(m): v for m, v in by_m.items()} for p, by_m in peaks.items()},
+        "peaks": peaks,
         "stages": [c.row(bound) for c in costs],
         "total": totals(costs).row(bound),
         "ppo_parts": [c.row(bound) for c in ppo_part_costs(parts)] if parts else None,
@@ -993,7 +1058,8 @@ def main(argv=None) -> int:
                    help="torch threads for the bound and PPO's parts (0: torch's default, "
                         "what the run's stages used unless OMP_NUM_THREADS was set)")
     p.add_argument("--peak-repeats", type=int, default=3)
-    p.add_argument("--peak-seconds", type=float, default=1.0, help="per shape and repeat")
+    p.add_argument("--peak-seconds", type=float, default=2.0,
+                   help="per precision, M and repeat (shared by the layer's maps)")
     p.add_argument("--ppo-updates", type=int, default=2,
                    help="measured PPO updates per kind for the parts table")
     p.add_argument("--no-ppo-parts", action="store_true")
