@@ -41,7 +41,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from lastmile import config, ppo  # noqa: E402
+from lastmile import config, ppo, ppo_equations  # noqa: E402
 from lastmile.config import DEFAULT_INSTRUCTION, EMBEDDED_BASE, TINY_BASE, LoraSpec, PPOConfig  # noqa: E402
 from lastmile.io import read_jsonl  # noqa: E402
 from lastmile.modeling import AdapterModel, encode_outputs, load_base  # noqa: E402
@@ -214,7 +214,7 @@ def precision_check(args) -> dict:
     for precision, trainer in rollouts.items():
         rollout = trainer.rollout(ppo.SAMPLED, prompts, outputs, references)
         stats = trainer.gradients(rollout)
-        result[f"{precision}_rm_reward_per_token"] = float(ppo.masked_mean(rollout.rm_rewards,
+        result[f"{precision}_rm_reward_per_token"] = float(ppo_equations.masked_mean(rollout.rm_rewards,
                                                                            rollout.mask))
         result[f"{precision}_policy_loss"] = stats["policy_loss"]
         result[f"{precision}_value_loss"] = stats["value_loss"]

@@ -392,7 +392,7 @@ def tiny_llama(vocab_size: int, seed: int = 0, **overrides) -> nn.Module:
 def is_quantized(model) -> bool:
     """Whether `model` (a causal LM, or an AdapterModel holding one) has quantized weights
     (GPTQ, bitsandbytes, ...): packed integer weights with no dense `weight` to merge a LoRA
-    into. Such a base runs its LoRA layers unmerged (`ppo.merged_weights` and
+    into. Such a base runs its LoRA layers unmerged (`sampling.merged_weights` and
     `generate.load_variant` check this)."""
     if isinstance(model, AdapterModel):
         model = model.base

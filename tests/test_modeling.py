@@ -422,21 +422,23 @@ def _ppo_model(tokenizer, quantized: bool) -> AdapterModel:
 def test_quantized_base_samples_and_scores_with_unmerged_lora(tokenizer):
     """PPO's merged fast path needs dense weights; on a quantized base the trainer and
     sample_outputs take the unmerged path instead, with the same tokens and rewards."""
-    from lastmile import ppo
+    from lastmile import ppo, sampling
     from lastmile.config import PPOConfig
 
     dense, packed = _ppo_model(tokenizer, False), _ppo_model(tokenizer, True)
-    assert ppo.can_merge(dense) and not ppo.can_merge(packed)
+    assert sampling.can_merge(dense) and not sampling.can_merge(packed)
     with pytest.raises(ValueError, match="quantized"):
-        with ppo.merged_weights(packed, "policy"):
+        with sampling.merged_weights(packed, "policy"):
             pass
 
     prompts = [[1, 2, 3, 4, 5], [7, 8]]
 
     def sample(model, merge, **kw):
-        return ppo.sample_outputs(model, prompts, "policy", max_new_tokens=6,
-                                  eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id,
-                                  generator=torch.Generator().manual_seed(0), merge=merge, **kw)
+        return sampling.sample_outputs(model, prompts, "policy", max_new_tokens=6,
+                                       eos_id=tokenizer.eos_token_id,
+                                       pad_id=tokenizer.pad_token_id,
+                                       generator=torch.Generator().manual_seed(0), merge=merge,
+                                       **kw)
 
     want = sample(dense, False)
     assert sample(packed, True) == want  # merge asked for, unmerged taken

@@ -7,7 +7,8 @@ import json
 import pytest
 import torch
 
-from lastmile import ppo
+from lastmile import ppo, ppo_trainer, sampling
+from lastmile import ppo_equations as eq
 from lastmile.config import LoraSpec, PPOConfig
 from lastmile.modeling import AdapterModel, collate, load_base
 
@@ -61,21 +62,21 @@ def _write_rows(path, rows) -> None:
 def test_length_penalty_counts_tokens_past_the_reference():
     out = torch.tensor([3, 2, 5])
     ref = torch.tensor([2, 3, 0])
-    got = ppo.length_penalty(out, ref, T=5)
+    got = eq.length_penalty(out, ref, T=5)
     want = torch.tensor([[0, 0, -2.5, 0, 0],  # one token past a 2-token reference
                          [0, 0, 0, 0, 0],  # shorter than its reference: no penalty
                          [-2.5] * 5])
     torch.testing.assert_close(got, want)
-    assert ppo.length_penalty(out, ref, T=5, coef=-1.0).sum() == -6.0
+    assert eq.length_penalty(out, ref, T=5, coef=-1.0).sum() == -6.0
 
 
 def test_gae_and_value_targets_by_hand_with_length_penalty():
     # Row 0: 3 tokens, reference 2 tokens -> the third pays -2.5. Row 1: 2 tokens (+ padding).
-    mask = ppo.output_space_mask(torch.tensor([3, 2]), 3)
+    mask = ppo_trainer.output_space_mask(torch.tensor([3, 2]), 3)
     rm = torch.tensor([[1.0, 0.5, 0.25], [0.5, 1.0, 9.0]])  # 9.0 sits on padding: ignored
-    rewards = rm + ppo.length_penalty(torch.tensor([3, 2]), torch.tensor([2, 3]), 3)
+    rewards = rm + eq.length_penalty(torch.tensor([3, 2]), torch.tensor([2, 3]), 3)
     values = torch.tensor([[0.5, 1.0, 2.0], [1.0, 0.5, 7.0]])
-    adv, ret = ppo.gae(rewards, values, mask, gamma=0.5, lam=0.5)
+    adv, ret = eq.gae(rewards, values, mask, gamma=0.5, lam=0.5)
     # Row 0: r = (1, 0.5, -2.25); deltas -4.25, 0.5, 1.0 (V(s_3) = 0)
     #   A2 = -4.25, A1 = 0.5 + 0.25 * -4.25 = -0.5625, A0 = 1 + 0.25 * -0.5625 = 0.859375
     #   G2 = -2.25, G1 = 0.5 + 0.5 * -2.25 = -0.625, G0 = 1 + 0.5 * -0.625 = 0.6875
@@ -87,15 +88,15 @@ def test_gae_and_value_targets_by_hand_with_length_penalty():
 
 
 def test_value_targets_are_the_monte_carlo_return_not_a_plus_v():
-    mask = ppo.output_space_mask(torch.tensor([4, 2]), 4)
+    mask = ppo_trainer.output_space_mask(torch.tensor([4, 2]), 4)
     rewards = torch.randn(2, 4, generator=torch.Generator().manual_seed(0))
     values = torch.randn(2, 4, generator=torch.Generator().manual_seed(1))
-    adv, ret = ppo.gae(rewards, values, mask, gamma=0.9, lam=0.95)
+    adv, ret = eq.gae(rewards, values, mask, gamma=0.9, lam=0.95)
     # Eq. 4 does not depend on the value predictions ...
-    torch.testing.assert_close(ret, ppo.gae(rewards, values * 0, mask, 0.9, 0.95)[1])
+    torch.testing.assert_close(ret, eq.gae(rewards, values * 0, mask, 0.9, 0.95)[1])
     assert not torch.allclose(ret, (adv + values) * mask)  # ... so it is not GAE's A + V
     # with λ = 1, Eq. 2 telescopes to G_t - V(s_t)
-    adv1, _ = ppo.gae(rewards, values, mask, gamma=0.9, lam=1.0)
+    adv1, _ = eq.gae(rewards, values, mask, gamma=0.9, lam=1.0)
     torch.testing.assert_close(adv1, (ret - values) * mask)
 
 
@@ -104,7 +105,7 @@ def test_policy_loss_clipping_zeroes_the_gradient_only_in_the_clipped_direction(
     logp = torch.log(torch.tensor([1.5, 1.5, 0.5, 0.5])).requires_grad_()  # ratios
     adv = torch.tensor([1.0, -1.0, -1.0, 1.0])
     mask = torch.ones(4, dtype=torch.bool)
-    loss, clip_fraction, approx_kl = ppo.policy_loss(logp, old, adv, mask, clip_eps=0.2)
+    loss, clip_fraction, approx_kl = eq.policy_loss(logp, old, adv, mask, clip_eps=0.2)
     # per token -min(wA, clip(w)A): -1.2, +1.5, +0.8, -0.5 -> mean 0.15
     torch.testing.assert_close(loss, torch.tensor(0.15))
     loss.backward()
@@ -119,18 +120,18 @@ def test_positive_advantage_raises_the_action_logprob(tiny_model, tokenizer):
     model = _model(tiny_model)
     trainer = ppo.PPOTrainer(model, tokenizer, PPOConfig(), total_updates=1)
     batch = collate([[1, 2, 3, 4], [5, 6, 7]], [[11, 12, 13], [14, 15]], tokenizer.pad_token_id)
-    mask = ppo.output_space_mask(batch.output_lengths)
+    mask = ppo_trainer.output_space_mask(batch.output_lengths)
 
     def logprobs():  # [B, T] log pi(a_t | s_t), states at p - 1
         hidden = model.hidden_states(batch.input_ids, batch.attention_mask, "policy")
         flat = model.token_logprobs(hidden[:, :-1][batch.action_mask()],
                                     batch.input_ids[:, 1:][batch.action_mask()])
-        return ppo.to_output_space(flat, mask)
+        return ppo_trainer.to_output_space(flat, mask)
 
     for sign in (1.0, -1.0):
         before = logprobs()
         advantages = torch.where(mask, sign, 0.0)
-        loss, _, _ = ppo.policy_loss(before, before.detach(), advantages, mask, 0.2)
+        loss, _, _ = eq.policy_loss(before, before.detach(), advantages, mask, 0.2)
         loss.backward()
         with torch.no_grad():
             for p in trainer.policy_params:
@@ -161,9 +162,10 @@ def test_sampling_budget_eos_min_length_and_merge_restores_the_base(tiny_model, 
     attention = model.base.config._attn_implementation
 
     def sample(merge, eos_id=eos, **kw):
-        return ppo.sample_outputs(model, prompts, "policy", max_new_tokens=6, eos_id=eos_id,
-                                  pad_id=tokenizer.pad_token_id,
-                                  generator=torch.Generator().manual_seed(0), merge=merge, **kw)
+        return sampling.sample_outputs(model, prompts, "policy", max_new_tokens=6,
+                                       eos_id=eos_id, pad_id=tokenizer.pad_token_id,
+                                       generator=torch.Generator().manual_seed(0), merge=merge,
+                                       **kw)
 
     merged, plain = sample(True), sample(False)
     assert merged == plain  # the merged LoRA samples the same tokens
@@ -198,11 +200,11 @@ def test_reward_from_merged_weights_equals_the_lora_forward(tiny_model, tokenize
 
 def test_filter_logits_top_k_and_top_p():
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
-    assert torch.isfinite(ppo.filter_logits(logits, top_k=2)).tolist() == [[True, True, False,
+    assert torch.isfinite(sampling.filter_logits(logits, top_k=2)).tolist() == [[True, True, False,
                                                                            False]]
-    assert torch.isfinite(ppo.filter_logits(logits, top_p=0.7)).tolist() == [[True, True, False,
+    assert torch.isfinite(sampling.filter_logits(logits, top_p=0.7)).tolist() == [[True, True, False,
                                                                              False]]
-    assert torch.isfinite(ppo.filter_logits(logits)).all()
+    assert torch.isfinite(sampling.filter_logits(logits)).all()
 
 
 # ----------------------------------------------------------------------------- the update
@@ -218,20 +220,20 @@ def _straightforward(model: AdapterModel, rollout: ppo.Rollout, cfg: PPOConfig) 
             logits = model.base(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                                 position_ids=pos).logits.float()
         logp = torch.log_softmax(logits[:, :-1], -1).gather(-1, batch.input_ids[:, 1:, None])
-        return ppo.to_output_space(logp[..., 0][batch.action_mask()], mask)
+        return ppo_trainer.to_output_space(logp[..., 0][batch.action_mask()], mask)
 
     def values():
         hidden = model.hidden_states(batch.input_ids, batch.attention_mask, "value")
-        return ppo.to_output_space(model.scalar(hidden[:, :-1], "value")[batch.action_mask()],
+        return ppo_trainer.to_output_space(model.scalar(hidden[:, :-1], "value")[batch.action_mask()],
                                    mask)
 
     with torch.no_grad():
         old_logp, old_values = logprobs(), values()
-    adv, ret = ppo.gae(rollout.rewards, old_values, mask, cfg.gamma, cfg.lam)
+    adv, ret = eq.gae(rollout.rewards, old_values, mask, cfg.gamma, cfg.lam)
     for p in model.parameters():
         p.grad = None
-    p_loss, _, _ = ppo.policy_loss(logprobs(), old_logp, adv, mask, cfg.clip_eps)
-    v_loss = ppo.value_loss(values(), ret, mask)
+    p_loss, _, _ = eq.policy_loss(logprobs(), old_logp, adv, mask, cfg.clip_eps)
+    v_loss = eq.value_loss(values(), ret, mask)
     (p_loss + v_loss).backward()
     return {"policy_loss": float(p_loss.detach()), "value_loss": float(v_loss.detach())}
 
@@ -395,14 +397,14 @@ def test_bad_rows_and_config_are_named(stage_inputs, tmp_path):
 
 def _poison_rewards(monkeypatch, bad_calls) -> None:
     """The length penalty (a part of r_t) is NaN on the rollouts (1-based) in `bad_calls`."""
-    real, calls = ppo.length_penalty, []
+    real, calls = eq.length_penalty, []
 
     def poisoned(*args, **kwargs):
         calls.append(1)
         penalty = real(*args, **kwargs)
         return penalty * float("nan") if bad_calls(len(calls)) else penalty
 
-    monkeypatch.setattr(ppo, "length_penalty", poisoned)
+    monkeypatch.setattr(ppo_trainer, "length_penalty", poisoned)  # as the trainer calls it
 
 
 def test_a_nan_reward_skips_that_update_and_training_completes(stage_inputs, tmp_path,
