@@ -871,6 +871,8 @@ def ppo_parts(run: RunFolder, updates: int) -> dict:
         p = [prompts[i] for i in idx]
         r = [references[i] for i in idx]
         times, outputs = timed_update(trainer, kind, p, r, update)
+        print(f"# PPO update {update} ({kind}{', warm-up' if wanted[kind] >= updates else ''}): "
+              + " ".join(f"{k}={v:.2f}s" for k, v in times.items()), file=sys.stderr, flush=True)
         if wanted[kind] < updates:  # not the warm-up
             works = ppo_update_works(shape, p, [len(o) for o in outputs], kind == ppo.SAMPLED,
                                      shape.lora_params(cfg.policy_lora.r),
