@@ -45,14 +45,16 @@ into the weights (generation, PPO's sampling and reward scoring) adds nothing. N
 activations, softmax, embedding lookups and the optimiser are not counted (< 1% here).
 
 The bound. The same matmuls the model runs - one decoder layer's linear maps, F.linear on
-[M, d_in] x [d_out, d_in] - timed at float32 and bfloat16 with the run's torch thread count,
-M = 1024 positions (a training micro-batch or a prefill) and M = 16 (one decoding step of a
-16-row generation batch: memory-bound, shown for the decoding stages). The best of
-`--peak-repeats` measurements counts (other processes share the CPU). A stage's share of the
-bound uses its base precision (bf16 stages keep LoRA sums, heads and losses in float32).
+[M, d_in] x [d_out, d_in] - timed at float32 and bfloat16, M = 1024 positions (a training
+micro-batch or a prefill) and M = 16 (one decoding step of a 16-row generation batch), each map
+alone, its best time kept. The bound is the larger of the figure at the run's torch thread count
+and thread count x the one-thread figure (`measure_peaks`), the best of `--peak-repeats`
+(other processes share the CPU). A stage's share of the bound uses its base precision (bf16
+stages keep LoRA sums, heads and losses in float32). The PPO and training rates are against the
+M = 1024 figure; the M = 16 one says how far decoding's small matmuls can go.
 
 A benchmark, not a test: nothing is asserted. tests/test_bench.py checks the arithmetic on a
-tiny run folder.
+tiny run folder made by the real stage functions. Measured output: bench/README.md.
 """
 
 from __future__ import annotations
