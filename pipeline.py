@@ -954,8 +954,10 @@ def _build_parser() -> argparse.ArgumentParser:
 
     def settings_flags(p, profile_default=None):
         default_text = profile_default or "the pipeline's profile parameter: paper"
-        p.add_argument("--profile", choices=sorted(config.PROFILES), default=profile_default,
-                       help=f"starting configuration (default: {default_text})")
+        # No argparse default: a --config file's `profile:` applies unless --profile is given.
+        p.add_argument("--profile", choices=sorted(config.PROFILES), default=None,
+                       help=f"starting configuration (default: the --config file's profile, "
+                            f"else {default_text})")
         p.add_argument("--config", type=Path, metavar="FILE",
                        help="run configuration: YAML with `profile:` and dotted fields "
                             "(ppo.optim.head_learning_rate: 3.0e-3), pipeline parameters or "

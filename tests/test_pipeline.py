@@ -336,6 +336,23 @@ def test_run_configuration_file(tmp_path):
     assert '"ppo.optim.head_learning_rate": 0.003' in params["overrides"]["defaultValue"]
 
 
+@pytest.mark.parametrize("command", ["run", "tune", "reproduce"])
+def test_a_configuration_files_profile_applies_unless_profile_is_given(tmp_path, command):
+    """`run` defaults to demo, but a --config file naming its profile is not overridden by
+    that default; an explicit --profile still wins over the file."""
+    path = tmp_path / "run.yaml"
+    path.write_text("profile: smoke\nmax_train: 12\n")
+    parse = pipeline._build_parser().parse_args
+    from_file = pipeline.settings_from_args(parse([command, "--config", str(path)]),
+                                            default_profile="demo").resolve("demo")
+    assert (from_file.name, from_file.data.max_train) == ("smoke", 12)
+    flag = pipeline.settings_from_args(parse([command, "--config", str(path), "--profile",
+                                              "paper"]), default_profile="demo").resolve("demo")
+    assert (flag.name, flag.data.max_train) == ("paper", 12)
+    plain = pipeline.settings_from_args(parse([command]), default_profile="demo")
+    assert plain.resolve("demo").name == "demo"
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--param", "max_train=lots"], "max_train: expected an integer, got 'lots'"),
     (["--param", "max_trian=5"], "--param max_trian: unknown key. Run parameters: data_source"),
