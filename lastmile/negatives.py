@@ -15,12 +15,12 @@ Categories are a registry (`register_negative`), so another kind of error is one
 Discussion suggests - is registered but not in the default list: name it in
 ``negatives.categories`` (config.OPTIONAL_NEGATIVE_CATEGORIES, which config's validation
 accepts; a test ties those constants to `REGISTRY`). Every negative's weight is then 1/6.
-A row without a name or number to swap comes back unchanged - on the Debian synopses about
-38% of rows - and such a row is no error at all: labelled 0, it would teach the reward model
-that true outputs are wrong, and in the held-out evaluation it is a certain tie (counted
-wrong). So rows that `DROP_UNCHANGED` categories leave unchanged are left out (the summary's
-``left_out_unchanged``), and that class is smaller than the data; the paper's five keep every
-row, as the paper sizes them.
+A row without a name or number to swap comes back unchanged - about a third of the bundled
+data's rows (docs/demo-experiments.md) - and such a row is no error at all: labelled 0, it
+would teach the reward model that true outputs are wrong, and in the held-out evaluation it
+is a certain tie (counted wrong). So rows that `DROP_UNCHANGED` categories leave unchanged
+are left out (the summary's ``left_out_unchanged``), and that class is smaller than the
+data; the paper's five keep every row, as the paper sizes them.
 
 Choices the paper leaves open, made here:
 
