@@ -534,9 +534,7 @@ def parameter_help(name: str) -> str:
     """The description a flat pipeline parameter carries in the compiled IR (the KFP UI)."""
     dotted = PIPELINE_PARAMETERS[name]
     text = {"seed": "random seed of every stage",
-            "RewardConfig.level": "reward targets per output token (token, the paper's) or one per "
-                          "example on its last token (sequence)",
-    "precision": "compute precision (float32 or bfloat16) of the reward, PPO and "
+            "precision": "compute precision (float32 or bfloat16) of the reward, PPO and "
                          "generation stages",
             "checkpoint_dir": "where the reward, MLE and PPO stages checkpoint: an s3:// "
                               "prefix (each task its own folder under it, so a retry on a new "
