@@ -92,6 +92,21 @@ def write_jsonl(path: str | os.PathLike, rows: Iterable[dict[str, Any]]) -> int:
     return n
 
 
+def write_reproducible_jsonl_gz(path: str | os.PathLike, rows: Iterable[dict[str, Any]]) -> None:
+    """JSON Lines in gzip that is byte-identical for the same rows (no file name, mtime 0 in
+    the header): the bundled datasets' format, so a rebuild can be checked by its sha256."""
+    lines = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+    with atomic_path(path) as tmp, open(tmp, "wb") as raw:
+        with gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0, compresslevel=9) as gz:
+            gz.write(lines.encode("utf-8"))
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    import hashlib
+
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
 def write_json(path: str | os.PathLike, obj: Any) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(_dumps(obj, indent=2, default=_json_default) + "\n", encoding="utf-8")

@@ -21,13 +21,10 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import gzip
 import hashlib
-import json
 import re
 import subprocess
 import sys
-from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,7 +32,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from lastmile.data import split_of, word_stats  # noqa: E402
-from lastmile.io import atomic_path  # noqa: E402
+from lastmile.io import atomic_path, sha256_file, write_reproducible_jsonl_gz  # noqa: E402
 
 LISTS = Path("/var/lib/apt/lists")
 SUITE = "bookworm"
@@ -201,16 +198,7 @@ def sample(pairs: list[Pair], n: int, seed: int) -> list[Pair]:
 
 
 def write_gz_jsonl(path: Path, pairs: list[Pair]) -> None:
-    """Byte-reproducible gzip: no file name and mtime 0 in the header."""
-    lines = "".join(json.dumps({"id": p.package, "input": p.description, "output": p.synopsis},
-                               ensure_ascii=False) + "\n" for p in pairs)
-    with atomic_path(path) as tmp, open(tmp, "wb") as raw:
-        with gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0, compresslevel=9) as gz:
-            gz.write(lines.encode("utf-8"))
-
-
-def sha256_file(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+    write_reproducible_jsonl_gz(path, ({"id": p.package, "input": p.description, "output": p.synopsis} for p in pairs))
 
 
 # ----------------------------------------------------------------------------- report

@@ -27,9 +27,7 @@ import argparse
 import ast
 import datetime as dt
 import fnmatch
-import gzip
 import hashlib
-import json
 import os
 import re
 import shutil
@@ -45,7 +43,7 @@ sys.path.insert(0, str(REPO))
 
 from lastmile.config import DEFAULT_INSTRUCTION, PAPER_INSTRUCTION, DataConfig  # noqa: E402
 from lastmile.data import format_prompt, prompt_lengths, split_of, word_stats  # noqa: E402
-from lastmile.io import atomic_path  # noqa: E402
+from lastmile.io import atomic_path, sha256_file, write_reproducible_jsonl_gz  # noqa: E402
 
 STDLIB = "usr/lib/python3.11"
 DIST = "usr/lib/python3/dist-packages"
@@ -358,16 +356,7 @@ def sample(pairs: list[Pair], n: int, seed: int) -> list[Pair]:
 
 
 def write_gz_jsonl(path: Path, pairs: list[Pair]) -> None:
-    """Byte-reproducible gzip: no file name and mtime 0 in the header."""
-    lines = "".join(json.dumps({"id": p.id, "input": p.code, "output": p.doc},
-                               ensure_ascii=False) + "\n" for p in pairs)
-    with atomic_path(path) as tmp, open(tmp, "wb") as raw:
-        with gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0, compresslevel=9) as gz:
-            gz.write(lines.encode("utf-8"))
-
-
-def sha256_file(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+    write_reproducible_jsonl_gz(path, ({"id": p.id, "input": p.code, "output": p.doc} for p in pairs))
 
 
 # ----------------------------------------------------------------------------- report
