@@ -30,9 +30,11 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "scripts"))
 
 from lastmile.data import split_of, word_stats  # noqa: E402
 from lastmile.io import atomic_path, sha256_file, write_reproducible_jsonl_gz  # noqa: E402
+from bundling import dedupe, normalised, sample  # noqa: E402
 
 LISTS = Path("/var/lib/apt/lists")
 SUITE = "bookworm"
@@ -155,21 +157,6 @@ def excluded(p: Pair) -> bool:
                 or BODY_EXCLUDE.search(p.description))
 
 
-def normalised(text: str) -> str:
-    return " ".join(text.casefold().split())
-
-
-def dedupe(pairs: list[Pair], key) -> list[Pair]:
-    seen: set = set()
-    kept = []
-    for p in pairs:
-        k = key(p)
-        if k not in seen:
-            seen.add(k)
-            kept.append(p)
-    return kept
-
-
 def filter_pairs(pairs: list[Pair]) -> tuple[list[Pair], list[tuple[str, int]]]:
     """Apply the filters in order; returns the kept pairs and (step, count after it)."""
     steps = [("stanzas in Translation-en", pairs)]
@@ -191,14 +178,9 @@ def filter_pairs(pairs: list[Pair]) -> tuple[list[Pair], list[tuple[str, int]]]:
 
 # ----------------------------------------------------------------------------- sample
 
-def sample(pairs: list[Pair], n: int, seed: int) -> list[Pair]:
-    """The first n by a seeded hash of the package name, written sorted by name."""
-    ranked = sorted(pairs, key=lambda p: hashlib.sha256(f"{seed}:{p.package}".encode()).digest())
-    return sorted(ranked[:n], key=lambda p: p.package)
-
-
 def write_gz_jsonl(path: Path, pairs: list[Pair]) -> None:
-    write_reproducible_jsonl_gz(path, ({"id": p.package, "input": p.description, "output": p.synopsis} for p in pairs))
+    write_reproducible_jsonl_gz(path, ({"id": p.package, "input": p.description,
+                                        "output": p.synopsis} for p in pairs))
 
 
 # ----------------------------------------------------------------------------- report
@@ -328,8 +310,8 @@ def main(argv: list[str] | None = None) -> int:
     pairs, steps = filter_pairs(parse(raw.decode("utf-8")))
     sides = {s: [p for p in pairs if split_of(p.description, TEST_FRACTION) == s]
              for s in ("train", "test")}
-    chosen = {"train": sample(sides["train"], args.train, args.seed),
-              "test": sample(sides["test"], args.test, args.seed)}
+    chosen = {"train": sample(sides["train"], args.train, args.seed, lambda p: p.package),
+              "test": sample(sides["test"], args.test, args.seed, lambda p: p.package)}
     files = {s: args.out / f"{s}.jsonl.gz" for s in chosen}
     for s, path in files.items():
         write_gz_jsonl(path, chosen[s])

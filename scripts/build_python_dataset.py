@@ -27,7 +27,6 @@ import argparse
 import ast
 import datetime as dt
 import fnmatch
-import hashlib
 import os
 import re
 import shutil
@@ -40,10 +39,12 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "scripts"))
 
 from lastmile.config import DEFAULT_INSTRUCTION, PAPER_INSTRUCTION, DataConfig  # noqa: E402
 from lastmile.data import format_prompt, prompt_lengths, split_of, word_stats  # noqa: E402
 from lastmile.io import atomic_path, sha256_file, write_reproducible_jsonl_gz  # noqa: E402
+from bundling import dedupe, normalised, sample  # noqa: E402
 
 STDLIB = "usr/lib/python3.11"
 DIST = "usr/lib/python3/dist-packages"
@@ -304,21 +305,6 @@ def extract(package: str, files: list[tuple[str, bytes]], counts: dict[str, int]
 
 # ----------------------------------------------------------------------------- filtering
 
-def normalised(text: str) -> str:
-    return " ".join(text.casefold().split())
-
-
-def dedupe(pairs: list[Pair], key) -> list[Pair]:
-    seen: set = set()
-    kept = []
-    for p in pairs:
-        k = key(p)
-        if k not in seen:
-            seen.add(k)
-            kept.append(p)
-    return kept
-
-
 def filter_pairs(pairs: list[Pair]) -> tuple[list[Pair], list[tuple[str, int]]]:
     """Apply the filters in order; returns the kept pairs and (step, count after it)."""
     steps = []
@@ -349,14 +335,9 @@ def filter_pairs(pairs: list[Pair]) -> tuple[list[Pair], list[tuple[str, int]]]:
 
 # ----------------------------------------------------------------------------- sample
 
-def sample(pairs: list[Pair], n: int, seed: int) -> list[Pair]:
-    """The first n by a seeded hash of the id, written sorted by id."""
-    ranked = sorted(pairs, key=lambda p: hashlib.sha256(f"{seed}:{p.id}".encode()).digest())
-    return sorted(ranked[:n], key=lambda p: p.id)
-
-
 def write_gz_jsonl(path: Path, pairs: list[Pair]) -> None:
-    write_reproducible_jsonl_gz(path, ({"id": p.id, "input": p.code, "output": p.doc} for p in pairs))
+    write_reproducible_jsonl_gz(path, ({"id": p.id, "input": p.code, "output": p.doc}
+                                       for p in pairs))
 
 
 # ----------------------------------------------------------------------------- report
@@ -583,8 +564,8 @@ def main(argv: list[str] | None = None) -> int:
     steps += filter_steps
     sides = {s: [p for p in pairs if split_of(p.code, TEST_FRACTION) == s]
              for s in ("train", "test")}
-    chosen = {"train": sample(sides["train"], args.train, args.seed),
-              "test": sample(sides["test"], args.test, args.seed)}
+    chosen = {"train": sample(sides["train"], args.train, args.seed, lambda p: p.id),
+              "test": sample(sides["test"], args.test, args.seed, lambda p: p.id)}
     out_files = {s: args.out / f"{s}.jsonl.gz" for s in chosen}
     for s, path in out_files.items():
         write_gz_jsonl(path, chosen[s])

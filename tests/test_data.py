@@ -900,3 +900,18 @@ def test_the_bundles_rewrite_byte_for_byte_through_the_build_scripts_writer(bund
         out = tmp_path / f"{bundle}-{split}.jsonl.gz"
         write_reproducible_jsonl_gz(out, rows)
         assert sha256_file(out) == sha256_file(src), split
+
+
+def test_the_build_scripts_shared_rules_dedupe_and_sample(monkeypatch):
+    """scripts/bundling.py, shared by both build scripts: the first of each key survives, and a
+    sample is a seeded choice by name, written sorted by name."""
+    monkeypatch.syspath_prepend(str(REPO / "scripts"))
+    from bundling import dedupe, normalised, sample
+
+    assert normalised("  Foo\tBAR ") == "foo bar"
+    assert dedupe(["a", "B", "b", "c"], key=str.lower) == ["a", "B", "c"]
+    names = [f"row{i}" for i in range(50)]
+    picked = sample(names, 10, seed=0, name=str)
+    assert picked == sorted(picked) and len(set(picked)) == 10 and set(picked) <= set(names)
+    assert sample(list(reversed(names)), 10, seed=0, name=str) == picked  # input order free
+    assert sample(names, 10, seed=1, name=str) != picked
