@@ -164,6 +164,25 @@ def _log(path: Path, keys: tuple[str, ...]) -> list[dict]:
     return [{k: row.get(k) for k in keys} for row in map(json.loads, path.open())]
 
 
+def _assert_same_losses(one: Path, two: Path, stage: str) -> list[dict]:
+    """The stage's training logs: the same global batches, losses and gradient norms."""
+    keys = ("step", "rows", "tokens", "loss", "grad_norm", "lr")
+    a, b = (_log(run / stage / "train_log.jsonl", keys) for run in (one, two))
+    assert [r["rows"] for r in b] == [r["rows"] for r in a]  # the global batch
+    for ra, rb in zip(a, b, strict=True):
+        for key in ("loss", "grad_norm"):
+            assert rb[key] == pytest.approx(ra[key], rel=RTOL, abs=ATOL), (stage, key, ra)
+    return a
+
+
+def _assert_same_reward_evaluation(one: Path, two: Path) -> None:
+    """Rank 0 writes the held-out evaluation one process writes."""
+    e1, e2 = (json.loads((run / "reward" / "rm_eval.json").read_text()) for run in (one, two))
+    assert e2["accuracy"] == e1["accuracy"] and e2["n"] == e1["n"] == 3
+    for category, value in e1["mean_reward"].items():
+        assert e2["mean_reward"][category] == pytest.approx(value, rel=RTOL, abs=ATOL)
+
+
 @pytest.fixture(scope="module")
 def trained(inputs, tmp_path_factory):
     """The stages trained in one process and, in one world of two, by two."""
@@ -179,20 +198,10 @@ def test_reward_and_mle_adapters_match_one_process(trained):
         _assert_same_adapter(one / stage / "adapter", two / stage / "adapter")
         assert s1[stage]["processes"] == 1 and s2[stage]["processes"] == TWO
         assert s2[stage]["train"]["steps"] == s1[stage]["train"]["steps"]
-        keys = ("step", "rows", "tokens", "loss", "grad_norm", "lr")
-        a, b = _log(one / stage / "train_log.jsonl", keys), _log(two / stage / "train_log.jsonl",
-                                                                  keys)
-        assert [r["rows"] for r in b] == [r["rows"] for r in a]  # the global batch
-        for ra, rb in zip(a, b, strict=True):
-            for key in ("loss", "grad_norm"):
-                assert rb[key] == pytest.approx(ra[key], rel=RTOL, abs=ATOL), (stage, key, ra)
+        _assert_same_losses(one, two, stage)
     assert [r["rows"] for r in _log(one / "mle" / "train_log.jsonl", ("rows",))] == [3, 3, 1]
     # The held-out evaluation runs once, on rank 0, on the shared weights.
-    e1 = json.loads((one / "reward" / "rm_eval.json").read_text())
-    e2 = json.loads((two / "reward" / "rm_eval.json").read_text())
-    assert e2["accuracy"] == e1["accuracy"] and e2["n"] == e1["n"] == 3
-    for category, value in e1["mean_reward"].items():
-        assert e2["mean_reward"][category] == pytest.approx(value, rel=RTOL, abs=ATOL)
+    _assert_same_reward_evaluation(one, two)
 
 
 @pytest.mark.parametrize("stage", ["ppo", "ppo_general"])
