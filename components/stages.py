@@ -173,8 +173,7 @@ def train_reward(config: str, data: Input[Dataset], negatives: Input[Dataset],
         held_out = list(read_jsonl(test_path))
         summary.update(reward.train_reward_model(
             rm_path, out, profile.reward, profile.base_model, held_out,
-            allow_pickle=profile.allow_pickle, trust_remote_code=profile.trust_remote_code,
-            processes=profile.train_processes, fsdp=profile.fsdp))
+            **profile.training_options()))
     for category, accuracy in summary.get("eval", {}).get("accuracy", {}).items():
         metrics.log_metric(f"rm_accuracy_{category}", float(accuracy))
 
@@ -195,9 +194,7 @@ def train_mle(config: str, data: Input[Dataset], mle_model: Output[Model]):
             runinfo.stage("train_mle", out, seed=profile.mle.seed,
                           inputs={"train.jsonl": train}, base_model=profile.base_model) as summary:
         summary.update(mle.train_mle(train, out, profile.mle, profile.base_model,
-                                     allow_pickle=profile.allow_pickle,
-                                     trust_remote_code=profile.trust_remote_code,
-                                     processes=profile.train_processes, fsdp=profile.fsdp))
+                                     **profile.training_options()))
 
 
 def train_ppo(config: str, data: Input[Dataset], reward_model: Input[Model],
@@ -221,9 +218,7 @@ def train_ppo(config: str, data: Input[Dataset], reward_model: Input[Model],
                           inputs={"train.jsonl": train}, base_model=profile.base_model) as summary:
         summary.update(ppo.train_ppo(train, Path(reward_model.path) / "adapter", out,
                                      profile.ppo, profile.base_model, mle_adapter_dir=start_from,
-                                     allow_pickle=profile.allow_pickle,
-                                     trust_remote_code=profile.trust_remote_code,
-                                     processes=profile.train_processes, fsdp=profile.fsdp))
+                                     **profile.training_options()))
 
 
 def plan_shards(config: str, data: Input[Dataset]) -> list:

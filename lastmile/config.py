@@ -220,6 +220,12 @@ class Profile:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def training_options(self) -> dict[str, Any]:
+        """The keyword arguments every training stage's entry point (reward, MLE, PPO) takes
+        from the profile besides its own config: one place, so no caller drops one."""
+        return {"allow_pickle": self.allow_pickle, "trust_remote_code": self.trust_remote_code,
+                "processes": self.train_processes, "fsdp": self.fsdp}
+
 
 def _paper() -> Profile:
     """The paper (§4): its base model and data from the Hugging Face hub, its sizes, its

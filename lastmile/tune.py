@@ -31,6 +31,7 @@ at the profile's value and half a decade above); otherwise n points moving both 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import math
 import time
@@ -187,7 +188,9 @@ def _validation_scores(ws: Workspace, variant: str, adapter_dir: Path, trial_dir
     generated = generate.generate_predictions(
         ws.validation_path, predictions, variant, p.base_model, str(adapter_dir), p.generate,
         allow_pickle=p.allow_pickle, trust_remote_code=p.trust_remote_code)
-    scores = metrics.score_file(predictions, trial_dir / "validation_scores.json", p.score)
+    # Selection reads ROUGE and length only: no BLEURT model per trial.
+    scoring = dataclasses.replace(p.score, bleurt_checkpoint=None)
+    scores = metrics.score_file(predictions, trial_dir / "validation_scores.json", scoring)
     means = scores["models"][variant]
     return {"n": means["n"], "excess_length": means["excess_length"], METRIC: means[METRIC],
             "rougeL_f1": means["rougeL_f1"],
@@ -200,8 +203,7 @@ def run_mle_trial(ws: Workspace, settings: dict, trial_dir: Path) -> dict:
 
     p = _configured(ws.profile, settings)
     summary = mle.train_mle(ws.fit_path, trial_dir, p.mle, p.base_model,
-                            allow_pickle=p.allow_pickle, trust_remote_code=p.trust_remote_code,
-                            processes=p.train_processes)
+                            **p.training_options())
     trained = {"steps": summary["train"].get("steps"),
                "final_loss": summary["train"].get("final_loss")}
     return {"training": trained,
@@ -213,8 +215,7 @@ def run_rl_trial(ws: Workspace, settings: dict, trial_dir: Path) -> dict:
 
     p = _configured(ws.profile, settings)
     summary = ppo.train_ppo(ws.fit_path, ws.reward_dir / "adapter", trial_dir, p.ppo,
-                            p.base_model, allow_pickle=p.allow_pickle,
-                            trust_remote_code=p.trust_remote_code, processes=p.train_processes)
+                            p.base_model, **p.training_options())
     final = summary.get("final_sampled") or {}  # the last sampled update's means
     trained = {"updates": summary.get("updates"), "final_reward": final.get("reward_mean"),
                "final_excess_length": final.get("excess_length_mean")}
@@ -267,9 +268,7 @@ def train_shared_reward(ws: Workspace) -> dict:
     ws.reward_dir = ws.out / "reward" / "model"  # checkpoints: its own folder (_configured)
     summary = reward.train_reward_model(rm_path, ws.reward_dir, p.reward, p.base_model,
                                         list(read_jsonl(ws.validation_path)),
-                                        allow_pickle=p.allow_pickle,
-                                        trust_remote_code=p.trust_remote_code,
-                                        processes=p.train_processes)
+                                        **p.training_options())
     accuracy = (summary.get("eval") or {}).get("accuracy") or {}
     return {"seconds": round(time.perf_counter() - started, 1),
             "learning_rate": p.reward.optim.learning_rate,

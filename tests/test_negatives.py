@@ -320,7 +320,6 @@ def test_config_constants_name_every_registered_category():
     from lastmile import config
 
     assert set(config.ALL_NEGATIVE_CATEGORIES) == set(neg.REGISTRY)
-    assert config.OPTIONAL_NEGATIVE_CATEGORIES == ("swap_entities",)
     assert not set(config.OPTIONAL_NEGATIVE_CATEGORIES) & set(NEGATIVE_CATEGORIES)
     assert "swap_entities" in config.describe("negatives.categories")
 

@@ -84,7 +84,7 @@ def test_reproduce_reads_each_runs_scores_and_writes_the_tables(tmp_path):
         reproduce.reproduce(lambda seed: tmp_path, [5], tmp_path / "none")
 
 
-def test_reproduce_arguments_set_each_runs_seeds():
+def test_reproduce_arguments_set_each_runs_seeds(capsys):
     args = pipeline._build_parser().parse_args(
         ["reproduce", "--profile", "smoke", "--param", "seed=7", "--param", "max_train=20"])
     settings = pipeline.settings_from_args(args, default_profile="demo")
@@ -100,3 +100,4 @@ def test_reproduce_arguments_set_each_runs_seeds():
     assert settings.parameters["seed"] == 7  # the caller's settings are left as they were
     for bad in ("0,x", "1,1", ""):
         assert pipeline.main(["reproduce", "--profile", "smoke", "--seeds", bad]) == 2
+        assert "--seeds expects" in capsys.readouterr().err, bad

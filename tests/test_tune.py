@@ -104,10 +104,9 @@ def test_tune_smoke_records_every_trial_on_train_rows_only(tmp_path, capsys, tok
     printed = capsys.readouterr().out
     chosen_yaml = (out / "chosen.yaml").read_text()
     assert chosen_yaml in printed
-    # --profile as printed: `run`'s own --profile default (demo) wins over the file's profile
     assert f"run --profile smoke --config {out / 'chosen.yaml'}" in printed
-    args = pipeline._build_parser().parse_args(["run", "--profile", "smoke", "--config",
-                                                str(out / "chosen.yaml")])
+    # the file alone names its profile: `run` takes it (not its own demo default)
+    args = pipeline._build_parser().parse_args(["run", "--config", str(out / "chosen.yaml")])
     resolved = pipeline.settings_from_args(args, default_profile="demo").resolve("demo")
     assert resolved.name == "smoke"
     chosen = record["chosen"]
