@@ -29,8 +29,9 @@ whatever its share of the batch (a short batch can leave a rank no rows at all).
 number of forwards depends on the rank's rows, the rank with fewer runs idle ones
 (`shortfall`: a forward, and a backward of zero times its loss, that adds nothing):
 train_utils' micro-batches, PPO's micro-batches and its sampling loop (which decodes until
-every rank's rows are done). The reward model continues all of a micro-batch's outputs in
-one padded block instead of two length buckets (reward.output_states). The reward model's
+every rank's rows are done). The reward model runs one forward of prompt + output per row
+instead of sharing each prompt's forward (reward.output_states; its token budget counts
+that, `reward.row_forward_tokens`). The reward model's
 held-out evaluation runs on every rank (each scores all rows; the main rank writes).
 
 Setting: `Profile.fsdp` (default False; `--param fsdp=true`, or `"fsdp": true` in a config

@@ -197,6 +197,12 @@ def forward_tokens(examples: Sequence[TokenExample]) -> int:
             + sum(len(b) * lengths[b[-1]] for b in length_buckets(lengths)))
 
 
+def row_forward_tokens(examples: Sequence[TokenExample]) -> int:
+    """The tokens `_row_states` (a sharded base) processes: one padded prompt + output per
+    row, with no prompt shared; the budget's cost there instead of `forward_tokens`."""
+    return len(examples) * max(len(e.prompt_ids) + len(e.output_ids) for e in examples)
+
+
 def check_level(level: str) -> str:
     if level not in REWARD_LEVELS:
         raise ValueError(f"reward level must be one of {REWARD_LEVELS}, got {level!r}")
@@ -273,7 +279,8 @@ def train_reward(model: AdapterModel, tokenizer, rows: Sequence[dict], cfg: Rewa
         model.adapter_parameters(ADAPTER), examples, numerator=numerator,
         denominator=denominator, optim=cfg.optim, batch_size=cfg.batch_size,
         micro_batch_size=cfg.micro_batch_size, token_budget=cfg.token_budget,
-        token_cost=forward_tokens, epochs=cfg.epochs, max_steps=cfg.max_steps,
+        token_cost=row_forward_tokens if sharding.is_sharded_model(model) else forward_tokens,
+        epochs=cfg.epochs, max_steps=cfg.max_steps,
         seed=cfg.seed, log_path=log_path, desc="reward model",
         checkpoint_dir=checkpoint_dir or cfg.checkpoint_dir,
         checkpoint_every=cfg.checkpoint_every, max_bad_updates=cfg.max_bad_updates,

@@ -6,7 +6,7 @@ over 2 gloo CPU processes (FSDP2, LoRA weights and AdamW state sharded with them
 give the adapters, logs and evaluation of one unsharded process to float rounding. The
 configurations are tests/test_distributed.py's: batches of 3 rows split 1 + 2 and a last
 batch of one row, so one rank runs fewer micro-batches or none and must idle in lockstep
-(fsdp.pad_calls), and PPO's ranks sample outputs of different lengths.
+(fsdp.shortfall), and PPO's ranks sample outputs of different lengths.
 
 A sharded run killed after a checkpoint resumes, sharded, from it (whole tensors on disk,
 AdamW moments included) and ends with the uninterrupted adapter; a sharded checkpoint is

@@ -151,6 +151,9 @@ def test_the_reward_budget_counts_the_length_buckets():
     assert micro_batches(batch, None, 200, cost=reward.forward_tokens) == [
         sorted(batch, key=lambda e: len(e.output_ids))]  # one forward
     assert len(micro_batches(batch, None, 200)) == 2  # the default cost splits off the 100
+    # A sharded base runs one forward per row (no shared prompt): 4 rows x (50 + 100).
+    assert reward.row_forward_tokens(batch) == 4 * 150
+    assert len(micro_batches(batch, None, 200, cost=reward.row_forward_tokens)) == 2  # 3x54, 150
 
 
 def test_output_states_equal_one_forward_per_row(tokenizer):
