@@ -44,7 +44,7 @@ nothing would be sharded and a base that needs sharding would not fit anyway. Te
 
 from __future__ import annotations
 
-from typing import Callable, Iterable, Sequence
+from typing import Iterable, Sequence
 
 import torch
 from torch import nn
@@ -130,17 +130,21 @@ def reduce_replicated_gradients(params: Iterable[nn.Parameter]) -> None:
 
 def grad_norm(params: Iterable[nn.Parameter]) -> float:
     """The global L2 norm of the gradients, each element counted once: sharded gradients
-    summed over their shards, replicated ones taken once."""
-    sharded = torch.zeros((), dtype=torch.float64)
-    replicated = torch.zeros((), dtype=torch.float64)
+    summed over their shards, replicated ones taken once. The squares are summed on the
+    gradients' device and copied to the host once (not once per parameter)."""
+    sharded, replicated = [], []
     for p in params:
-        if p.grad is None:
-            continue
-        if is_sharded(p.grad):
-            sharded += p.grad.to_local().double().pow(2).sum().cpu()
-        else:
-            replicated += p.grad.detach().double().pow(2).sum().cpu()
-    return float((distributed.all_reduce_sum(sharded) + replicated).sqrt())
+        if p.grad is not None:
+            if is_sharded(p.grad):
+                sharded.append(p.grad.to_local().double().pow(2).sum())
+            else:
+                replicated.append(p.grad.detach().double().pow(2).sum())
+
+    def total(squares: list[torch.Tensor]) -> torch.Tensor:
+        return (torch.stack(squares).sum().cpu() if squares
+                else torch.zeros((), dtype=torch.float64))
+
+    return float((distributed.all_reduce_sum(total(sharded)) + total(replicated)).sqrt())
 
 
 def clip_gradients(params: Sequence[nn.Parameter], max_norm: float | None) -> float:
