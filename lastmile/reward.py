@@ -304,7 +304,6 @@ def score_outputs(model: AdapterModel, tokenizer, prompts: Sequence[str], output
         raise ValueError(f"score_outputs: {len(prompts)} prompts but {len(outputs)} outputs")
     if not prompts:
         return []
-    device = model.heads[adapter].proj.weight.device
     prompt_ids = encode_prompts(tokenizer, list(prompts))
     output_ids = encode_outputs(tokenizer, list(outputs), max_output_tokens)
     # Rows of one prompt side by side (they share its forward), similar lengths together.
