@@ -531,22 +531,6 @@ def median_rate(step_flops: Sequence[float], logged: Sequence[dict]) -> float | 
     return statistics.median(rates) if rates else None
 
 
-def ppo_api():
-    """lastmile.ppo's names, wherever they live (the module is being split into ppo_trainer,
-    ppo_equations and sampling): one namespace with all of them."""
-    import importlib
-    import types
-
-    found = {}
-    for name in ("sampling", "ppo_equations", "ppo_trainer", "ppo"):
-        try:
-            module = importlib.import_module(f"lastmile.{name}")
-        except ImportError:
-            continue
-        found.update({k: getattr(module, k) for k in dir(module) if not k.startswith("__")})
-    return types.SimpleNamespace(**found)
-
-
 def ppo_update_works(shape: Shape, prompts: Sequence[Sequence[int]],
                      out_lengths: Sequence[int], sampled: bool, policy_lora: int,
                      value_lora: int, micro: int) -> dict[str, list[Work]]:
@@ -573,7 +557,7 @@ def train_ppo(run: RunFolder, shape: Shape, tokenizer) -> list[Cost]:
     """PPO from ppo_log.jsonl: each update's rows (the seeded batches), their prompts, and its
     mean response length (the log keeps no per-row lengths: every sampled row is taken at the
     mean, so the sampled updates' decoding and padding are lower bounds)."""
-    ppo = ppo_api()
+    from lastmile import ppo_trainer as pt
     from lastmile.modeling import encode_outputs, encode_prompts
     from lastmile.train_utils import epoch_batches
 
@@ -583,7 +567,7 @@ def train_ppo(run: RunFolder, shape: Shape, tokenizer) -> list[Cost]:
     references = encode_outputs(tokenizer, [r["output"] for r in rows], cfg.max_new_tokens)
     batches = epoch_batches(len(rows), cfg.batch_size, cfg.epochs, cfg.seed, cfg.max_updates)
     log = read_jsonl(run.file("ppo_log.jsonl", "train_ppo"))
-    micro = ppo.DEFAULT_MICRO_BATCH
+    micro = pt.DEFAULT_MICRO_BATCH
     cost = Cost("train_ppo", cfg.precision, shape.name, run.task_wall("train_ppo"),
                 run.seconds("train_ppo"), sum(float(r["seconds"]) for r in log),
                 note=f"policy/value LoRA r={cfg.policy_lora.r}/{cfg.value_lora.r}; sampled rows "
@@ -595,7 +579,7 @@ def train_ppo(run: RunFolder, shape: Shape, tokenizer) -> list[Cost]:
     for row in log:
         step_flops.append(cost.flops)
         idx = batches[row["update"] - 1]
-        sampled = row["batch_kind"] == ppo.SAMPLED
+        sampled = row["batch_kind"] == pt.SAMPLED
         if sampled:
             mean = max(1, round(float(row["response_length_mean"])))
             lengths = [mean] * len(idx)
@@ -792,11 +776,11 @@ def timed_update(trainer, kind: str, prompt_ids, reference_ids, update: int) -> 
     A copy of `PPOTrainer.gradients`' fast path with clocks between its pieces
     (tests/test_bench.py checks that it leaves the gradients `gradients` computes).
     """
-    ppo = ppo_api()
+    from lastmile import ppo_trainer as pt
 
     times: dict[str, float] = {}
     t = time.perf_counter()
-    outputs = (trainer.sample(prompt_ids, update=update) if kind == ppo.SAMPLED
+    outputs = (trainer.sample(prompt_ids, update=update) if kind == pt.SAMPLED
                else reference_ids)
     t = _clock(times, "sampling", t)
     rollout = trainer.rollout(kind, prompt_ids, outputs, reference_ids)
@@ -809,29 +793,30 @@ def timed_update(trainer, kind: str, prompt_ids, reference_ids, update: int) -> 
 
 
 def value_and_policy_gradients(trainer, rollout, times: dict) -> None:
-    ppo = ppo_api()
+    from lastmile import ppo_equations as eq
+    from lastmile import ppo_trainer as pt
 
     cfg, model = trainer.cfg, trainer.model
     trainer.optimizer.zero_grad(set_to_none=True)
     n = rollout.mask.shape[0]
     total = int(rollout.mask.sum())
-    returns = ppo.discounted_returns(rollout.rewards, rollout.mask, cfg.gamma)
+    returns = eq.discounted_returns(rollout.rewards, rollout.mask, cfg.gamma)
     values = torch.zeros_like(rollout.rewards)
     for idx in trainer._micro_batches(n):
         t = time.perf_counter()
         mask = rollout.mask[idx]
-        v = model.scalar(trainer._states(ppo._rows(rollout.batch, idx), ppo.VALUE), ppo.VALUE)
-        loss = ppo.value_loss(v.float(), returns[idx][mask], torch.ones_like(v, dtype=torch.bool))
+        v = model.scalar(trainer._states(pt._rows(rollout.batch, idx), pt.VALUE), pt.VALUE)
+        loss = eq.value_loss(v.float(), returns[idx][mask], torch.ones_like(v, dtype=torch.bool))
         t = _clock(times, "value forward", t)
         (loss * (int(mask.sum()) / total)).backward()
         _clock(times, "value backward", t)
-        values[idx] = ppo.to_output_space(v.detach().float(), mask)
+        values[idx] = pt.to_output_space(v.detach().float(), mask)
     advantages, _ = trainer._advantages(rollout, values)
     for idx in trainer._micro_batches(n):
         t = time.perf_counter()
         mask = rollout.mask[idx]
-        logp = trainer._logprobs(ppo._rows(rollout.batch, idx), ppo.POLICY).float()
-        loss, _, _ = ppo.policy_loss(logp, logp.detach(), advantages[idx][mask],
+        logp = trainer._logprobs(pt._rows(rollout.batch, idx), pt.POLICY).float()
+        loss, _, _ = eq.policy_loss(logp, logp.detach(), advantages[idx][mask],
                                      torch.ones_like(logp, dtype=torch.bool), cfg.clip_eps)
         t = _clock(times, "policy forward", t)
         (loss * (int(mask.sum()) / total)).backward()
@@ -842,14 +827,15 @@ def ppo_parts(run: RunFolder, updates: int) -> dict:
     """PPO's parts on the run's first batches: the run's reward adapter, fresh policy and value
     (the run's start), its precision and micro-batches; one warm-up update per kind, then
     `updates` measured per kind. Tokens of each part from the real outputs."""
-    ppo = ppo_api()
+    from lastmile import ppo_trainer as pt
+    from lastmile import ppo as stage
     from lastmile.modeling import encode_outputs, encode_prompts
     from lastmile.train_utils import default_device, epoch_batches, seed_everything
 
     cfg = run.profile.ppo
     rows = read_jsonl(run.folder("filter_data") / "train.jsonl")
     seed_everything(cfg.seed)
-    model, tokenizer = ppo.build_model(run.profile.base_model,
+    model, tokenizer = stage.build_model(run.profile.base_model,
                                        run.folder("train_reward") / "adapter", cfg)
     model.to(default_device())
     shape = base_shape(run.profile.base_model)
@@ -858,11 +844,11 @@ def ppo_parts(run: RunFolder, updates: int) -> dict:
     # the run's batches in the run's order (past its max_updates when it made fewer)
     batches = epoch_batches(len(rows), cfg.batch_size, cfg.epochs, cfg.seed)
     n_updates = len(batches) + 4 * (updates + 1)
-    kinds = ppo.batch_kinds(n_updates, cfg.reference_fraction)
-    trainer = ppo.PPOTrainer(model, tokenizer, cfg, n_updates,
-                             micro_batch_size=ppo.DEFAULT_MICRO_BATCH, precision=cfg.precision)
-    wanted = {k: updates + 1 for k in (ppo.SAMPLED, ppo.REFERENCE)}
-    measured: dict[str, list[tuple[dict, dict]]] = {ppo.SAMPLED: [], ppo.REFERENCE: []}
+    kinds = pt.batch_kinds(n_updates, cfg.reference_fraction)
+    trainer = pt.PPOTrainer(model, tokenizer, cfg, n_updates,
+                             micro_batch_size=pt.DEFAULT_MICRO_BATCH, precision=cfg.precision)
+    wanted = {k: updates + 1 for k in (pt.SAMPLED, pt.REFERENCE)}
+    measured: dict[str, list[tuple[dict, dict]]] = {pt.SAMPLED: [], pt.REFERENCE: []}
     for update, kind in enumerate(kinds, start=1):
         idx = batches[(update - 1) % len(batches)]
         if not any(wanted.values()):
@@ -876,10 +862,10 @@ def ppo_parts(run: RunFolder, updates: int) -> dict:
         print(f"# PPO update {update} ({kind}{', warm-up' if wanted[kind] >= updates else ''}): "
               + " ".join(f"{k}={v:.2f}s" for k, v in times.items()), file=sys.stderr, flush=True)
         if wanted[kind] < updates:  # not the warm-up
-            works = ppo_update_works(shape, p, [len(o) for o in outputs], kind == ppo.SAMPLED,
+            works = ppo_update_works(shape, p, [len(o) for o in outputs], kind == pt.SAMPLED,
                                      shape.lora_params(cfg.policy_lora.r),
                                      shape.lora_params(cfg.value_lora.r),
-                                     ppo.DEFAULT_MICRO_BATCH)
+                                     pt.DEFAULT_MICRO_BATCH)
             measured[kind].append((times, works))
     return {"precision": cfg.precision, "shape": shape, "measured": measured,
             "updates": updates, "threads": torch.get_num_threads()}
