@@ -528,11 +528,11 @@ COMPILE_TIME_FIELDS = ("allow_pickle", "trust_remote_code", "score.bleurt_allow_
 _OPTIONAL = {"data.max_train", "data.max_test", "reward.max_steps", "mle.max_steps",
              "ppo.max_updates", "reward.optim.head_learning_rate",
              "ppo.optim.head_learning_rate"}
-_SEEDED = ("data", "negatives", "reward", "mle", "ppo")
+SEEDED_STAGES = ("data", "negatives", "reward", "mle", "ppo")
 _PRECISE = ("reward", "ppo", "generate")  # the stages `precision` sets (MLE: mle_precision)
 _TRAINING = ("reward", "mle", "ppo")
 #: Flat parameters that set the same field in several stages.
-_FAN_OUT = {"seed": _SEEDED, "precision": _PRECISE, "checkpoint_dir": _TRAINING}
+_FAN_OUT = {"seed": SEEDED_STAGES, "precision": _PRECISE, "checkpoint_dir": _TRAINING}
 _NONE_WORDS = ("none", "null")
 
 

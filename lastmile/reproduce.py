@@ -25,21 +25,18 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from .config import SEEDED_STAGES
 from .io import read_json, write_json
 from .metrics import (BOOTSTRAP_KEYS, PAIRED_BOOTSTRAP, TOWARD_ZERO_KEYS, VARIANT_ORDER,
                       metric_name, variant_name)
 
-SEEDS = (0, 1, 2)
-#: The stages whose seeds change with `fixed_data` (config._SEEDED without data).
-TRAINING_SEEDED = ("negatives", "reward", "mle", "ppo")
-#: Rows of the markdown table (every numeric metric is in reproduce.json).
-HEADLINE_KEYS = ("excess_length", "rougeL_f1", "la_rougeL_f1", "semantic_similarity", "bleurt")
 
 
 def seed_settings(seed: int, fixed_data: bool = False) -> dict[str, int]:
     """The run settings (a pipeline parameter or dotted fields) that give a run `seed`."""
     if fixed_data:
-        return {f"{stage}.seed": seed for stage in TRAINING_SEEDED}
+        # every seeded stage but the data split's (config.SEEDED_STAGES)
+        return {f"{stage}.seed": seed for stage in SEEDED_STAGES if stage != "data"}
     return {"seed": seed}
 
 
@@ -135,7 +132,7 @@ def markdown(result: Mapping[str, Any]) -> str:
     lines += ["Mean ± standard deviation over the seeds (sample sd, n - 1):", "",
               "| metric | " + " | ".join(variant_name(v) for v in variants) + " |",
               "|---|" + "---:|" * len(variants)]
-    for key in HEADLINE_KEYS:
+    for key in BOOTSTRAP_KEYS:  # the table's rows; reproduce.json has every metric
         cells = [mean_sd_text(models[v].get(key), key) for v in variants]
         if all(c == "n/a" for c in cells):
             continue
