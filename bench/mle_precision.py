@@ -28,7 +28,6 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("LASTMILE_NO_PROGRESS", "1")
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -233,6 +232,8 @@ def speed(args: argparse.Namespace) -> dict:
 
 
 def main(argv=None) -> int:
+    # set here, not at import: tests import this file and their pipelines show bars
+    os.environ.setdefault("LASTMILE_NO_PROGRESS", "1")
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)

@@ -34,7 +34,6 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("LASTMILE_NO_PROGRESS", "1")
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -280,6 +279,8 @@ def parse(argv=None):
 
 
 def main(argv=None) -> int:
+    # set here, not at import: tests import this file and their pipelines show bars
+    os.environ.setdefault("LASTMILE_NO_PROGRESS", "1")
     args = parse(argv)
     if args.precision_check:
         for key, value in precision_check(args).items():

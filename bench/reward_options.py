@@ -30,7 +30,6 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("LASTMILE_NO_PROGRESS", "1")
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -87,6 +86,8 @@ def run(profile: config.Profile, source: str | Path, out: Path) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # set here, not at import: tests import this file and their pipelines show bars
+    os.environ.setdefault("LASTMILE_NO_PROGRESS", "1")
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--data", help="task data (default: the profile's)")

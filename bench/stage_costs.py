@@ -75,7 +75,6 @@ from typing import Iterable, Sequence
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("LASTMILE_NO_PROGRESS", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 BENCH = Path(__file__).resolve().parent
@@ -1038,6 +1037,8 @@ def run_pipeline(profile: str, threads: int, params: Sequence[str]) -> Path:
 
 
 def main(argv=None) -> int:
+    # set here, not at import: tests import this file and their pipelines show bars
+    os.environ.setdefault("LASTMILE_NO_PROGRESS", "1")
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--run", help="a finished run's folder (runs/<stamp>); without it the "
                                  "pipeline runs first")

@@ -8,6 +8,7 @@ import copy
 import importlib.util
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -29,10 +30,19 @@ COMPARISON_FIGURES = {
     "sampling_speedup"}
 
 
-def _load(name: str):
+def _load(name: str, register: bool = False):
+    """Import bench/<name>.py. The environment is restored afterwards: a script's import-time
+    settings (HF_HUB_OFFLINE, TRANSFORMERS_VERBOSITY) must not reach later tests."""
     spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    if register:  # its dataclasses look their module up in sys.modules
+        sys.modules[spec.name] = module
+    saved = dict(os.environ)
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
     return module
 
 
@@ -279,12 +289,7 @@ def test_scaling_arguments(scaling):
 
 @pytest.fixture(scope="module")
 def costs():
-    # registered in sys.modules before it runs: its dataclasses look their module up there
-    spec = importlib.util.spec_from_file_location("bench_stage_costs", BENCH / "stage_costs.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return _load("stage_costs", register=True)
 
 
 def _stage(name: str, folder: Path, run: Path, fn):
@@ -504,3 +509,15 @@ def test_ppo_parts_time_the_trainers_own_gradients(costs, tiny_run):
     assert len(parts["value"]) == len(parts["policy"]) == 2  # 3 rows in micro-batches of 2
     assert sum(w.logits for w in parts["policy"]) == sum(len(o) for o in outputs)
     assert [w.backward for w in parts["reward"]] == [False, False]
+
+
+def test_importing_a_bench_script_leaves_the_environment_alone(costs):
+    """A bench script hides progress bars when run, not when imported: an import-time
+    LASTMILE_NO_PROGRESS=1 once reached the end-to-end test and emptied its stage logs' bars."""
+    before = dict(os.environ)
+    for name in ("mle_precision", "ppo_step", "reward_options", "stage_costs"):
+        _load(name, register=True)
+    assert dict(os.environ) == before
+    source = (BENCH / "stage_costs.py").read_text()
+    main_at = source.index("\ndef main(")
+    assert 'setdefault("LASTMILE_NO_PROGRESS"' not in source[:main_at]
