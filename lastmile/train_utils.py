@@ -69,11 +69,17 @@ def seed_everything(seed: int) -> None:
     whichever order the threads finish and two runs of the same seed drift apart within a few
     steps. Not on a GPU, where deterministic mode demands CUBLAS_WORKSPACE_CONFIG and slows
     other kernels; the cluster profile promises the same data and schedule, not the same bits.
+
+    Deterministic mode also fills every new tensor with NaN (a guard against reading
+    uninitialised memory) unless told not to; nothing here reads memory it did not write (the
+    same-seed and bit-exact resume tests compare the bits), and the fill was ~17% of a reward
+    step's backward (bench/README.md, the cost account).
     """
     random.seed(seed)
     torch.manual_seed(seed)
     if not torch.cuda.is_available():
         torch.use_deterministic_algorithms(True)
+        torch.utils.deterministic.fill_uninitialized_memory = False
     try:
         import numpy as np
 
