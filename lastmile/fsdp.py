@@ -206,7 +206,7 @@ def full_adapter_state(model, name: str) -> dict[str, torch.Tensor]:
     return state
 
 
-def save_adapter(model, name: str, out_dir):
+def save_adapter(model, name: str, out_dir, meta=None):
     """Write adapter `name` as `AdapterModel.save_adapter` does, from every rank: a sharded
     model's weights are gathered whole first (a collective: every rank calls this), then the
     main rank writes the same files an unsharded run writes. Returns the directory on the
@@ -214,7 +214,7 @@ def save_adapter(model, name: str, out_dir):
     state = full_adapter_state(model, name) if is_sharded_model(model) else None
     if not distributed.world().is_main:
         return None
-    return model.save_adapter(name, out_dir, state=state)
+    return model.save_adapter(name, out_dir, state=state, meta=meta)
 
 
 def peak_memory_bytes() -> int:

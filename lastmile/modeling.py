@@ -33,7 +33,7 @@ import struct
 import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -695,6 +695,13 @@ def collate(prompt_ids: list[list[int]], output_ids: list[list[int]], pad_id: in
 
 HEAD_FILE = "head.safetensors"
 SPEC_FILE = "lastmile_adapter.json"
+
+
+def adapter_meta(adapter_dir: str | os.PathLike) -> dict:
+    """A saved adapter's SPEC_FILE (its LoRA shape, whether it has a head, what its stage
+    added); {} for an adapter saved without one."""
+    path = Path(adapter_dir) / SPEC_FILE
+    return json.loads(path.read_text()) if path.exists() else {}
 #: Disk a saved adapter needs beyond its tensors (configs, README, safetensors headers).
 _ADAPTER_OVERHEAD = 1 << 20
 
@@ -843,12 +850,15 @@ class AdapterModel(nn.Module):
         return sum(p.numel() * p.element_size() for p in self.adapter_parameters(name))
 
     def save_adapter(self, name: str, out_dir: str | os.PathLike,
-                     state: dict[str, torch.Tensor] | None = None) -> Path:
+                     state: dict[str, torch.Tensor] | None = None,
+                     meta: Mapping[str, object] | None = None) -> Path:
         """Write adapter `name` (peft format) and its head as a small directory.
 
         `state`: the adapter's whole tensors as `fsdp.full_adapter_state` gathers them from a
         sharded base (whose own parameters are shards: `fsdp.save_adapter` is the call that
         works on every rank); the files are the same as from the model's own tensors.
+        `meta`: what the stage adds to SPEC_FILE for whoever loads the adapter (the reward
+        model's level); read back with `adapter_meta`.
         """
         from safetensors.torch import save_file
 
@@ -876,8 +886,10 @@ class AdapterModel(nn.Module):
                 head = {k[len(prefix):]: v.contiguous() for k, v in state.items()
                         if k.startswith(prefix)}
             save_file(head, str(out / HEAD_FILE))
-        (out / SPEC_FILE).write_text(json.dumps({"name": name, "lora": asdict(self.specs[name]),
-                                                 "head": name in self.heads}, indent=2))
+        spec = {"name": name, "lora": asdict(self.specs[name]), "head": name in self.heads,
+                **(meta or {})}
+        (tmp / SPEC_FILE).write_text(json.dumps(spec, indent=2))
+        os.replace(tmp / SPEC_FILE, out / SPEC_FILE)
         import shutil
 
         shutil.rmtree(tmp, ignore_errors=True)
@@ -891,7 +903,7 @@ class AdapterModel(nn.Module):
         path = Path(path)
         if not (path / "adapter_config.json").exists():
             raise FileNotFoundError(f"{path} holds no adapter (adapter_config.json missing)")
-        meta = json.loads((path / SPEC_FILE).read_text()) if (path / SPEC_FILE).exists() else {}
+        meta = adapter_meta(path)
         if self.peft is None:
             self.peft = PeftModel.from_pretrained(self.base, str(path), adapter_name=name,
                                                   is_trainable=trainable)

@@ -33,7 +33,6 @@ the reward as it was trained.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -47,7 +46,7 @@ from . import checkpoint, distributed
 from . import fsdp as sharding
 from .config import REWARD_LEVELS, NegativesConfig, RewardConfig
 from .io import read_jsonl, write_json
-from .modeling import (SPEC_FILE, AdapterModel, autocast, check_precision, collate,
+from .modeling import (AdapterModel, adapter_meta, autocast, check_precision, collate,
                        encode_outputs, encode_prompts, load_base)
 from .train_utils import (TokenExample, default_device, seed_everything, train_loop)
 
@@ -57,6 +56,7 @@ ADAPTER = "reward"
 TRUE = "true"
 REQUIRED = ("prompt", "output", "label", "weight", "category")
 TOKEN, SEQUENCE = REWARD_LEVELS  # RewardConfig.level
+LEVEL_KEY = "reward_level"  # the level's entry in the saved adapter's metadata
 
 
 # ----------------------------------------------------------------------------- data
@@ -353,21 +353,10 @@ def ppo_rewards(scores: torch.Tensor, mask: torch.Tensor, level: str = TOKEN) ->
     return out
 
 
-def save_level(adapter_dir: str | os.PathLike, level: str) -> None:
-    """Write the reward level into the adapter's metadata (modeling.SPEC_FILE), so whoever
-    loads the adapter (PPO) reads its rewards at the level it was trained at."""
-    path = Path(adapter_dir) / SPEC_FILE
-    meta = json.loads(path.read_text()) if path.exists() else {}
-    meta["reward_level"] = check_level(level)
-    path.write_text(json.dumps(meta, indent=2))
-
-
 def adapter_level(adapter_dir: str | os.PathLike) -> str:
-    """The level a saved reward adapter was trained at; "token" for adapters saved before
-    the option existed (they were all token-level)."""
-    path = Path(adapter_dir) / SPEC_FILE
-    meta = json.loads(path.read_text()) if path.exists() else {}
-    return check_level(meta.get("reward_level", TOKEN))
+    """The level a saved reward adapter was trained at (written with it by
+    `train_reward_model`); "token" for adapters saved before the option existed."""
+    return check_level(adapter_meta(adapter_dir).get(LEVEL_KEY, TOKEN))
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -488,9 +477,10 @@ def _train_reward_model(rm_path: str | os.PathLike, out_dir: str | os.PathLike,
                                                               "alpha": cfg.lora.alpha},
                "processes": world.size, "precision": cfg.precision, "level": cfg.level,
                "fsdp": fsdp}
-    sharding.save_adapter(model, ADAPTER, out / "adapter")  # every rank: gathers when sharded
+    # every rank: gathers when sharded; the level travels with the adapter, so PPO reads its
+    # rewards at the level they were trained at
+    sharding.save_adapter(model, ADAPTER, out / "adapter", meta={LEVEL_KEY: cfg.level})
     if world.is_main:
-        save_level(out / "adapter", cfg.level)
         checkpoint.clear(checkpoints)
     if world.is_main or fsdp:  # sharded forwards need every rank (each scores every row)
         _evaluate_held_out(model, tokenizer, eval_rows, cfg, summary, out, world.is_main)

@@ -531,6 +531,7 @@ def test_the_level_travels_with_the_adapter_into_ppo(tokenizer, tmp_path):
     assert set(summary["eval"]["accuracy"]) == {"copy_input", "random_tokens"}
     meta = json.loads((adapter / "lastmile_adapter.json").read_text())
     assert meta["lora"]["r"] == 4  # the adapter's own metadata kept beside the level
+    assert not list(adapter.parent.glob(".adapter.tmp*"))  # written whole, then moved in
     train = tmp_path / "train.jsonl"
     write_jsonl(train, [{k: r[k] for k in ("id", "input", "output", "prompt")}
                         for r in _rows(tokenizer, 3) if r["category"] == "true"])
