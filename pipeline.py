@@ -35,7 +35,7 @@ from pathlib import Path
 from kfp import dsl
 
 import components
-from lastmile import config
+from lastmile import config, tune
 
 #: Pipeline parameters beside the configuration ones (config.PIPELINE_PARAMETERS), with their
 #: type, default and the description the Kubeflow UI shows. All text, like the configuration
@@ -620,8 +620,7 @@ def run_locally(settings: RunSettings, out_dir: Path | None = None,
 
     profile = settings.resolve("demo")  # fail fast on a bad parameter, before any stage
     arguments = {"profile": "demo", **settings.pipeline_arguments()}
-    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    out_dir = out_dir or Path("runs") / stamp
+    out_dir = out_dir or Path("runs") / _stamp()
     out_dir.mkdir(parents=True, exist_ok=True)
     console.point_latest(out_dir)
     pipeline_root = (out_dir / "kfp").resolve()
@@ -1006,12 +1005,14 @@ def _build_parser() -> argparse.ArgumentParser:
     settings_flags(p, profile_default="demo")
     p.add_argument("--data", default="",
                    help="file, directory, hub id or s3:// URI (default: bundled)")
-    p.add_argument("--trials", type=int, default=4, metavar="N",
-                   help="trials per method (MLE and RL get the same number; default 4)")
+    p.add_argument("--trials", type=int, default=tune.TRIALS, metavar="N",
+                   help="trials per method (MLE and RL get the same number; default "
+                        f"{tune.TRIALS})")
     p.add_argument("--max-train", type=int, metavar="N",
                    help="training rows before the validation split (default: the profile's)")
-    p.add_argument("--validation-fraction", type=float, default=0.1, metavar="F",
-                   help="share of the filtered training rows held out for selection")
+    p.add_argument("--validation-fraction", type=float, default=tune.VALIDATION_FRACTION,
+                   metavar="F", help="share of the filtered training rows held out for "
+                                     f"selection (default {tune.VALIDATION_FRACTION})")
     p.add_argument("--out", type=Path, help="default runs/tune-<timestamp>")
 
     p = sub.add_parser("reproduce", help="the local run once per seed, then mean and standard "
@@ -1142,8 +1143,10 @@ def _main(parser, args) -> int:
         except RunFailed as failed:  # its error and log are already the last lines shown
             return failed.exit_code
         return 0
-    if args.command in ("tune", "reproduce"):
-        return _tune_or_reproduce(args)
+    if args.command == "tune":
+        return _tune(args)
+    if args.command == "reproduce":
+        return _reproduce(args)
     settings = settings_from_args(args)
     if args.command == "compile":
         cluster = _cluster_from_args(args)  # sets the image for --accelerator-type none
@@ -1226,44 +1229,51 @@ def reproduce_settings(settings: RunSettings, seed: int, fixed_data: bool) -> Ru
     return one
 
 
-def _tune_or_reproduce(args) -> int:
-    """`tune` and `reproduce`: argument handling here, the work in lastmile.tune/reproduce."""
-    from lastmile import reproduce, tune
+def _tune(args) -> int:
+    """`tune`: argument handling here, the search in lastmile.tune."""
+    settings = settings_from_args(args, default_profile="demo")
+    if args.trials < 1:
+        raise UsageError(f"--trials must be >= 1, got {args.trials}")
+    if args.max_train is not None:
+        settings.set("max_train", args.max_train, "--max-train")
+    out = args.out or Path("runs") / f"tune-{_stamp()}"
+    record = tune.tune(settings.resolve("demo"), out, trials=args.trials,
+                       data_source=settings.run.get("data_source", ""),
+                       validation_fraction=args.validation_fraction)
+    print(f"\ntrials: {out / 'tune.md'}, {out / 'tune.json'}\n"
+          f"chosen (pipeline.py run --profile {record['profile']} --config "
+          f"{out / 'chosen.yaml'}):\n\n"
+          f"{record['chosen_yaml']}", end="")
+    return 0
+
+
+def _reproduce(args) -> int:
+    """`reproduce`: one local run per seed (run_locally), the summary in lastmile.reproduce."""
+    from lastmile import reproduce
     from lastmile.console import RunFailed
 
     settings = settings_from_args(args, default_profile="demo")
-    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    if args.command == "tune":
-        if args.trials < 1:
-            raise UsageError(f"--trials must be >= 1, got {args.trials}")
-        if args.max_train is not None:
-            settings.set("max_train", args.max_train, "--max-train")
-        out = args.out or Path("runs") / f"tune-{stamp}"
-        record = tune.tune(settings.resolve("demo"), out, trials=args.trials,
-                           data_source=settings.run.get("data_source", ""),
-                           validation_fraction=args.validation_fraction)
-        print(f"\ntrials: {out / 'tune.md'}, {out / 'tune.json'}\n"
-              f"chosen (pipeline.py run --profile {record['profile']} --config "
-              f"{out / 'chosen.yaml'}):\n\n"
-              f"{record['chosen_yaml']}", end="")
-        return 0
-    seeds = _seeds(args.seeds)
-    for seed in seeds:  # every run's configuration checked before the first starts
-        reproduce_settings(settings, seed, args.fixed_data)
+    stamp = _stamp()
+    # every run's configuration checked before the first starts
+    per_seed = {seed: reproduce_settings(settings, seed, args.fixed_data)
+                for seed in _seeds(args.seeds)}
 
     def run_one(seed: int) -> Path:
-        run = run_locally(reproduce_settings(settings, seed, args.fixed_data),
-                          Path("runs") / f"{stamp}-seed{seed}", args.verbose)
+        run = run_locally(per_seed[seed], Path("runs") / f"{stamp}-seed{seed}", args.verbose)
         if not run.trained:
             raise UsageError(f"seed {seed}: the run trained nothing ({run.message})")
         return run.out_dir
 
     try:
-        reproduce.reproduce(run_one, seeds, args.out or Path("runs") / f"reproduce-{stamp}",
-                            fixed_data=args.fixed_data)
+        reproduce.reproduce(run_one, list(per_seed), args.out or Path("runs") /
+                            f"reproduce-{stamp}", fixed_data=args.fixed_data)
     except RunFailed as failed:
         return failed.exit_code
     return 0
+
+
+def _stamp() -> str:
+    return _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
 
 
 if __name__ == "__main__":

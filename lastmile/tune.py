@@ -48,6 +48,8 @@ from .io import read_jsonl, write_json, write_jsonl
 MAX_RL_EXCESS = 3.0
 #: Share of the filtered training rows held out for selection (hash of the row id).
 VALIDATION_FRACTION = 0.1
+#: trials per method (MLE and RL get the same number)
+TRIALS = 4
 #: Neighbouring grid points differ by this factor (half a decade).
 GRID_FACTOR = math.sqrt(10.0)
 METRIC = "la_rougeL_f1"
@@ -289,7 +291,7 @@ def _trial(method: str, index: int, settings: dict,
     return record
 
 
-def tune(profile: cfgmod.Profile, out: str | Path, *, trials: int = 4, data_source: str = "",
+def tune(profile: cfgmod.Profile, out: str | Path, *, trials: int = TRIALS, data_source: str = "",
          validation_fraction: float = VALIDATION_FRACTION, factor: float = GRID_FACTOR,
          max_excess: float = MAX_RL_EXCESS, log: Callable[[str], None] = print) -> dict:
     """The whole search: data, the shared reward model, `trials` MLE and `trials` RL trials,

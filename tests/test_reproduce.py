@@ -101,3 +101,34 @@ def test_reproduce_arguments_set_each_runs_seeds(capsys):
     for bad in ("0,x", "1,1", ""):
         assert pipeline.main(["reproduce", "--profile", "smoke", "--seeds", bad]) == 2
         assert "--seeds expects" in capsys.readouterr().err, bad
+
+
+def test_reproduce_command_runs_each_seed_with_its_own_settings(tmp_path, monkeypatch, capsys):
+    """`pipeline.py reproduce` end to end with the local run replaced by one that writes a
+    finished run's scores (the real run is test_e2e's): each seed's run gets that seed in every
+    seeded stage and its own folder, and the summary reads them."""
+    monkeypatch.chdir(tmp_path)
+    runs = []
+
+    def run_locally(settings, out_dir, verbose):
+        profile = settings.resolve("demo")
+        runs.append((profile.reward.seed, profile.ppo.seed, out_dir))
+        out_dir.mkdir(parents=True)
+        write_json(out_dir / "scores.json", SEEDS[len(runs) - 1])
+        return pipeline.LocalRun(out_dir, trained=True, message="")
+
+    monkeypatch.setattr(pipeline, "run_locally", run_locally)
+    code = pipeline.main(["reproduce", "--profile", "smoke", "--seeds", "4,9,1",
+                          "--out", str(tmp_path / "summary")])
+    assert code == 0
+    assert [(r, p) for r, p, _ in runs] == [(4, 4), (9, 9), (1, 1)]
+    assert [out.name.split("-seed")[1] for _, _, out in runs] == ["4", "9", "1"]
+    written = json.loads((tmp_path / "summary" / "reproduce.json").read_text())
+    assert written["models"]["rl"]["la_rougeL_f1"]["mean"] == pytest.approx(0.23)
+
+    def skipped(settings, out_dir, verbose):
+        return pipeline.LocalRun(out_dir, trained=False, message="no new data")
+
+    monkeypatch.setattr(pipeline, "run_locally", skipped)
+    assert pipeline.main(["reproduce", "--profile", "smoke", "--seeds", "0"]) == 2
+    assert "seed 0: the run trained nothing (no new data)" in capsys.readouterr().err
