@@ -58,7 +58,7 @@ import logging
 import math
 import statistics
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import torch
 
@@ -194,7 +194,7 @@ class PPOTrainer:
             log.info("quantized or sharded base: PPO samples and scores the reward with "
                      "unmerged LoRA")
         # Sharded layers (lastmile.fsdp): FSDP sums their gradients, and every rank runs as
-        # many forwards as the rank with the most (`_idle`).
+        # many forwards as the rank with the most (`_in_lockstep`).
         self.sharded = sharding.is_sharded_model(model)
         self.precision = precision
         self.fast = fast and cfg.ppo_epochs == 1 and cfg.minibatches == 1 and cfg.kl_coef == 0
@@ -255,7 +255,8 @@ class PPOTrainer:
         if not output_ids:
             empty = self._empty_rollout(kind, **where)
             if self.sharded:  # join the other ranks' sharded forwards
-                self._idle(self._shortfall(0), REWARD)
+                for _ in self._in_lockstep(0, REWARD):
+                    pass
                 if self.cfg.kl_coef:
                     self._policy_logprobs(empty, POLICY), self._policy_logprobs(empty, None)
             return empty
@@ -264,16 +265,13 @@ class PPOTrainer:
         mask = output_space_mask(batch.output_lengths)  # [B, T]
         rm = mask.new_zeros(mask.shape, dtype=torch.float32)
         merged = merged_weights(self.model, REWARD) if self.merge else contextlib.nullcontext()
-        parts = self._micro_batches(len(output_ids))
-        missing = self._shortfall(len(parts))
         with merged, self._autocast():
-            for idx in parts:
+            for idx in self._in_lockstep(len(output_ids), REWARD):
                 part = _rows(batch, idx)
                 hidden = self.model.hidden_states(part.input_ids, part.attention_mask,
                                                   None if self.merge else REWARD)
                 scores = self.model.scalar(hidden[part.output_mask], REWARD).float()  # [N]
                 rm[idx] = to_output_space(scores, mask[idx])
-        self._idle(missing, REWARD)
         rm = ppo_rewards(rm, mask, self.reward_level)  # [B, T]
         ref_lengths = torch.tensor([len(r) for r in reference_ids], device=self.device)
         penalty = length_penalty(batch.output_lengths, ref_lengths, mask.shape[1],
@@ -301,11 +299,16 @@ class PPOTrainer:
         size = self.micro_batch_size or max(n, 1)
         return [list(range(i, min(i + size, n))) for i in range(0, n, size)]
 
-    def _shortfall(self, parts: int) -> int:
-        """Sharded: the idle micro-batches this rank, about to run `parts`, must add to run as
-        many as every other rank (`fsdp.shortfall`, a collective before the forwards);
-        0 unsharded."""
-        return sharding.shortfall(parts) if self.sharded else 0
+    def _in_lockstep(self, n: int, adapter: str | None,
+                     backward: bool = False) -> Iterator[list[int]]:
+        """The micro-batches of `n` rows (row indices). Sharded, every rank must run as many
+        forwards (and backwards) as the rank with the most, since each runs the layers'
+        gathers: the count is agreed before the first (`fsdp.shortfall`, a collective) and the
+        missing ones run as idle forwards after the last. Consume it whole."""
+        parts = self._micro_batches(n)
+        missing = sharding.shortfall(len(parts)) if self.sharded else 0
+        yield from parts
+        self._idle(missing, adapter, backward)
 
     def _idle(self, times: int, adapter: str | None, backward: bool = False) -> None:
         """`times` forwards of one one-token row with `adapter` (each with the backward of
@@ -338,24 +341,18 @@ class PPOTrainer:
     @torch.no_grad()
     def _policy_logprobs(self, rollout: Rollout, adapter: str | None) -> torch.Tensor:
         out = torch.zeros_like(rollout.rewards)
-        parts = self._micro_batches(rollout.mask.shape[0])
-        missing = self._shortfall(len(parts))
-        for idx in parts:
+        for idx in self._in_lockstep(rollout.mask.shape[0], adapter):
             out[idx] = to_output_space(self._logprobs(_rows(rollout.batch, idx), adapter).float(),
                                        rollout.mask[idx])
-        self._idle(missing, adapter)
         return out
 
     @torch.no_grad()
     def _values(self, rollout: Rollout) -> torch.Tensor:
         out = torch.zeros_like(rollout.rewards)
-        parts = self._micro_batches(rollout.mask.shape[0])
-        missing = self._shortfall(len(parts))
-        for idx in parts:
+        for idx in self._in_lockstep(rollout.mask.shape[0], VALUE):
             part = _rows(rollout.batch, idx)
             out[idx] = to_output_space(self.model.scalar(self._states(part, VALUE), VALUE).float(),
                                        rollout.mask[idx])
-        self._idle(missing, VALUE)
         return out
 
     def _advantages(self, rollout: Rollout, values: torch.Tensor
@@ -383,9 +380,7 @@ class PPOTrainer:
                         total_tokens: int) -> tuple[float, torch.Tensor]:
         """Value loss over `rows` (forward + backward per micro-batch); (its share, values)."""
         loss_sum, values = 0.0, torch.zeros_like(rollout.rewards)
-        parts = self._micro_batches(len(rows))
-        missing = self._shortfall(len(parts))
-        for idx in parts:
+        for idx in self._in_lockstep(len(rows), VALUE, backward=True):
             idx = [rows[i] for i in idx]
             mask = rollout.mask[idx]  # [b, T]
             v = self.model.scalar(self._states(_rows(rollout.batch, idx), VALUE), VALUE)  # [N]
@@ -394,16 +389,13 @@ class PPOTrainer:
             (loss * share).backward()
             loss_sum += float(loss.detach()) * share
             values[idx] = to_output_space(v.detach().float(), mask)
-        self._idle(missing, VALUE, backward=True)
         return loss_sum, values
 
     def _policy_backward(self, rollout: Rollout, rows: Sequence[int], advantages: torch.Tensor,
                          old_logprobs: torch.Tensor | None, total_tokens: int) -> dict:
         """Policy loss over `rows`; old_logprobs None: the fast path (pi_old = pi_theta)."""
         sums = {"policy_loss": 0.0, "clip_fraction": 0.0, "approx_kl": 0.0}
-        parts = self._micro_batches(len(rows))
-        missing = self._shortfall(len(parts))
-        for idx in parts:
+        for idx in self._in_lockstep(len(rows), POLICY, backward=True):
             idx = [rows[i] for i in idx]
             mask = rollout.mask[idx]
             logp = self._logprobs(_rows(rollout.batch, idx), POLICY).float()  # [N]
@@ -415,7 +407,6 @@ class PPOTrainer:
             (loss * share).backward()
             for key, value in zip(sums, (loss, clip_fraction, approx_kl)):
                 sums[key] += float(value.detach()) * share
-        self._idle(missing, POLICY, backward=True)
         return sums
 
     # -- updates ---------------------------------------------------------------------------
