@@ -65,6 +65,18 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
     return advantages * mask, discounted_returns(rewards, mask, gamma)
 
 
+def last_token(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """[B, T] -> [B]: each row's entry at its last output token (0 for a row with none).
+
+    The last action ends the row (its EOS, or the budget's last token); its advantage is
+    r_T - V(s_{T-1}) under Eq. 2, since V = 0 beyond it: a value head that expects more
+    reward than the ending brings makes stopping look bad.
+    """
+    last = (mask.sum(dim=1) - 1).clamp(min=0)  # [B]
+    picked = x.gather(1, last[:, None]).squeeze(1)  # [B]
+    return torch.where(mask.any(dim=1), picked, torch.zeros_like(picked))
+
+
 def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     mask = mask.to(x.dtype)
     return (x * mask).sum() / mask.sum().clamp(min=1.0)

@@ -17,8 +17,8 @@ LOG_FIELDS = ("update", "batch_kind", "reward_mean", "reward_per_token", "rm_rew
               "length_penalty_mean", "response_length_mean", "response_words_mean",
               "reference_length_mean", "excess_length_mean", "excess_tokens_mean",
               "policy_loss", "value_loss", "clip_fraction", "approx_kl", "value_mean",
-              "advantage_mean", "return_mean", "lr", "policy_grad_norm", "value_grad_norm",
-              "sample_seconds", "seconds")
+              "advantage_mean", "return_mean", "final_value_mean", "final_advantage_mean",
+              "lr", "policy_grad_norm", "value_grad_norm", "sample_seconds", "seconds")
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -85,6 +85,19 @@ def test_gae_and_value_targets_by_hand_with_length_penalty():
     torch.testing.assert_close(adv, torch.tensor([[0.859375, -0.5625, -4.25],
                                                   [-0.125, 0.5, 0.0]]))
     torch.testing.assert_close(ret, torch.tensor([[0.6875, -0.625, -2.25], [1.0, 1.0, 0.0]]))
+
+
+def test_last_token_reads_each_rows_ending_action_and_the_sign_of_stopping():
+    mask = ppo_trainer.output_space_mask(torch.tensor([3, 1, 0]), 3)
+    x = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0], [7.0, 8.0, 9.0]])
+    torch.testing.assert_close(eq.last_token(x, mask), torch.tensor([3.0, 4.0, 0.0]))
+    # One row of three tokens, reward 0.5 each, a value head expecting 4 everywhere: the
+    # ending action's advantage is r - V = 0.5 - 4 (V = 0 past the end), the others' are
+    # positive, so Eq. 2 tells the policy that stopping is the worst thing it did.
+    mask = ppo_trainer.output_space_mask(torch.tensor([3]), 3)
+    adv, _ = eq.gae(torch.full((1, 3), 0.5), torch.full((1, 3), 4.0), mask, gamma=1.0, lam=0.0)
+    torch.testing.assert_close(adv, torch.tensor([[0.5, 0.5, -3.5]]))
+    torch.testing.assert_close(eq.last_token(adv, mask), torch.tensor([-3.5]))
 
 
 def test_value_targets_are_the_monte_carlo_return_not_a_plus_v():
