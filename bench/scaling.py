@@ -22,7 +22,8 @@ per task, kfp.local's bookkeeping); it goes negative when tasks overlap (the sha
 
     make bench-scaling                                     # sizes 56:16,224:64,896:256 x 1, 2 shards
     .venv/bin/python bench/scaling.py --sizes 28:8,56:16 --shards 1 --keep runs/scaling
-    .venv/bin/python bench/scaling.py --smoke              # one run: 28:8, 2 shards, capped (CI)
+    .venv/bin/python bench/scaling.py --smoke              # one run: 28:8, 2 shards, capped
+    .venv/bin/python bench/scaling.py --runs runs/A runs/B # the same tables from runs you have
 A benchmark, not a test: nothing is asserted, and the tiny model's seconds are about the
 pipeline's overheads, not about a real model's compute (`--profile demo` measures SmolLM2).
 """
@@ -297,7 +298,8 @@ def child_env(threads: int) -> dict[str, str]:
     return env
 
 
-def run_once(args, train: int, test: int, shards: int, out: Path) -> dict:
+def pipeline_command(args, train: int, test: int, shards: int, out: Path) -> list[str]:
+    """The `pipeline.py run` of one size and shard count."""
     params = {"max_train": train, "max_test": test, "num_shards": shards,
               **({} if args.capped else UNCAPPED)}
     cmd = [args.python, str(ROOT / "pipeline.py"), "run", "--profile", args.profile,
@@ -306,6 +308,26 @@ def run_once(args, train: int, test: int, shards: int, out: Path) -> dict:
         cmd += ["--data", args.data]
     for key, value in {**params, **dict(args.param)}.items():
         cmd += ["--param", f"{key}={value}"]
+    return cmd
+
+
+def record_from_run(run_dir: Path) -> dict:
+    """A finished `pipeline.py run` folder's figures, as `run_once` records a run it starts:
+    the wall time from its COMPLETE file, the caps and shards from its config.json."""
+    from lastmile import console
+
+    run_dir = Path(run_dir)
+    status = console.read_status(run_dir / console.COMPLETE_FILE)
+    if status.get("status") != "done" or not status.get("seconds"):
+        raise SystemExit(f"{run_dir}: not a finished run (no COMPLETE with its seconds)")
+    cfg = json.loads((run_dir / "config.json").read_text())
+    return run_record(cfg["data"]["max_train"], cfg["data"]["max_test"],
+                      cfg["generate"]["num_shards"], float(status["seconds"]),
+                      read_summaries(run_dir))
+
+
+def run_once(args, train: int, test: int, shards: int, out: Path) -> dict:
+    cmd = pipeline_command(args, train, test, shards, out)
     log = out.parent / f"{out.name}.log"
     if args.verbose:
         print("$ " + shlex.join(cmd), file=sys.stderr, flush=True)
@@ -323,7 +345,22 @@ def run_once(args, train: int, test: int, shards: int, out: Path) -> dict:
     return record
 
 
+def from_runs(args) -> dict:
+    """`--runs`: the figures of finished runs, nothing started."""
+    runs = [record_from_run(Path(d)) for d in args.runs]
+    profiles = sorted({json.loads((Path(d) / "config.json").read_text())["name"]
+                       for d in args.runs})
+    return {"setting": {"profile": ",".join(profiles), "data": "as each run had it",
+                        "sizes": ",".join(f"{r['train']}:{r['test']}" for r in runs),
+                        "shards": ",".join(str(r["shards"]) for r in runs),
+                        "training": "as each run had it", "threads": args.threads,
+                        "params": {}, "runs": [str(d) for d in args.runs]},
+            "machine": machine(), "runs": runs, "fits": fits(runs)}
+
+
 def measure(args) -> dict:
+    if args.runs:
+        return from_runs(args)
     sizes, shard_counts = parse_sizes(args.sizes), parse_shards(args.shards)
     keep = Path(args.keep) if args.keep else None
     runs = []
@@ -384,7 +421,10 @@ def parse(argv=None):
     p.add_argument("--python", default=sys.executable, help="the project venv's python")
     p.add_argument("--smoke", action="store_true",
                    help=f"one run: size {SMOKE['sizes']}, {SMOKE['shards']} shards, the smoke "
-                        "profile's caps (CI; about 2 minutes on 2 cores)")
+                        "profile's caps (about a minute on 2 cores)")
+    p.add_argument("--runs", nargs="+", default=None, metavar="RUN_DIR",
+                   help="read finished `pipeline.py run` folders instead of starting runs "
+                        "(their machine must be this one for the machine line to be true)")
     p.add_argument("--keep", default=None, help="keep every run's report and log here")
     p.add_argument("--json", default=None, help="also write every figure to this file")
     p.add_argument("-v", "--verbose", action="store_true", help="print the commands")

@@ -385,6 +385,16 @@ def write_status(run_dir: Path, name: str, fields: Mapping[str, object]) -> Path
     return path
 
 
+def read_status(path: Path) -> dict[str, str]:
+    """A FAILED or COMPLETE file (`write_status`) back as {key: value}; {} when absent."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return {}
+    pairs = (line.partition(": ") for line in text.splitlines())
+    return {key: value for key, sep, value in pairs if sep}
+
+
 def where_things_are(run_dir: Path, adapters: Mapping[str, Path],
                      published: str | None = None) -> list[str]:
     """The end of a local run that trained: the report, the adapters, the next commands

@@ -199,34 +199,34 @@ def test_machine_description(vs):
 
 # ----------------------------------------------------------------------------- scaling.py
 
-SCALING_STAGES = {"filter_data", "negatives", "train_reward", "train_mle", "train_ppo",
-                  "generate_base", "generate_mle", "generate_rl", "postprocess_base",
-                  "postprocess_mle", "score"}
-
 
 @pytest.fixture(scope="module")
 def scaling():
     return _load("scaling")  # the standard library only, at import
 
 
-@pytest.mark.e2e  # the whole pipeline through kfp.local, once (about 2 minutes on 2 cores)
-def test_scaling_smoke(tmp_path, scaling):
-    out = _run([str(BENCH / "scaling.py"), "--smoke", "--keep", str(tmp_path / "runs"),
-                "--json", str(tmp_path / "r.json")])
-    assert "machine cpu=" in out and "s per example, 2 shards" in out, out
-    result = json.loads((tmp_path / "r.json").read_text())  # strict: no NaN is written
-    (run,) = result["runs"]
-    assert (run["train"], run["test"], run["shards"], run["planned_shards"]) == (28, 8, 2, 2)
-    assert set(run["stages"]) == SCALING_STAGES, sorted(run["stages"])
-    for stage in ("generate_base", "generate_rl", "postprocess_mle", "score"):
-        assert run["stages"][stage]["tasks"] == 2, stage
-    assert run["stages"]["train_reward"]["unit"] == "train"
-    assert run["stages"]["generate_rl"]["examples"] == 8
-    figures = scaling.figures(result)
-    assert len(figures) >= 3 * len(SCALING_STAGES)
-    bad = {k: v for k, v in figures.items() if not math.isfinite(v)}
-    assert not bad, bad
-    assert run["wall_seconds"] > 0 and result["machine"]["cores"] >= 1
+def test_scaling_starts_a_pipeline_run_the_cli_accepts_with_each_size(scaling, tmp_path):
+    """The command run_once starts parses and resolves as `pipeline.py run` does (the figures
+    of a real run are checked on test_e2e's sharded run: `scaling.py --runs`)."""
+    import pipeline
+
+    args = scaling.parse(["--smoke", "--param", "seed=3"])
+    cmd = scaling.pipeline_command(args, 28, 8, 2, tmp_path / "out")
+    assert cmd[1:3] == [str(BENCH.parent / "pipeline.py"), "run"]
+    parsed = pipeline._build_parser().parse_args(cmd[2:])
+    profile = pipeline.settings_from_args(parsed).resolve()
+    assert (profile.name, profile.data.max_train, profile.data.max_test) == ("smoke", 28, 8)
+    assert profile.generate.num_shards == 2 and profile.ppo.seed == 3
+    uncapped = scaling.pipeline_command(scaling.parse([]), 56, 16, 1, tmp_path / "out")
+    profile = pipeline.settings_from_args(pipeline._build_parser().parse_args(uncapped[2:]))
+    resolved = profile.resolve()
+    assert resolved.ppo.max_updates is None and resolved.mle.max_steps is None
+
+
+def test_scaling_refuses_a_run_folder_that_did_not_finish(scaling, tmp_path):
+    (tmp_path / "run").mkdir()
+    with pytest.raises(SystemExit, match="not a finished run"):
+        scaling.record_from_run(tmp_path / "run")
 
 
 def _summaries(train: int, test: int, shards: int) -> dict:

@@ -415,6 +415,11 @@ def test_status_files_replace_each_other(tmp_path):
     console.write_status(tmp_path, console.COMPLETE_FILE, {"status": "done"})
     assert not (tmp_path / "FAILED").exists()
     assert (tmp_path / "COMPLETE").read_text().startswith("status: done\nat: ")
+    console.write_status(tmp_path, console.COMPLETE_FILE,
+                         {"status": "done", "seconds": 130.0, "logs": "runs/x: y/"})
+    status = console.read_status(tmp_path / "COMPLETE")
+    assert (status["status"], status["seconds"], status["logs"]) == ("done", "130.0", "runs/x: y/")
+    assert console.read_status(tmp_path / "FAILED") == {}
 
 
 def test_where_things_are_names_report_adapters_and_next_commands(tmp_path):

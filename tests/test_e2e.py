@@ -9,6 +9,7 @@ import gzip
 import json
 import math
 import re
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -88,6 +89,30 @@ def _check_sharded(out: Path) -> None:
         assert [json.loads(line)["id"] for line in gathered] == test_ids, variant
 
 
+def _check_cost_model(out: Path, tmp_path: Path) -> None:
+    """bench/scaling.py --runs reads the finished sharded run (the figures its own runs give:
+    every stage, per-shard tasks, finite seconds per example)."""
+    figures = tmp_path / "scaling.json"
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / "scaling.py"), "--runs",
+                           str(out), "--json", str(figures)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "machine cpu=" in done.stdout and "s per example, 2 shards" in done.stdout
+    result = json.loads(figures.read_text())  # strict JSON: no NaN was written
+    (run,) = result["runs"]
+    assert (run["shards"], run["planned_shards"], run["test"]) == (2, 2, 8), run
+    assert run["train"] == 28 and run["wall_seconds"] > run["stages"]["train_ppo"]["seconds"]
+    assert set(run["stages"]) == {"filter_data", "negatives", "train_reward", "train_mle",
+                                  "train_ppo", "generate_base", "generate_mle", "generate_rl",
+                                  "postprocess_base", "postprocess_mle", "score"}
+    for stage in ("generate_base", "generate_rl", "postprocess_mle", "score"):
+        assert run["stages"][stage]["tasks"] == 2, stage
+    assert run["stages"]["train_reward"]["unit"] == "train"
+    assert run["stages"]["generate_rl"]["examples"] == 8
+    per_example = [s["seconds_per_example"] for s in run["stages"].values()]
+    assert all(math.isfinite(x) and x >= 0 for x in per_example), run["stages"]
+
+
 def _check_same_results(sharded: Path, unsharded: Path) -> None:
     """Same seed, same data: the same predictions, byte for byte, and the same scores (the
     embedding model's batches differ with the shards: float rounding only)."""
@@ -126,6 +151,7 @@ def test_smoke_pipeline_end_to_end(tmp_path, capsys):
     _check_console(out, printed.out, printed.err)
     scores = _check_report(out)
     _check_sharded(out)
+    _check_cost_model(out, tmp_path)
     # Every number of scores.json is a KFP metric, named <variant>_<key>.
     metrics = _score_metrics(out)
     expected = {f"{v}_{k}" for v, values in scores["models"].items() for k, x in values.items()
