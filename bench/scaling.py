@@ -312,8 +312,9 @@ def pipeline_command(args, train: int, test: int, shards: int, out: Path) -> lis
 
 
 def record_from_run(run_dir: Path) -> dict:
-    """A finished `pipeline.py run` folder's figures, as `run_once` records a run it starts:
-    the wall time from its COMPLETE file, the caps and shards from its config.json."""
+    """A finished `pipeline.py run` folder's figures, as `run_once` records a run it starts
+    (the wall time from its COMPLETE file, the caps and shards from its config.json), with
+    its profile's name."""
     from lastmile import console
 
     run_dir = Path(run_dir)
@@ -321,9 +322,10 @@ def record_from_run(run_dir: Path) -> dict:
     if status.get("status") != "done" or not status.get("seconds"):
         raise SystemExit(f"{run_dir}: not a finished run (no COMPLETE with its seconds)")
     cfg = json.loads((run_dir / "config.json").read_text())
-    return run_record(cfg["data"]["max_train"], cfg["data"]["max_test"],
-                      cfg["generate"]["num_shards"], float(status["seconds"]),
-                      read_summaries(run_dir))
+    record = run_record(cfg["data"]["max_train"], cfg["data"]["max_test"],
+                        cfg["generate"]["num_shards"], float(status["seconds"]),
+                        read_summaries(run_dir))
+    return {**record, "profile": cfg["name"]}
 
 
 def run_once(args, train: int, test: int, shards: int, out: Path) -> dict:
@@ -347,9 +349,16 @@ def run_once(args, train: int, test: int, shards: int, out: Path) -> dict:
 
 def from_runs(args) -> dict:
     """`--runs`: the figures of finished runs, nothing started."""
-    runs = [record_from_run(Path(d)) for d in args.runs]
-    profiles = sorted({json.loads((Path(d) / "config.json").read_text())["name"]
-                       for d in args.runs})
+    runs, seen = [], {}
+    for folder in args.runs:
+        record = record_from_run(Path(folder))
+        key = (record["train"], record["test"], record["shards"])
+        if key in seen:  # the tables hold one run per size and shard count
+            raise SystemExit(f"{seen[key]} and {folder}: the same size ({key[0]}:{key[1]} rows) "
+                             f"and shard count ({key[2]}); pass one run of each")
+        seen[key] = folder
+        runs.append(record)
+    profiles = sorted({r["profile"] for r in runs})
     return {"setting": {"profile": ",".join(profiles), "data": "as each run had it",
                         "sizes": ",".join(f"{r['train']}:{r['test']}" for r in runs),
                         "shards": ",".join(str(r["shards"]) for r in runs),

@@ -219,14 +219,36 @@ def test_scaling_starts_a_pipeline_run_the_cli_accepts_with_each_size(scaling, t
     assert profile.generate.num_shards == 2 and profile.ppo.seed == 3
     uncapped = scaling.pipeline_command(scaling.parse([]), 56, 16, 1, tmp_path / "out")
     profile = pipeline.settings_from_args(pipeline._build_parser().parse_args(uncapped[2:]))
-    resolved = profile.resolve()
-    assert resolved.ppo.max_updates is None and resolved.mle.max_steps is None
+    profile = profile.resolve()
+    assert profile.ppo.max_updates is None and profile.mle.max_steps is None
 
 
-def test_scaling_refuses_a_run_folder_that_did_not_finish(scaling, tmp_path):
-    (tmp_path / "run").mkdir()
+def _finished_run(folder: Path, seconds: float = 12.0) -> Path:
+    """A run folder as pipeline.py leaves it, with two stage summaries."""
+    from lastmile import config, console
+
+    (folder / "summaries").mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps(config.get_profile("smoke").to_dict()))
+    summaries = _summaries(28, 8, 1)
+    for stage in ("filter_data", "train_reward"):
+        (folder / "summaries" / f"{stage}.json").write_text(json.dumps(summaries[stage]))
+    console.write_status(folder, console.COMPLETE_FILE, {"status": "done", "seconds": seconds})
+    return folder
+
+
+def test_scaling_reads_finished_runs_and_refuses_unfinished_or_twin_ones(scaling, tmp_path):
+    run = _finished_run(tmp_path / "a")
+    result = scaling.measure(scaling.parse(["--runs", str(run)]))
+    (record,) = result["runs"]
+    assert (record["profile"], record["shards"], record["wall_seconds"]) == ("smoke", 1, 12.0)
+    assert record["stages"]["train_reward"]["seconds"] == 5 + 0.5 * 28
+    assert result["setting"]["profile"] == "smoke"
+    twin = _finished_run(tmp_path / "b", seconds=13.0)
+    with pytest.raises(SystemExit, match="the same size .* and shard count"):
+        scaling.measure(scaling.parse(["--runs", str(run), str(twin)]))
+    (tmp_path / "c").mkdir()
     with pytest.raises(SystemExit, match="not a finished run"):
-        scaling.record_from_run(tmp_path / "run")
+        scaling.record_from_run(tmp_path / "c")
 
 
 def _summaries(train: int, test: int, shards: int) -> dict:
