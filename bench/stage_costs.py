@@ -310,7 +310,25 @@ class RunFolder:
                 raise SystemExit(f"{self.root}: no config.json nor resolve-config output")
             values = json.loads(json.loads(out.read_text())["parameterValues"]["Output"])
         self.profile = cfg_mod.from_dict(cfg_mod.Profile, values)
+        self._resolve_auto_precision()
         self.task_seconds = task_walls(self.root / "logs" / "kfp.log")
+
+    def _resolve_auto_precision(self) -> None:
+        """A stage set to "auto" computed in what its summary records (a training stage's
+        "precision", generation's "weights_dtype" of its merged model); not recorded: as
+        "auto" resolves on this machine (modeling.resolve_precision)."""
+        from lastmile import config as cfg_mod
+        from lastmile.modeling import resolve_precision
+
+        recorded = {"reward": ("train_reward", "precision"), "mle": ("train_mle", "precision"),
+                    "ppo": ("train_ppo", "precision"), "generate": ("generate_rl", "weights_dtype")}
+        for stage, (name, key) in recorded.items():
+            cfg = getattr(self.profile, stage)
+            if cfg.precision != cfg_mod.AUTO_PRECISION:
+                continue
+            value = self.summaries.get(name, {}).get(key)
+            cfg.precision = value if value in cfg_mod.PRECISIONS else resolve_precision(
+                cfg.precision)
 
     def has(self, *stages: str) -> bool:
         return all(s in self.dirs for s in stages)

@@ -38,6 +38,14 @@ PAPER_DATA = "Samsung/samsum"
 #: is exact; "bfloat16" runs the matmuls in bf16 (float32 accumulation, float32 LoRA weights,
 #: heads, optimiser state and losses), ~1.5-2x faster on CPUs with AVX512-BF16/AMX.
 PRECISIONS = ("float32", "bfloat16")
+#: A stage setting beside PRECISIONS: bfloat16 where the stage's device computes it faster
+#: (a CUDA GPU with bf16; an x86 CPU with AVX512-BF16 or AMX whose bf16 matmuls measure
+#: faster), float32 elsewhere, where bf16 is emulated or slower (an Intel Xeon without
+#: AVX512-BF16: the first two demo reward steps on the docstrings took 47 s against 20.7 s;
+#: bench/README.md). Resolved in the stage's own process (`modeling.resolve_precision`), so a
+#: pipeline compiled on a laptop resolves on each node.
+AUTO_PRECISION = "auto"
+PRECISION_SETTINGS = (*PRECISIONS, AUTO_PRECISION)
 REWARD_LEVELS = ("token", "sequence")  # RewardConfig.level
 
 #: The paper's five negative classes (§3.2), the default list (lastmile.negatives builds them).
@@ -279,8 +287,12 @@ def _demo() -> Profile:
     # (bench/README.md). The MLE baseline too: with the LoRA sums in float32 it scores as in
     # float32 (la-ROUGE-L 0.198 against 0.196; 0.155 when bf16 sums rounded young updates
     # away) at 5.6 s a step against 8.7 s (docs/demo-experiments.md, bench/mle_precision.py).
+    # Only where the CPU computes bf16 natively (AUTO_PRECISION): on one without AVX512-BF16
+    # or AMX bf16 is emulated (the first two docstring reward steps: 47 s against 20.7 s in
+    # float32), and on some with AVX512-BF16 still slower than float32 (bench/README.md), so
+    # there the demo runs in float32: exact, its numbers differ from a bf16 machine's.
     for stage in (p.reward, p.mle, p.ppo, p.generate):
-        stage.precision = "bfloat16"
+        stage.precision = AUTO_PRECISION
     return p
 
 
@@ -390,7 +402,8 @@ FIELD_HELP: dict[str, str] = {
                                   "accuracy",
     "RewardConfig.level": "reward targets per output token (token, the paper's) or one per "
                           "example on its last token (sequence)",
-    "precision": "compute precision of the frozen base's matmuls: float32 or bfloat16",
+    "precision": "compute precision of the frozen base's matmuls: float32, bfloat16 or auto "
+                 "(bfloat16 where the device computes it natively)",
     "seed": "random seed of this stage",
     "checkpoint_every": "save a resumable checkpoint every this many steps (0: never)",
     "checkpoint_dir": "where checkpoints go: a directory or an s3:// prefix (none: the "
@@ -540,8 +553,8 @@ def parameter_help(name: str) -> str:
     """The description a flat pipeline parameter carries in the compiled IR (the KFP UI)."""
     dotted = PIPELINE_PARAMETERS[name]
     text = {"seed": "random seed of every stage",
-            "precision": "compute precision (float32 or bfloat16) of the reward, PPO and "
-                         "generation stages",
+            "precision": "compute precision (float32, bfloat16 or auto: bfloat16 where the "
+                         "device computes it natively) of the reward, PPO and generation stages",
             "checkpoint_dir": "where the reward, MLE and PPO stages checkpoint: an s3:// "
                               "prefix (each task its own folder under it, so a retry on a new "
                               "pod resumes) or a directory; none: the pod's disk",
@@ -738,9 +751,9 @@ def validate(profile: Profile) -> Profile:
                           f"{profile.train_processes}")
     for stage in (*_PRECISE, "mle"):
         value = getattr(profile, stage).precision
-        if value not in PRECISIONS:
+        if value not in PRECISION_SETTINGS:
             name = "mle_precision" if stage == "mle" else "precision"
-            raise ConfigError(f"{name} must be one of {PRECISIONS}, got {value!r}")
+            raise ConfigError(f"{name} must be one of {PRECISION_SETTINGS}, got {value!r}")
     if profile.reward.level not in REWARD_LEVELS:
         raise ConfigError(f"reward.level must be one of {REWARD_LEVELS}, got "
                           f"{profile.reward.level!r}")

@@ -450,7 +450,9 @@ def model_card(settings: dict[str, Any], files: RunFiles) -> str:
         "- prompt: one user turn `<instruction>\\n\\n<input>` (input stripped) in the "
         "tokenizer's chat template, with the assistant header; no extra special tokens",
         f"- decoding: greedy, at most {gen['max_new_tokens']} new tokens, stop at EOS, "
-        f"{gen['precision']} weights; `lastmile.json` has every setting",
+        + (f"{gen['precision']} weights" if gen["precision"] != "auto" else
+           "bf16 weights where the machine computes bf16 faster than float32, else float32 "
+           "(precision auto)") + "; `lastmile.json` has every setting",
         "- optional post-processing (`lastmile predict --postprocess`): drop a first "
         "'Sure, ...' line, keep the first line", "",
         "## Use", "",

@@ -16,6 +16,7 @@ windows, so its batches are those of an unsharded run.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import os
@@ -28,8 +29,8 @@ import torch
 from . import shards
 from .config import GenerateConfig
 from .io import atomic_path, read_jsonl
-from .modeling import (AdapterModel, cast_for_decoding, check_precision, encode_prompts,
-                       is_quantized, left_pad, load_base)
+from .modeling import (AdapterModel, cast_for_decoding, encode_prompts, is_quantized, left_pad,
+                       load_base, resolve_precision)
 from .train_utils import chunked, default_device, progress
 
 log = logging.getLogger(__name__)
@@ -171,7 +172,8 @@ def generate_predictions(test_path: str | os.PathLike, out_path: str | os.PathLi
     _check_variant(variant, adapter_dir)
     if cfg.batch_size < 1:
         raise ValueError(f"GenerateConfig.batch_size must be >= 1, got {cfg.batch_size}")
-    check_precision(cfg.precision, "GenerateConfig.precision")
+    cfg = dataclasses.replace(cfg, precision=resolve_precision(cfg.precision,
+                                                               what="GenerateConfig.precision"))
     total = _count_rows(test_path)
     if total == 0:
         raise ValueError(f"{test_path}: no test rows")

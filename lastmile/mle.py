@@ -13,6 +13,7 @@ the prompt.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from pathlib import Path
@@ -24,8 +25,8 @@ from . import checkpoint, distributed
 from . import fsdp as sharding
 from .config import MLEConfig
 from .io import read_jsonl
-from .modeling import (AdapterModel, autocast, check_precision, collate, encode_outputs,
-                       encode_prompts, load_base)
+from .modeling import (AdapterModel, autocast, collate, encode_outputs, encode_prompts,
+                       load_base, resolve_precision)
 from .train_utils import TokenExample, default_device, seed_everything, train_loop
 
 ADAPTER = "policy"
@@ -128,7 +129,9 @@ def train_mle(train_path: str | os.PathLike, out_dir: str | os.PathLike, cfg: ML
     (`Profile.fsdp`): shard the base's decoder layers over those processes (`lastmile.fsdp`;
     needs two or more).
     """
-    check_precision(cfg.precision, "MLEConfig.precision")  # before any process starts
+    # before any process starts; "auto" resolved here, so the summary names what ran
+    cfg = dataclasses.replace(cfg, precision=resolve_precision(cfg.precision,
+                                                               what="MLEConfig.precision"))
     sharding.check_world(fsdp, processes)
     return distributed.launch(_train_mle, processes, train_path, out_dir, cfg, base_source,
                               allow_pickle=allow_pickle, trust_remote_code=trust_remote_code,

@@ -23,6 +23,7 @@ and ``trust_remote_code`` (a model's own Python code) is off unless the caller a
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import importlib.util
 import json
@@ -31,6 +32,7 @@ import math
 import os
 import struct
 import threading
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterator, Mapping, Sequence
@@ -459,11 +461,77 @@ def load_base(source: str = EMBEDDED_BASE, dtype: torch.dtype | None = None, *,
 PRECISIONS = {name: getattr(torch, name) for name in config.PRECISIONS}
 
 
+#: "auto" takes bf16 on a CPU only when its bf16 matmuls measure at least this much faster
+#: than float32: AVX512-BF16 alone does not make them faster (an Intel Xeon with it and no AMX
+#: ran bf16 at 199 GFLOP/s against float32's 353, an AMD EPYC 1.85x faster: bench/README.md),
+#: and the margin keeps timing noise from flipping the choice between a run's stages.
+BF16_MIN_SPEEDUP = 1.3
+
+
+def native_bf16(device: torch.device | str | None = None) -> bool:
+    """Whether `device` (None: the stages' default) has bf16 matmul hardware: a CUDA GPU that
+    supports bf16, or an x86 CPU with AVX512-BF16 or AMX tiles. Elsewhere (older x86 CPUs;
+    ARM, for which torch exposes no flag) oneDNN emulates bf16, slower than float32."""
+    device = torch.device(device) if device is not None else (
+        torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return any(getattr(torch.cpu, flag, lambda: False)()
+               for flag in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_bf16_speedup(rows: int = 1024, width: int = 576, hidden: int = 1536) -> float:
+    """float32 seconds / bf16 seconds of one [rows, width] x [width, hidden] matmul (SmolLM2's
+    MLP shape) on this CPU and thread count: medians of 5 timed runs each, interleaved, after
+    a warm-up. About 0.1-0.3 s, once per process."""
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(rows, width, generator=generator)
+    w = torch.randn(hidden, width, generator=generator)
+    pairs = {dtype: (x.to(dtype), w.to(dtype)) for dtype in (torch.float32, torch.bfloat16)}
+    seconds: dict[torch.dtype, list[float]] = {dtype: [] for dtype in pairs}
+    for repeat in range(7):
+        for dtype, (a, b) in pairs.items():
+            started = time.perf_counter()
+            torch.nn.functional.linear(a, b)
+            if repeat >= 2:  # the first two warm the kernels up
+                seconds[dtype].append(time.perf_counter() - started)
+    median = {dtype: sorted(times)[len(times) // 2] for dtype, times in seconds.items()}
+    return median[torch.float32] / median[torch.bfloat16]
+
+
+def resolve_precision(precision: str, device: torch.device | str | None = None,
+                      what: str = "precision") -> str:
+    """A stage's precision setting as the precision it computes in. "auto"
+    (config.AUTO_PRECISION): "bfloat16" on a CUDA GPU with bf16, and on a CPU with bf16
+    hardware whose bf16 matmuls measure `BF16_MIN_SPEEDUP` times faster than float32
+    (`cpu_bf16_speedup`); "float32" everywhere else."""
+    if precision != config.AUTO_PRECISION:
+        check_precision(precision, what)
+        return precision
+    device = torch.device(device) if device is not None else (
+        torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
+    if not native_bf16(device):
+        chosen, why = "float32", f"no bf16 hardware on this {device.type.upper()}"
+    elif device.type == "cuda":
+        chosen, why = "bfloat16", "the GPU computes bf16"
+    else:
+        speedup = cpu_bf16_speedup()
+        chosen = "bfloat16" if speedup >= BF16_MIN_SPEEDUP else "float32"
+        why = f"bf16 matmuls {speedup:.2f}x float32's speed on this CPU"
+    log.info("%s auto: %s (%s)", what, chosen, why)
+    return chosen
+
+
 def check_precision(precision: str, what: str = "precision") -> torch.dtype:
+    """The dtype of a precision setting ("auto" resolved on this process's device)."""
+    if precision == config.AUTO_PRECISION:
+        precision = resolve_precision(precision)
     try:
         return PRECISIONS[precision]
     except KeyError:
-        raise ValueError(f"{what} must be one of {sorted(PRECISIONS)}, got {precision!r}") from None
+        raise ValueError(f"{what} must be one of {sorted(config.PRECISION_SETTINGS)}, got "
+                         f"{precision!r}") from None
 
 
 @contextlib.contextmanager

@@ -22,7 +22,8 @@ from . import checkpoint, distributed
 from . import fsdp as sharding
 from .config import PPOConfig
 from .io import read_jsonl, write_json
-from .modeling import AdapterModel, check_precision, encode_outputs, encode_prompts, load_base
+from .modeling import (AdapterModel, encode_outputs, encode_prompts, load_base,
+                       resolve_precision)
 from .ppo_trainer import (DEFAULT_MICRO_BATCH, POLICY, REFERENCE, REWARD, SAMPLED, VALUE,
                           PPOTrainer, Rollout, check_config, batch_kinds)
 from .reward import adapter_level
@@ -143,8 +144,7 @@ def train_ppo(train_path: str | os.PathLike, reward_adapter_dir: str | os.PathLi
     `fsdp` (`Profile.fsdp`): shard the base's decoder layers over those processes
     (`lastmile.fsdp`; needs two or more); the adapters are the same up to float rounding.
     """
-    precision = precision or cfg.precision
-    check_precision(precision, "PPO precision")
+    precision = resolve_precision(precision or cfg.precision, what="PPO precision")
     check_config(cfg)  # before any process starts
     sharding.check_world(fsdp, processes)
     return distributed.launch(_train_ppo, processes, train_path, reward_adapter_dir, out_dir,

@@ -80,12 +80,12 @@ def load_model(model: str, precision: str | None = None) -> LoadedModel:
     """The model as the pipeline's generate stage holds it: merged unless the base is
     quantized, on the default device, cast to the generation precision."""
     from .generate import load_variant
-    from .modeling import cast_for_decoding, check_precision
+    from .modeling import cast_for_decoding, resolve_precision
     from .train_utils import default_device
 
     base, adapter_dir, options, settings = model_source(model)
     precision = precision or settings["generation"]["precision"]
-    check_precision(precision, "--precision")
+    precision = resolve_precision(precision, what="--precision")
     settings["generation"]["precision"] = precision
     lm, tokenizer, adapter = load_variant(base, adapter_dir, **options)
     lm.to(default_device())

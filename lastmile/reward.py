@@ -33,6 +33,7 @@ the reward as it was trained.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
@@ -46,8 +47,8 @@ from . import checkpoint, distributed
 from . import fsdp as sharding
 from .config import REWARD_LEVELS, NegativesConfig, RewardConfig
 from .io import read_jsonl, write_json
-from .modeling import (AdapterModel, adapter_meta, autocast, check_precision, collate,
-                       encode_outputs, encode_prompts, load_base)
+from .modeling import (AdapterModel, adapter_meta, autocast, collate, encode_outputs,
+                       encode_prompts, load_base, resolve_precision)
 from .train_utils import (TokenExample, default_device, seed_everything, train_loop)
 
 log = logging.getLogger(__name__)
@@ -443,7 +444,9 @@ def train_reward_model(rm_path: str | os.PathLike, out_dir: str | os.PathLike,
     (`lastmile.fsdp`; needs two or more); every rank then runs the evaluation, the main rank
     writes it.
     """
-    check_precision(cfg.precision, "RewardConfig.precision")  # before any process starts
+    # before any process starts; "auto" resolved here, so the summary names what ran
+    cfg = dataclasses.replace(cfg, precision=resolve_precision(cfg.precision,
+                                                               what="RewardConfig.precision"))
     check_level(cfg.level)
     sharding.check_world(fsdp, processes)
     return distributed.launch(_train_reward_model, processes, rm_path, out_dir, cfg,

@@ -115,3 +115,50 @@ def inputs(artifacts):
             "rm": str(artifacts / "negatives" / "rm.jsonl"),
             "reward_adapter": str(artifacts / "reward_model" / "adapter"),
             "held_out": held_out}
+
+
+# ----------------------------------------------------------------------------- smoke runs
+
+@pytest.fixture(scope="session")
+def smoke_runs(tmp_path_factory):
+    """Two whole smoke pipeline runs through `pipeline.py run`, shared by test_e2e (which
+    checks the console, report, shards and that both runs agree) and test_export (which
+    exports the second): each costs about a minute of the suite.
+
+    `sharded`: the bundled data, generation and scoring in 2 shards, its console output in
+    `printed` / `errors`. `unsharded`: the same rows as the user's CSV files with their own
+    column names, in 1 shard. PPO at 1e-1, not the smoke profile's 1e-5: after 2 updates
+    at 1e-5 the RL adapter moves the tiny model's logits by ~1e-6 and its greedy texts are
+    the base's, so an export test could not tell whether an export carries the adapter.
+    """
+    import contextlib
+    import io
+    import types
+    from pathlib import Path
+
+    import pandas as pd
+
+    import pipeline
+
+    root = tmp_path_factory.mktemp("smoke-runs")
+    args = ["run", "--profile", "smoke", "--param", "test_fraction=0.2",
+            "--param", "strict=false", "--param", "ppo_learning_rate=0.1"]
+    sharded = root / "sharded" / "runs" / "20260101-000000"
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = pipeline.main([*args, "--out", str(sharded), "--param", "num_shards=2"])
+    assert code == 0, err.getvalue()[-3000:]
+
+    user_data = root / "user-data"  # the bundled splits as train.csv / test.csv
+    user_data.mkdir()
+    dataset = Path(pipeline.__file__).parent / "data" / "debian-descriptions"
+    for split in ("train", "test"):
+        rows = pd.read_json(dataset / f"{split}.jsonl.gz", lines=True, dtype=False)
+        rows = rows.rename(columns={"input": "description", "output": "synopsis"})
+        rows.to_csv(user_data / f"{split}.csv", index=False)
+    unsharded = root / "unsharded" / "runs" / "20260101-000000"
+    assert pipeline.main([*args, "--out", str(unsharded), "--param", "num_shards=1",
+                          "--data", str(user_data), "--input-column", "description",
+                          "--output-column", "synopsis"]) == 0
+    return types.SimpleNamespace(sharded=sharded, printed=out.getvalue(),
+                                 errors=err.getvalue(), unsharded=unsharded, root=root)

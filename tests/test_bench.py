@@ -543,3 +543,23 @@ def test_importing_a_bench_script_leaves_the_environment_alone(costs):
     source = (BENCH / "stage_costs.py").read_text()
     main_at = source.index("\ndef main(")
     assert 'setdefault("LASTMILE_NO_PROGRESS"' not in source[:main_at]
+
+
+def test_stage_costs_reads_auto_precision_as_the_stages_recorded_it(costs, tiny_run, tmp_path):
+    """A profile at precision "auto" (the demo's): each stage's cost is at the precision its
+    summary says it computed in, not "auto" (which has no matmul peak)."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run, symlinks=True)
+    values = json.loads((run / "config.json").read_text())
+    for stage in ("reward", "mle", "ppo", "generate"):
+        values[stage]["precision"] = "auto"
+    (run / "config.json").write_text(json.dumps(values))
+    summary = json.loads((run / "summaries" / "train_ppo.json").read_text())
+    (run / "summaries" / "train_ppo.json").write_text(json.dumps(dict(summary,
+                                                                      precision="bfloat16")))
+    profile = costs.RunFolder(run).profile
+    assert profile.ppo.precision == "bfloat16"  # as its summary says
+    assert profile.reward.precision == profile.mle.precision == "float32"
+    assert profile.generate.precision == "float32"  # the merged model's weights_dtype

@@ -139,16 +139,14 @@ def _score_metrics(out: Path) -> dict:
 
 
 @pytest.mark.e2e
-def test_smoke_pipeline_end_to_end(tmp_path, capsys):
-    import pipeline
-
-    out = tmp_path / "runs" / "run"
-    args = ["run", "--profile", "smoke", "--param", "test_fraction=0.2",
-            "--param", "strict=false"]
-    assert pipeline.main([*args, "--out", str(out), "--param", "num_shards=2"]) == 0
-    printed = capsys.readouterr()
-    assert f"report: {out / 'report.html'}" in printed.out
-    _check_console(out, printed.out, printed.err)
+def test_smoke_pipeline_end_to_end(smoke_runs, tmp_path):
+    """The sharded run (conftest.smoke_runs): what its user saw, its report, shards, cost
+    table and KFP metrics; then the unsharded run of the same rows from the user's side of
+    the door (CSV files with their own column names): training reruns identically and one
+    shard gathers to what two did."""
+    out = smoke_runs.sharded
+    assert f"report: {out / 'report.html'}" in smoke_runs.printed
+    _check_console(out, smoke_runs.printed, smoke_runs.errors)
     scores = _check_report(out)
     _check_sharded(out)
     _check_cost_model(out, tmp_path)
@@ -158,27 +156,9 @@ def test_smoke_pipeline_end_to_end(tmp_path, capsys):
                 if isinstance(x, (int, float))}
     assert set(metrics) == expected and len(expected) >= 5 * 20, sorted(set(metrics) ^ expected)
     assert metrics["rl_rougeL_f1"] == scores["models"]["rl"]["rougeL_f1"]
-    # The same run again, unsharded, from the user's side of the door: the same rows as CSV
-    # files with their own column names. Training reruns identically and one shard gathers
-    # to what two did.
-    user_data = _as_user_csv(tmp_path / "user-data", input_column="description",
-                             output_column="synopsis")
-    assert pipeline.main([*args, "--out", str(tmp_path / "again"), "--param", "num_shards=1",
-                          "--data", str(user_data), "--input-column", "description",
-                          "--output-column", "synopsis"]) == 0
-    _check_same_results(out, tmp_path / "again")
-
-
-def _as_user_csv(folder: Path, input_column: str, output_column: str) -> Path:
-    """The bundled splits as train.csv / test.csv with the given column names."""
-    import pandas as pd
-
-    folder.mkdir()
-    for split in ("train", "test"):
-        rows = pd.read_json(DATASET / f"{split}.jsonl.gz", lines=True, dtype=False)
-        rows = rows.rename(columns={"input": input_column, "output": output_column})
-        rows.to_csv(folder / f"{split}.csv", index=False)
-    return folder
+    config = json.loads((smoke_runs.unsharded / "config.json").read_text())
+    assert config["data"]["input_column"] == "description", config["data"]
+    _check_same_results(out, smoke_runs.unsharded)
 
 
 # ----------------------------------------------------------------------------- S3

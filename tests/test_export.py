@@ -1,11 +1,12 @@
 """`lastmile export` and `lastmile predict` (issue 19): the trained model outside the pipeline.
 
-The e2e tests share ONE smoke pipeline run (module fixture) and check the exports against what
-the pipeline itself did: a merged export loaded by plain transformers in a process that never
-imports lastmile reproduces the pipeline's RL predictions token for token; the PEFT export
-loaded by peft gives lastmile's logits; `predict` on the export and on the run directory
-writes the pipeline's predictions. The other tests build a small run by hand (a tiny-base
-adapter in the published layout) and check the refusals and the one-line errors.
+The e2e tests share ONE smoke pipeline run (conftest.smoke_runs, which test_e2e checks too)
+and check the exports against what the pipeline itself did: a merged export loaded by plain
+transformers in a process that never imports lastmile reproduces the pipeline's RL
+predictions token for token; the PEFT export loaded by peft gives lastmile's logits;
+`predict` on the export and on the run directory writes the pipeline's predictions. The other
+tests build a small run by hand (a tiny-base adapter in the published layout) and check the
+refusals and the one-line errors.
 """
 
 from __future__ import annotations
@@ -27,26 +28,16 @@ sys.path.insert(0, str(ROOT))
 
 from s3server import s3_server  # noqa: E402,F401 - the fixture
 
-#: The smoke profile's PPO step size (1e-5) leaves LoRA B at ~1e-5 after its 2 updates: the
-#: adapter would move the tiny model's logits by ~1e-6, under float tolerance, and its greedy
-#: texts would be the base's (empty: the tiny model repeats "\n"), so a check that an export
-#: carries the adapter could not fail. At 1e-1 the RL texts differ from the base's.
-SMOKE_PARAMS = ["ppo_learning_rate=0.1", "max_test=10"]
-
 
 # ----------------------------------------------------------------------------- the smoke run
 
 @pytest.fixture(scope="module")
-def smoke_run(tmp_path_factory):
-    """One smoke pipeline run for the module; a `latest` symlink to it, like runs/latest."""
-    import pipeline
-
-    root = tmp_path_factory.mktemp("runs")
-    out = root / "20260101-000000"
-    params = [flag for p in SMOKE_PARAMS for flag in ("--param", p)]
-    assert pipeline.main(["run", "--profile", "smoke", *params, "--out", str(out)]) == 0
-    (root / "latest").symlink_to(out.name)
-    return root / "latest"
+def smoke_run(smoke_runs):
+    """The unsharded smoke pipeline run of conftest.smoke_runs (PPO at 1e-1, so the RL texts
+    differ from the base's), through the `latest` link its runs folder has, like runs/latest."""
+    latest = smoke_runs.unsharded.parent / "latest"
+    assert latest.resolve() == smoke_runs.unsharded.resolve()
+    return latest
 
 
 def _pipeline_rows(run: Path) -> list[dict]:
@@ -139,7 +130,7 @@ def test_merged_export_reproduces_pipeline_rl_predictions_in_plain_transformers(
     assert (out / "adapter" / "adapter_config.json").is_file()
 
     test_rows = [json.loads(line) for line in _test_split(smoke_run).open()]
-    assert len(test_rows) == 10
+    assert len(test_rows) == 8  # the smoke profile's max_test
     logits_path = tmp_path / "logits.pt"
     proc = subprocess.run([sys.executable, "-c", PLAIN_TRANSFORMERS, str(out),
                            str(_test_split(smoke_run)), str(logits_path)],
@@ -244,7 +235,7 @@ def test_predict_on_exports_and_run_gives_pipeline_predictions(smoke_run, tmp_pa
                      "--input-column", "description"]) == 0, model
         got = [json.loads(line) for line in out.open()]
         assert got == want, model
-    assert "10 predictions written" in capsys.readouterr().out
+    assert "8 predictions written" in capsys.readouterr().out
 
     # --postprocess: the cleaned text, the raw one beside it; batch size does not matter here.
     out = tmp_path / "cleaned.jsonl"
@@ -459,7 +450,7 @@ def test_smollm2_merged_export_reproduces_predict_in_bf16_and_float32(tmp_path):
     model.save_adapter("policy", run / "ppo" / "adapter")
     del model, base
     config = get_profile("demo").to_dict()
-    assert config["generate"]["precision"] == "bfloat16"
+    assert config["generate"]["precision"] == "auto"  # bf16 where the machine is faster in it
     config["generate"]["max_new_tokens"] = 40  # a test's budget; the wording is what counts
     (run / "report").mkdir()
     (run / "report" / "config.json").write_text(json.dumps(config))

@@ -497,3 +497,52 @@ def test_bf16_autocast_keeps_a_lora_update_below_half_a_bf16_step(tiny_model):
     assert layer.base_layer(x).abs().mean() > 0.5  # bf16 steps of ~4e-3 and more
     assert update.abs().mean() < 3e-3  # below half of them
     assert ((seen - update).norm() / update.norm()).item() < 0.02
+
+
+# ----------------------------------------------------------------------------- auto precision
+
+@pytest.mark.parametrize("flags, speedup, expected", [
+    ({}, 9.0, "float32"),  # no bf16 hardware (an older x86 CPU, ARM): emulated, never measured
+    ({"_is_avx512_bf16_supported": True}, 1.85, "bfloat16"),  # as on the AMD EPYC
+    ({"_is_avx512_bf16_supported": True}, 0.56, "float32"),  # as on a Xeon without AMX
+    ({"_is_amx_tile_supported": True}, 1.2, "float32"),  # under the margin
+    ({"_is_amx_tile_supported": True}, 1.3, "bfloat16"),
+])
+def test_auto_precision_is_bf16_only_where_the_cpu_computes_it_faster(monkeypatch, flags,
+                                                                      speedup, expected):
+    for flag in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
+        monkeypatch.setattr(torch.cpu, flag, lambda v=flags.get(flag, False): v)
+    measured = []
+    monkeypatch.setattr(modeling, "cpu_bf16_speedup", lambda: measured.append(1) or speedup)
+    assert modeling.resolve_precision("auto", "cpu") == expected
+    assert measured == ([1] if flags else [])
+    assert modeling.check_precision("auto") == getattr(torch, expected)
+    # a named precision is taken as it is, whatever the machine
+    assert modeling.resolve_precision("bfloat16", "cpu") == "bfloat16"
+    assert modeling.resolve_precision("float32", "cpu") == "float32"
+    with pytest.raises(ValueError, match="GenerateConfig.precision must be one of .*'auto'"):
+        modeling.resolve_precision("float16", "cpu", what="GenerateConfig.precision")
+
+
+def test_the_cpu_bf16_measurement_is_a_finite_ratio():
+    modeling.cpu_bf16_speedup.cache_clear()
+    ratio = modeling.cpu_bf16_speedup(rows=64, width=32, hidden=48)
+    assert ratio > 0 and ratio == ratio and ratio != float("inf")
+
+
+def test_auto_precision_on_a_gpu_asks_the_gpu(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    assert modeling.resolve_precision("auto", "cuda") == "float32"  # e.g. a V100
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert modeling.resolve_precision("auto", "cuda") == "bfloat16"
+
+
+def test_a_stage_records_the_precision_auto_resolved_to(artifacts, tmp_path, monkeypatch):
+    """The summary and the checkpoint key name what the stage computed in, not "auto"."""
+    from lastmile import mle
+    from lastmile.config import MLEConfig
+
+    monkeypatch.setattr(modeling, "native_bf16", lambda device=None: False)
+    cfg = MLEConfig(max_steps=1, batch_size=2, precision="auto")
+    summary = mle.train_mle(artifacts / "data" / "train.jsonl", tmp_path / "mle", cfg, "tiny-random")
+    assert summary["precision"] == "float32" and cfg.precision == "auto"  # caller's untouched
