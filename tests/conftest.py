@@ -13,6 +13,21 @@ import pytest  # noqa: E402
 
 
 @pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """ONE running SeaweedFS S3 server (tests/s3server.py) for the whole session, stopped at
+    the end. Tests that kill or pause it bring it back (`ensure_running`, `resume`) on the
+    same ports and data; every test makes its own bucket."""
+    from s3server import S3Server
+
+    server = S3Server(tmp_path_factory.mktemp("seaweedfs"))
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
 def tokenizer():
     """SmolLM2's real tokenizer (chat template, eos/pad <|im_end|>), left-padded."""
     from lastmile.modeling import load_tokenizer

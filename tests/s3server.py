@@ -7,7 +7,9 @@ names unix sockets in /tmp after its gRPC ports), data lives in a temporary dire
 the server can be killed, restarted on the same ports and data, paused and resumed, which
 is what the interrupted-transfer tests need.
 
-Use the session fixture: `from s3server import s3_server  # noqa: F401` in a test module.
+The session fixture `s3_server` lives in conftest.py, so the whole session shares ONE server
+(a module importing it would get a server of its own: ~8 s to start and a stop at the end);
+`s3_env` and `bucket` are per-test fixtures a module imports from here.
 """
 
 from __future__ import annotations
@@ -208,17 +210,6 @@ class S3Server:
             return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
         except OSError:
             return "(no log)"
-
-
-@pytest.fixture(scope="session")
-def s3_server(tmp_path_factory):
-    """A running SeaweedFS S3 server shared by the session; stopped at the end."""
-    server = S3Server(tmp_path_factory.mktemp("seaweedfs"))
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 # --------------------------------------------------------------- per-test fixtures

@@ -21,7 +21,7 @@ import pytest
 from faultproxy import FaultProxy, Rule
 from lastmile import storage
 from lastmile.storage import StorageError
-from s3server import bucket, s3_env, s3_server  # noqa: F401 - the fixtures
+from s3server import bucket, s3_env  # noqa: F401 - the fixtures (s3_server: conftest)
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -18,7 +18,6 @@ from lastmile import data
 from lastmile.config import DataConfig, get_profile
 from lastmile.data import DataError
 from lastmile.io import read_json, read_jsonl
-from s3server import s3_server  # noqa: F401 - the fixture (a real SeaweedFS S3 server)
 
 WORDS = ("alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi "
          "rho sigma tau upsilon phi chi psi omega").split()

@@ -26,7 +26,6 @@ from lastmile.cli import main
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from s3server import s3_server  # noqa: E402,F401 - the fixture
 
 
 # ----------------------------------------------------------------------------- the smoke run

@@ -11,7 +11,7 @@ import re
 import pytest
 
 from lastmile import config, freshness, results, storage
-from s3server import bucket, s3_env, s3_server  # noqa: F401 - the fixtures
+from s3server import bucket, s3_env  # noqa: F401 - the fixtures (s3_server: conftest)
 
 CONFIG = config.profile_to_json(config.get_profile("smoke"))
 DATA = "a" * 64

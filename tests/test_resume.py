@@ -28,7 +28,6 @@ import pytest
 import torch
 
 from lastmile import checkpoint
-from s3server import s3_server  # noqa: F401 - the fixture (SeaweedFS, once per session)
 
 # The child: run one stage into each out dir in turn; HANG (first run only) stops it at a
 # chosen point and writes HANG_FILE, where the parent kills it. Prints one summary per run.

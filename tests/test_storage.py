@@ -18,8 +18,8 @@ import pytest
 
 from lastmile import storage
 from lastmile.storage import S3Config, StorageError
-from s3server import (OTHER_CREDENTIAL_VARS, bucket, free_ports, s3_env,  # noqa: F401
-                      s3_server)  # the fixtures: a real SeaweedFS server, its env, a bucket
+from s3server import (OTHER_CREDENTIAL_VARS, bucket, free_ports,  # noqa: F401
+                      s3_env)  # the fixtures: the server's env, a bucket (s3_server: conftest)
 
 def moved(before: storage.TransferStats) -> storage.TransferStats:
     return storage.transfer_stats() - before

@@ -36,7 +36,6 @@ import torch
 import k8s_fake
 from lastmile import trainjob
 from lastmile import train as train_cli
-from s3server import s3_server  # noqa: F401 - the fixture (SeaweedFS, once per session)
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
