@@ -176,4 +176,4 @@ def smoke_runs(tmp_path_factory):
                           "--data", str(user_data), "--input-column", "description",
                           "--output-column", "synopsis"]) == 0
     return types.SimpleNamespace(sharded=sharded, printed=out.getvalue(),
-                                 errors=err.getvalue(), unsharded=unsharded, root=root)
+                                 errors=err.getvalue(), unsharded=unsharded)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import math
 from pathlib import Path
 
 import pytest
@@ -516,7 +517,8 @@ def test_auto_precision_is_bf16_only_where_the_cpu_computes_it_faster(monkeypatc
     monkeypatch.setattr(modeling, "cpu_bf16_speedup", lambda: measured.append(1) or speedup)
     assert modeling.resolve_precision("auto", "cpu") == expected
     assert measured == ([1] if flags else [])
-    assert modeling.check_precision("auto") == getattr(torch, expected)
+    with pytest.raises(ValueError, match="'auto' unresolved"):  # the stages resolve it first
+        modeling.check_precision("auto")
     # a named precision is taken as it is, whatever the machine
     assert modeling.resolve_precision("bfloat16", "cpu") == "bfloat16"
     assert modeling.resolve_precision("float32", "cpu") == "float32"
@@ -527,7 +529,7 @@ def test_auto_precision_is_bf16_only_where_the_cpu_computes_it_faster(monkeypatc
 def test_the_cpu_bf16_measurement_is_a_finite_ratio():
     modeling.cpu_bf16_speedup.cache_clear()
     ratio = modeling.cpu_bf16_speedup(rows=64, width=32, hidden=48)
-    assert ratio > 0 and ratio == ratio and ratio != float("inf")
+    assert ratio > 0 and math.isfinite(ratio)
 
 
 def test_auto_precision_on_a_gpu_asks_the_gpu(monkeypatch):
