@@ -26,10 +26,14 @@ read from the stage's output path: KFP lays artifacts out as
 first path part that is a UUID or such a name identifies the pipeline run. A stage run outside
 a pipeline (no key) gets an MLflow run of its own. The first stage to arrive creates the run.
 MLflow has no create-if-absent, so two stages arriving at once may both create one: a creator
-waits `SETTLE_SECONDS`, searches again, keeps the earliest (start time, then id) and deletes
-its own if it lost. That picks one run as long as the pods' clocks agree within that wait (a
-stage that saw only its own run started it at least that long before any later one). Metric
-names carry the stage, so stages never overwrite each other.
+searches again every `SETTLE_SECONDS` until two searches in a row, its own run among them, name
+the same earliest run (start time, then id), keeps that one and deletes its own if it lost. One
+search is not enough: a run's start time is stamped by its client, so on a loaded machine a
+create stamped first can reach the server after another creator's search saw only its own run
+(seen with four creators in one process under a parallel test suite). Two agreeing searches pick
+one run as long as the pods' clocks agree and no create takes longer than 2 x `SETTLE_SECONDS`
+from its stamp to the server (one search tolerated half that). Metric names carry the stage, so
+stages never overwrite each other.
 
 Failures never stop training: an unreachable or failing tracking server is reported once per
 stage (a warning) and MLflow logging is off for the rest of that stage. HTTP retries are kept
@@ -63,9 +67,11 @@ HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_TI
 #: MLflow's limits (3.x): 6000 characters per parameter value, 100 parameters per call.
 MAX_PARAM_VALUE = 6000
 PARAMS_PER_CALL = 100
-#: How long a stage that created the pipeline run's MLflow run waits before checking that no
-#: other stage created one at the same moment (`_find_or_create`).
+#: How long a stage that created the pipeline run's MLflow run waits between the searches that
+#: check no other stage created one at the same moment (`_find_or_create`), and how many it makes
+#: at most before it keeps the earliest it saw last.
 SETTLE_SECONDS = 1.0
+MAX_SETTLE_SEARCHES = 10
 
 _UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 _LOCAL_RUN = re.compile(r".+-\d{4}-\d{2}-\d{2}-\d{2}-\d{2}-\d{2}-\d{6}")  # kfp.local's
@@ -299,19 +305,28 @@ def _find_or_create(client, experiment: str, key: str) -> str:
     quoted = key.replace("\\", "\\\\").replace("'", "\\'")
     query = f"tags.`{RUN_TAG}` = '{quoted}'"
 
-    def earliest():
-        runs = client.search_runs([experiment], query, max_results=50)
-        return min(runs, key=lambda r: (r.info.start_time, r.info.run_id)) if runs else None
+    def search():
+        return client.search_runs([experiment], query, max_results=50)
 
-    found = earliest()
-    if found is not None:
-        return found.info.run_id
+    def earliest(runs) -> str:
+        return min(runs, key=lambda r: (r.info.start_time, r.info.run_id)).info.run_id
+
+    found = search()
+    if found:
+        return earliest(found)
     mine = client.create_run(experiment, run_name=key, tags={RUN_TAG: key}).info.run_id
-    time.sleep(SETTLE_SECONDS)  # a creator that started with us has created its run by now
-    winner = earliest()
-    if winner is not None and winner.info.run_id != mine:
+    winner = None
+    for _ in range(MAX_SETTLE_SEARCHES):
+        time.sleep(SETTLE_SECONDS)  # a creator that started with us has created its run by now
+        runs = search()
+        if mine not in {r.info.run_id for r in runs}:
+            continue  # our own create is not visible yet, so maybe not every earlier one
+        if earliest(runs) == winner:  # two searches in a row agree
+            break
+        winner = earliest(runs)
+    if winner is not None and winner != mine:
         client.delete_run(mine)
-        return winner.info.run_id
+        return winner
     return mine
 
 

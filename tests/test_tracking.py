@@ -361,6 +361,53 @@ def test_stages_arriving_together_agree_on_one_run(mlflow_env, tmp_path, request
     assert run.info.run_id == handles[0].run_id and run.info.run_name == KFP_RUN
 
 
+def test_a_create_stamped_first_but_landing_late_still_joins_the_one_run(mlflow_env,
+                                                                          request):
+    """The race a loaded machine produced (the test above failed once under a parallel
+    suite): creator `late` stamps its run's start time first, but its create reaches the
+    server after `prompt`'s first search saw only its own run (within 2 x SETTLE_SECONDS of
+    the stamp, tracking's stated bound). `late`'s run is then the earliest; both creators
+    must still end on one run, with the other deleted."""
+    from mlflow.tracking import MlflowClient
+
+    client = mlflow_env
+    experiment = client.create_experiment(request.node.name)
+    key = KFP_RUN
+    prompt_searched = threading.Event()
+
+    class LateClient(MlflowClient):
+        def create_run(self, experiment_id, start_time=None, **kwargs):
+            stamp = int(time.time() * 1000)  # stamped before `prompt` creates its run
+            prompt_searched.wait(30)  # lands after prompt's first search, ~1.3 s after its stamp
+            return super().create_run(experiment_id, start_time=stamp, **kwargs)
+
+    class PromptClient(MlflowClient):
+        def create_run(self, *args, **kwargs):
+            time.sleep(0.2)  # after `late` has stamped
+            return super().create_run(*args, **kwargs)
+
+        def search_runs(self, *args, **kwargs):
+            found = super().search_runs(*args, **kwargs)
+            if found:  # its first search after creating: it sees only its own run
+                prompt_searched.set()
+            return found
+
+    chosen: dict[str, str] = {}
+
+    def open_with(name, cls):
+        chosen[name] = tracking._find_or_create(cls(client.tracking_uri), experiment, key)
+
+    threads = [threading.Thread(target=open_with, args=("late", LateClient)),
+               threading.Thread(target=open_with, args=("prompt", PromptClient))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert chosen["late"] == chosen["prompt"], chosen
+    (run,) = client.search_runs([experiment])
+    assert run.info.run_id == chosen["late"]
+
+
 def test_a_down_server_warns_once_and_training_goes_on(tokenizer, tmp_path, monkeypatch,
                                                        caplog):
     """MLFLOW_TRACKING_URI at a port nobody listens on: the real MLE stage trains, writes its
