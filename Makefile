@@ -44,11 +44,15 @@ browser:
 	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } || \
 	  echo "warning: could not install chromium; the browser test will be skipped"
 
+# One pytest-xdist worker per core, each with its share of the threads (tests/conftest.py);
+# ARGS="-n 0" runs in one process.
+XDIST = -n auto
+
 test: $(STAMP) browser
-	$(PY) -m pytest $(ARGS)
+	$(PY) -m pytest $(XDIST) $(ARGS)
 
 test-fast: $(STAMP)
-	$(PY) -m pytest -m "not slow and not e2e" $(ARGS)
+	$(PY) -m pytest $(XDIST) -m "not slow and not e2e" $(ARGS)
 
 # Equal tuning budget (lastmile/tune.py): selected on training rows held out, never the test
 # split; ARGS="--trials 2 --max-train 140" for a shorter search.

@@ -9,7 +9,44 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+# `make test` runs the suite in pytest-xdist workers, one per core (-n auto): each worker's
+# torch (and every process it starts: kfp.local's stages, torchrun ranks) gets an equal share
+# of the cores, since two workers each at all the cores thrash (each matmul waits on threads
+# the other holds). Set before anything imports torch; a user's OMP_NUM_THREADS wins.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    os.environ.setdefault("OMP_NUM_THREADS",
+                          str(max(1, len(os.sched_getaffinity(0)) // _WORKERS)))
+
 import pytest  # noqa: E402
+
+# The modules whose tests use the session's smoke pipeline runs (`smoke_runs`): under xdist
+# they all go to one worker, so the runs are made once per session, not once per worker
+# (about 3 minutes each). pytest-xdist's own `--dist loadgroup` does not group under pytest 9
+# (xdist 3.8 renames `item._nodeid`, which pytest 9 no longer reads), hence a scheduler here.
+SMOKE_RUN_MODULES = ("tests/test_e2e.py", "tests/test_export.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        module = item.nodeid.split("::")[0]
+        if "smoke_runs" in getattr(item, "fixturenames", ()) and module not in SMOKE_RUN_MODULES:
+            raise pytest.UsageError(f"{item.nodeid} uses smoke_runs: add {module} to "
+                                    "SMOKE_RUN_MODULES in tests/conftest.py")
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """`-n N` (xdist's default `--dist load`): every test on its own, except the smoke-run
+    modules, which go to one worker together."""
+    if config.getvalue("dist") != "load":
+        return None  # the user chose another mode
+    from xdist.scheduler import LoadScopeScheduling
+
+    class SmokeRunsTogether(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return "smoke_runs" if nodeid.split("::")[0] in SMOKE_RUN_MODULES else nodeid
+
+    return SmokeRunsTogether(config, log)
 
 
 @pytest.fixture(scope="session")
