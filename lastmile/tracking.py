@@ -321,9 +321,10 @@ def _find_or_create(client, experiment: str, key: str) -> str:
         runs = search()
         if mine not in {r.info.run_id for r in runs}:
             continue  # our own create is not visible yet, so maybe not every earlier one
-        if earliest(runs) == winner:  # two searches in a row agree
+        first = earliest(runs)
+        if first == winner:  # two searches in a row agree
             break
-        winner = earliest(runs)
+        winner = first
     if winner is not None and winner != mine:
         client.delete_run(mine)
         return winner

@@ -27,9 +27,13 @@ import pytest  # noqa: E402
 SMOKE_RUN_MODULES = ("tests/test_e2e.py", "tests/test_export.py")
 
 
+def _module(nodeid: str) -> str:
+    return nodeid.split("::")[0]
+
+
 def pytest_collection_modifyitems(config, items):
     for item in items:
-        module = item.nodeid.split("::")[0]
+        module = _module(item.nodeid)
         if "smoke_runs" in getattr(item, "fixturenames", ()) and module not in SMOKE_RUN_MODULES:
             raise pytest.UsageError(f"{item.nodeid} uses smoke_runs: add {module} to "
                                     "SMOKE_RUN_MODULES in tests/conftest.py")
@@ -44,7 +48,7 @@ def pytest_xdist_make_scheduler(config, log):
 
     class SmokeRunsTogether(LoadScopeScheduling):
         def _split_scope(self, nodeid: str) -> str:
-            return "smoke_runs" if nodeid.split("::")[0] in SMOKE_RUN_MODULES else nodeid
+            return "smoke_runs" if _module(nodeid) in SMOKE_RUN_MODULES else nodeid
 
     return SmokeRunsTogether(config, log)
 

@@ -19,7 +19,6 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-
 VARIANTS = ("base", "mle", "rl", "base_cleaned", "mle_cleaned")
 REPORT_FILES = ("report.md", "report.html", "scores.json", "ppo_curves.png", "length_hist.png",
                 "rm_accuracy.png")

@@ -27,7 +27,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-
 # ----------------------------------------------------------------------------- the smoke run
 
 @pytest.fixture(scope="module")
