@@ -98,6 +98,21 @@ def whiten(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tens
     return (x - mean) * torch.rsqrt(var + eps) * mask.to(x.dtype)
 
 
+def explained_variance(values: torch.Tensor, returns: torch.Tensor,
+                       mask: torch.Tensor) -> torch.Tensor:
+    """1 - Var(G - V) / Var(G) over the masked tokens of the whole outer batch: how much of
+    the Eq. 4 returns' spread the value head predicts. 1 is a perfect V, 0 one no better than
+    the batch's mean return, below 0 worse than that; NaN when the returns do not vary. Near
+    0, Eq. 2's advantages are the rewards-to-go themselves, with no baseline.
+    """
+    returns_var = batch_masked_mean((returns - batch_masked_mean(returns, mask)) ** 2, mask)
+    error = returns - values
+    error_var = batch_masked_mean((error - batch_masked_mean(error, mask)) ** 2, mask)
+    if float(returns_var) == 0.0:
+        return torch.tensor(float("nan"))
+    return 1.0 - error_var / returns_var
+
+
 def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
                 mask: torch.Tensor, clip_eps: float
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -66,8 +66,8 @@ from . import distributed
 from . import fsdp as sharding
 from .config import PPOConfig
 from .modeling import AdapterModel, SequenceBatch, autocast, check_precision, collate
-from .ppo_equations import (batch_masked_mean, discounted_returns, gae, last_token,
-                            length_penalty, policy_loss, value_loss, whiten)
+from .ppo_equations import (batch_masked_mean, discounted_returns, explained_variance, gae,
+                            last_token, length_penalty, policy_loss, value_loss, whiten)
 from .reward import check_level, ppo_rewards
 from .sampling import can_merge, merged_weights, row_generators, sample_outputs
 from .train_utils import make_optimizer, nonfinite, step_schedule
@@ -438,7 +438,8 @@ class PPOTrainer:
         return stats
 
     def _value_stats(self, rollout: Rollout, values, advantages, returns) -> dict:
-        """Means over the whole outer batch: V(s_t) and A_t per token, the return per row."""
+        """Means over the whole outer batch: V(s_t) and A_t per token, the return per row;
+        the share of the returns' variance V predicts (None when the returns are constant)."""
         first = rollout.mask[:, 0]  # [B]: rows with an output (all)
         # The action that ends each row (EOS, or the budget's last token): its value and
         # advantage show whether Eq. 2 rewards stopping (docs/demo-experiments.md).
@@ -447,7 +448,9 @@ class PPOTrainer:
             "final_values": float(last_token(values, rollout.mask).sum()),
             "final_advantages": float(last_token(advantages, rollout.mask).sum())})
         rows = sums["rows"] or 1.0
+        explained = float(explained_variance(values, returns, rollout.mask))
         return {"value_mean": float(batch_masked_mean(values, rollout.mask)),
+                "value_explained_variance": explained if math.isfinite(explained) else None,
                 "advantage_mean": float(batch_masked_mean(advantages, rollout.mask)),
                 "return_mean": sums["returns"] / rows,
                 "final_value_mean": sums["final_values"] / rows,

@@ -82,6 +82,7 @@ PPO_PANELS = (
     ("response_words_mean", "Response length", "words"),
     ("policy_loss", "Policy loss", "loss"),
     ("value_loss", "Value loss", "loss"),
+    ("value_explained_variance", "Value head: explained variance", "1 - Var(G-V)/Var(G)"),
     ("approx_kl", "Approx. KL", "KL"),
     ("clip_fraction", "Clip fraction", "fraction"),
 )

@@ -17,6 +17,7 @@ LOG_FIELDS = ("update", "batch_kind", "reward_mean", "reward_per_token", "rm_rew
               "length_penalty_mean", "response_length_mean", "response_words_mean",
               "reference_length_mean", "excess_length_mean", "excess_tokens_mean",
               "policy_loss", "value_loss", "clip_fraction", "approx_kl", "value_mean",
+              "value_explained_variance",
               "advantage_mean", "return_mean", "final_value_mean", "final_advantage_mean",
               "lr", "policy_grad_norm", "value_grad_norm", "sample_seconds", "seconds")
 
@@ -98,6 +99,24 @@ def test_last_token_reads_each_rows_ending_action_and_the_sign_of_stopping():
     adv, _ = eq.gae(torch.full((1, 3), 0.5), torch.full((1, 3), 4.0), mask, gamma=1.0, lam=0.0)
     torch.testing.assert_close(adv, torch.tensor([[0.5, 0.5, -3.5]]))
     torch.testing.assert_close(eq.last_token(adv, mask), torch.tensor([-3.5]))
+
+
+def test_explained_variance_by_hand():
+    mask = ppo_trainer.output_space_mask(torch.tensor([3, 1]), 3)
+    returns = torch.tensor([[3.0, 1.0, -1.0], [1.0, 99.0, 99.0]])  # 99: padding, ignored
+    # Masked returns 3, 1, -1, 1: mean 1, variance (4 + 0 + 4 + 0) / 4 = 2.
+    torch.testing.assert_close(eq.explained_variance(returns, returns, mask), torch.tensor(1.0))
+    # A constant V (any constant) leaves the returns' spread: 0.
+    torch.testing.assert_close(eq.explained_variance(torch.full((2, 3), -7.0), returns, mask),
+                               torch.tensor(0.0))
+    # V = (2, 1, 0 | 0): errors 1, 0, -1, 1, mean 0.25, variance (0.5625 + 0.0625 + 1.5625
+    # + 0.5625) / 4 = 0.6875, so 1 - 0.6875 / 2 = 0.65625.
+    values = torch.tensor([[2.0, 1.0, 0.0], [0.0, 5.0, 5.0]])
+    torch.testing.assert_close(eq.explained_variance(values, returns, mask),
+                               torch.tensor(0.65625))
+    # The sign flipped: worse than the mean, below 0 (errors 2 * G - 2: variance 4 * 2 = 8).
+    torch.testing.assert_close(eq.explained_variance(-returns, returns, mask), torch.tensor(-3.0))
+    assert torch.isnan(eq.explained_variance(values, torch.ones(2, 3), mask))
 
 
 def test_value_targets_are_the_monte_carlo_return_not_a_plus_v():
