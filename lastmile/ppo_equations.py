@@ -90,12 +90,16 @@ def batch_masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return total / distributed.all_reduce_sum(mask.sum()).clamp(min=1.0)
 
 
+def batch_masked_var(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The (population) variance of the masked entries of the whole outer batch."""
+    return batch_masked_mean((x - batch_masked_mean(x, mask)) ** 2, mask)
+
+
 def whiten(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
     """Zero mean, unit variance over the masked entries of the whole outer batch (optional
     advantage whitening; statistics over every rank's rows)."""
     mean = batch_masked_mean(x, mask)
-    var = batch_masked_mean((x - mean) ** 2, mask)
-    return (x - mean) * torch.rsqrt(var + eps) * mask.to(x.dtype)
+    return (x - mean) * torch.rsqrt(batch_masked_var(x, mask) + eps) * mask.to(x.dtype)
 
 
 def explained_variance(values: torch.Tensor, returns: torch.Tensor,
@@ -105,12 +109,10 @@ def explained_variance(values: torch.Tensor, returns: torch.Tensor,
     the batch's mean return, below 0 worse than that; NaN when the returns do not vary. Near
     0, Eq. 2's advantages are the rewards-to-go themselves, with no baseline.
     """
-    returns_var = batch_masked_mean((returns - batch_masked_mean(returns, mask)) ** 2, mask)
-    error = returns - values
-    error_var = batch_masked_mean((error - batch_masked_mean(error, mask)) ** 2, mask)
+    returns_var = batch_masked_var(returns, mask)
     if float(returns_var) == 0.0:
         return torch.tensor(float("nan"))
-    return 1.0 - error_var / returns_var
+    return 1.0 - batch_masked_var(returns - values, mask) / returns_var
 
 
 def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
