@@ -537,7 +537,7 @@ def test_importing_a_bench_script_leaves_the_environment_alone(costs):
     """A bench script hides progress bars when run, not when imported: an import-time
     LASTMILE_NO_PROGRESS=1 once reached the end-to-end test and emptied its stage logs' bars."""
     before = dict(os.environ)
-    for name in ("mle_precision", "ppo_step", "reward_options", "stage_costs"):
+    for name in ("critic_warmup", "mle_precision", "ppo_step", "reward_options", "stage_costs"):
         _load(name, register=True)
     assert dict(os.environ) == before
     source = (BENCH / "stage_costs.py").read_text()
@@ -563,3 +563,23 @@ def test_stage_costs_reads_auto_precision_as_the_stages_recorded_it(costs, tiny_
     assert profile.ppo.precision == "bfloat16"  # as its summary says
     assert profile.reward.precision == profile.mle.precision == "float32"
     assert profile.generate.precision == "float32"  # the merged model's weights_dtype
+
+
+def test_critic_warmup_steps_only_the_value_until_the_policy_s_turn(tmp_path):
+    """bench/critic_warmup.py (issue 20 point 4): during the warm-up the policy gets no
+    gradient and the value does; afterwards both; --value-scale multiplies V itself."""
+    warmup = _load("critic_warmup", register=True)
+    args = ["--smoke", "--warmup", "2", "--updates", "2", "--value-lora-lr", "1e-3"]
+    assert warmup.main(args + ["--out", str(tmp_path / "a"), "--value-scale", "10"]) == 0
+    rows = [json.loads(x) for x in (tmp_path / "a" / "log.jsonl").read_text().splitlines()]
+    assert [r["warmup"] for r in rows] == [True, True, False, False]
+    assert [r["batch_kind"] for r in rows] == ["sampled", "reference"] * 2
+    for r in rows:
+        assert r["value_grad_norm"] > 0
+        assert (r["policy_grad_norm"] == 0) == r["warmup"]
+    assert warmup.main(["--smoke", "--out", str(tmp_path / "b"), "--warmup", "1",
+                        "--updates", "0", "--train", str(tmp_path / "a" / "rm" / "data" /
+                                                         "train.jsonl"),
+                        "--reward-model", str(tmp_path / "a" / "rm" / "reward" / "adapter")]) == 0
+    first = json.loads((tmp_path / "b" / "log.jsonl").read_text().splitlines()[0])
+    assert first["value_mean"] * 10 == pytest.approx(rows[0]["value_mean"], rel=1e-4)
