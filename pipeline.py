@@ -4,6 +4,7 @@
     pipeline.py run [--profile demo] [--config FILE] [--param K=V]   the DAG, locally (kfp.local)
     pipeline.py tune [--profile demo] [--trials 4] [--max-train N]  equal MLE / RL step-size search
     pipeline.py reproduce [--profile demo] [--seeds 0,1,2]          the run per seed, mean ± sd
+    pipeline.py reproduce --from-runs runs/A runs/B ...             the same from finished runs
     pipeline.py config show [--profile demo] [--config FILE]        every field, type, meaning
     pipeline.py compile [-o pipeline.yaml] [--image IMG] ...        IR YAML for the Kubeflow UI
     pipeline.py upload --host URL [--pipeline-name lastmile]        a new version of the pipeline
@@ -1022,6 +1023,9 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fixed-data", action="store_true",
                    help="vary only the negatives, reward, MLE and PPO seeds (default: the "
                         "seed parameter, which also draws each run's data rows)")
+    p.add_argument("--from-runs", type=Path, nargs="+", metavar="RUN",
+                   help="run nothing: summarise these finished run folders (runs/<stamp>), "
+                        "each seed read from its run_info.json")
     p.add_argument("--out", type=Path, help="summary folder (default runs/reproduce-<timestamp>)")
     p.add_argument("-v", "--verbose", action="store_true")
 
@@ -1252,8 +1256,14 @@ def _reproduce(args) -> int:
     from lastmile import reproduce
     from lastmile.console import RunFailed
 
-    settings = settings_from_args(args, default_profile="demo")
     stamp = _stamp()
+    if args.from_runs:
+        try:
+            reproduce.from_runs(args.from_runs, args.out or Path("runs") / f"reproduce-{stamp}")
+        except (FileNotFoundError, ValueError) as exc:
+            raise UsageError(str(exc)) from None
+        return 0
+    settings = settings_from_args(args, default_profile="demo")
     # every run's configuration checked before the first starts
     per_seed = {seed: reproduce_settings(settings, seed, args.fixed_data)
                 for seed in _seeds(args.seeds)}

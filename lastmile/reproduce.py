@@ -181,6 +181,32 @@ def read_scores(run_dir: str | Path) -> dict:
     return read_json(path)
 
 
+def run_seed(run_dir: str | Path) -> tuple[int, bool]:
+    """(seed, fixed_data) of a finished local run, from its run_info.json: the seed its
+    negatives, reward, MLE and PPO stages shared, and whether its data seed differs (a
+    `--fixed-data` run). A run whose stages had different seeds is no seed's run."""
+    path = Path(run_dir) / "run_info.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{run_dir}: no run_info.json (is it a pipeline.py run folder?)")
+    seeds = read_json(path).get("seeds") or {}
+    trained = {seeds.get(stage) for stage in SEEDED_STAGES if stage != "data"}
+    if len(trained) != 1 or None in trained:
+        raise ValueError(f"{path}: its stages ran with different seeds {seeds}; reproduce "
+                         f"compares runs that each used one seed")
+    seed = trained.pop()
+    return seed, seeds.get("data") != seed
+
+
+def _summary(scores: Mapping[int, Mapping[str, Any]], runs: Mapping[int, str],
+             fixed_data: bool, seconds: float | None) -> dict:
+    note = ("Each seed sets only the negatives, reward, MLE and PPO seeds (the same data "
+            "rows in every run)." if fixed_data else
+            "Each seed is the `seed` pipeline parameter: every stage's seed, the data's too, "
+            "so each run also draws its own training and test rows.")
+    return {**aggregate(scores), "runs": dict(runs), "seed_note": note,
+            "fixed_data": fixed_data, "seconds": seconds}
+
+
 def reproduce(run_one: Callable[[int], Path], seeds: Sequence[int], out_dir: str | Path, *,
               fixed_data: bool = False, log: Callable[[str], None] = print) -> dict:
     """Run `run_one(seed)` (returns the run's folder) for each seed in turn; after each,
@@ -190,18 +216,41 @@ def reproduce(run_one: Callable[[int], Path], seeds: Sequence[int], out_dir: str
     scores: dict[int, dict] = {}
     runs: dict[int, str] = {}
     started = time.perf_counter()
-    note = ("Each seed sets only the negatives, reward, MLE and PPO seeds (the same data "
-            "rows in every run)." if fixed_data else
-            "Each seed is the `seed` pipeline parameter: every stage's seed, the data's too, "
-            "so each run also draws its own training and test rows.")
     result: dict[str, Any] = {}
     for seed in seeds:
         run_dir = run_one(seed)
         runs[seed] = str(run_dir)
         scores[seed] = read_scores(run_dir)
-        result = {**aggregate(scores), "runs": runs, "seed_note": note,
-                  "fixed_data": fixed_data, "seconds": round(time.perf_counter() - started, 1)}
+        result = _summary(scores, runs, fixed_data, round(time.perf_counter() - started, 1))
         paths = write(result, out_dir)
         log(f"reproduce: seed {seed} done ({run_dir}); {len(scores)} of {len(seeds)} "
             f"seeds in {paths['markdown']}")
+    return result
+
+
+def from_runs(run_dirs: Sequence[str | Path], out_dir: str | Path, *,
+              log: Callable[[str], None] = print) -> dict:
+    """The same summary from runs that already finished (run one after another, side by
+    side, or on other machines): each run's seed from its run_info.json, its scores from
+    scores.json. The runs must have distinct seeds and agree on `--fixed-data`."""
+    if not run_dirs:
+        raise ValueError("reproduce --from-runs needs at least one run folder")
+    scores: dict[int, dict] = {}
+    runs: dict[int, str] = {}
+    kinds: set[bool] = set()
+    for run_dir in run_dirs:
+        seed, fixed_data = run_seed(run_dir)
+        if seed in runs:
+            raise ValueError(f"{run_dir} and {runs[seed]} both ran seed {seed}")
+        kinds.add(fixed_data)
+        runs[seed], scores[seed] = str(run_dir), read_scores(run_dir)
+    if len(kinds) > 1:
+        raise ValueError("some runs fixed the data rows (--fixed-data) and some did not: "
+                         "their seeds do not vary the same things")
+    order = sorted(scores)  # the tables list seeds in order, whatever order the runs came in
+    result = _summary({k: scores[k] for k in order}, {k: runs[k] for k in order}, kinds.pop(),
+                      None)
+    paths = write(result, out_dir)
+    log(f"reproduce: {len(scores)} runs (seeds {', '.join(map(str, order))}) in "
+        f"{paths['markdown']}")
     return result

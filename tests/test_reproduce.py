@@ -132,3 +132,46 @@ def test_reproduce_command_runs_each_seed_with_its_own_settings(tmp_path, monkey
     monkeypatch.setattr(pipeline, "run_locally", skipped)
     assert pipeline.main(["reproduce", "--profile", "smoke", "--seeds", "0"]) == 2
     assert "seed 0: the run trained nothing (no new data)" in capsys.readouterr().err
+
+
+def _finished_run(path, seed: int, scores: dict, data_seed: int | None = None):
+    """A finished local run folder as pipeline.py run leaves it, cut down to what reproduce
+    reads: run_info.json (its stages' seeds) and scores.json."""
+    path.mkdir(parents=True)
+    seeds = {stage: seed for stage in ("negatives", "reward", "mle", "ppo")}
+    write_json(path / "run_info.json", {"profile": "demo", "seeds": {
+        "data": seed if data_seed is None else data_seed, **seeds}})
+    write_json(path / "scores.json", scores)
+    return path
+
+
+def test_reproduce_from_runs_that_already_finished(tmp_path, capsys):
+    """`reproduce --from-runs`: runs made side by side or elsewhere give the same summary as
+    `reproduce` running them, each seed read from the run's own run_info.json."""
+    runs = [_finished_run(tmp_path / name, seed, SEEDS[seed])
+            for name, seed in (("b", 2), ("a", 0), ("c", 1))]
+    out = tmp_path / "summary"
+    assert pipeline.main(["reproduce", "--from-runs", *map(str, runs), "--out", str(out)]) == 0
+    written = json.loads((out / "reproduce.json").read_text())
+    assert written["seeds"] == [0, 1, 2] and written["runs"]["1"] == str(tmp_path / "c")
+    assert written["fixed_data"] is False
+    table = (out / "reproduce.md").read_text()
+    assert "| length-adjusted ROUGE-L F1 | 0.200 ± 0.000 | 0.230 ± 0.030 |" in table
+    assert "| +0.030 ± 0.030 | 2 / 0 / 1 |" in table
+    assert "3 runs (seeds 0, 1, 2)" in capsys.readouterr().out
+
+    fixed = _finished_run(tmp_path / "fixed", 5, SEEDS[0], data_seed=0)
+    assert reproduce.run_seed(fixed) == (5, True)
+    for bad, message in (([runs[0], fixed], "fixed the data rows"),
+                         ([runs[0], runs[0]], "both ran seed 2"),
+                         ([tmp_path / "nowhere"], "no run_info.json")):
+        assert pipeline.main(["reproduce", "--from-runs", *map(str, bad),
+                              "--out", str(tmp_path / "bad")]) == 2
+        assert message in capsys.readouterr().err
+    mixed = _finished_run(tmp_path / "mixed", 3, SEEDS[0])
+    info = json.loads((mixed / "run_info.json").read_text())
+    info["seeds"]["ppo"] = 4
+    write_json(mixed / "run_info.json", info)
+    with pytest.raises(ValueError, match="different seeds"):
+        reproduce.run_seed(mixed)
+    assert not (tmp_path / "bad").exists()  # nothing written for a bad set of runs
