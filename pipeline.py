@@ -1258,6 +1258,13 @@ def _reproduce(args) -> int:
 
     stamp = _stamp()
     if args.from_runs:
+        given = [flag for flag, value in (("--seeds", args.seeds != "0,1,2"),
+                                          ("--fixed-data", args.fixed_data),
+                                          ("--profile", args.profile), ("--config", args.config),
+                                          ("--param", args.param)) if value]
+        if given:
+            raise UsageError(f"--from-runs summarises runs that already ran: drop "
+                             f"{', '.join(given)} (each run's folder says how it ran)")
         try:
             reproduce.from_runs(args.from_runs, args.out or Path("runs") / f"reproduce-{stamp}")
         except (FileNotFoundError, ValueError) as exc:

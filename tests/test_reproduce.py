@@ -168,6 +168,9 @@ def test_reproduce_from_runs_that_already_finished(tmp_path, capsys):
         assert pipeline.main(["reproduce", "--from-runs", *map(str, bad),
                               "--out", str(tmp_path / "bad")]) == 2
         assert message in capsys.readouterr().err
+    assert pipeline.main(["reproduce", "--from-runs", str(runs[0]), "--seeds", "4,5",
+                          "--param", "seed=1", "--out", str(tmp_path / "bad")]) == 2
+    assert "drop --seeds, --param" in capsys.readouterr().err
     mixed = _finished_run(tmp_path / "mixed", 3, SEEDS[0])
     info = json.loads((mixed / "run_info.json").read_text())
     info["seeds"]["ppo"] = 4
