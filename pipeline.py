@@ -408,6 +408,10 @@ def _pipeline_docstring() -> str:
 
 # --------------------------------------------------------------------------- what the user asked
 
+#: `reproduce`'s seeds when --seeds is not given.
+DEFAULT_SEEDS = "0,1,2"
+
+
 class UsageError(Exception):
     """A bad flag, parameter or file: one line naming it, exit status 2, nothing uploaded."""
 
@@ -1019,7 +1023,8 @@ def _build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("reproduce", help="the local run once per seed, then mean and standard "
                                          "deviation per metric (lastmile.reproduce)")
     settings_flags(p, profile_default="demo")
-    p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default 0,1,2)")
+    p.add_argument("--seeds", default=DEFAULT_SEEDS,
+                   help=f"comma-separated seeds (default {DEFAULT_SEEDS})")
     p.add_argument("--fixed-data", action="store_true",
                    help="vary only the negatives, reward, MLE and PPO seeds (default: the "
                         "seed parameter, which also draws each run's data rows)")
@@ -1258,7 +1263,7 @@ def _reproduce(args) -> int:
 
     stamp = _stamp()
     if args.from_runs:
-        given = [flag for flag, value in (("--seeds", args.seeds != "0,1,2"),
+        given = [flag for flag, value in (("--seeds", args.seeds != DEFAULT_SEEDS),
                                           ("--fixed-data", args.fixed_data),
                                           ("--profile", args.profile), ("--config", args.config),
                                           ("--param", args.param)) if value]

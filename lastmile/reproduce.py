@@ -181,10 +181,10 @@ def read_scores(run_dir: str | Path) -> dict:
     return read_json(path)
 
 
-def run_seed(run_dir: str | Path) -> tuple[int, bool]:
-    """(seed, fixed_data) of a finished local run, from its run_info.json: the seed its
-    negatives, reward, MLE and PPO stages shared, and whether its data seed differs (a
-    `--fixed-data` run). A run whose stages had different seeds is no seed's run."""
+def run_seed(run_dir: str | Path) -> tuple[int, int | None]:
+    """(seed, data seed) of a finished local run, from its run_info.json: the seed its
+    negatives, reward, MLE and PPO stages shared, and its data split's. A run whose trained
+    stages had different seeds is no seed's run."""
     path = Path(run_dir) / "run_info.json"
     if not path.is_file():
         raise FileNotFoundError(f"{run_dir}: no run_info.json (is it a pipeline.py run folder?)")
@@ -193,8 +193,20 @@ def run_seed(run_dir: str | Path) -> tuple[int, bool]:
     if len(trained) != 1 or None in trained:
         raise ValueError(f"{path}: its stages ran with different seeds {seeds}; reproduce "
                          f"compares runs that each used one seed")
-    seed = trained.pop()
-    return seed, seeds.get("data") != seed
+    return trained.pop(), seeds.get("data")
+
+
+def fixed_data_of(data_seeds: Mapping[int, int | None]) -> bool:
+    """Whether runs {seed: data seed} are a `--fixed-data` set: False when every run drew its
+    rows with its own seed, True when they all share one data seed (a run whose seed is that
+    data seed fits either); any other mix varies different things per run."""
+    if all(data == seed for seed, data in data_seeds.items()):
+        return False
+    if len(set(data_seeds.values())) == 1:
+        return True
+    raise ValueError(f"data seeds {data_seeds} (run seed: data seed): some runs drew their rows "
+                     f"with their own seed and some with a fixed one (--fixed-data), so their "
+                     f"seeds do not vary the same things")
 
 
 def _summary(scores: Mapping[int, Mapping[str, Any]], runs: Mapping[int, str],
@@ -232,23 +244,22 @@ def from_runs(run_dirs: Sequence[str | Path], out_dir: str | Path, *,
               log: Callable[[str], None] = print) -> dict:
     """The same summary from runs that already finished (run one after another, side by
     side, or on other machines): each run's seed from its run_info.json, its scores from
-    scores.json. The runs must have distinct seeds and agree on `--fixed-data`."""
+    scores.json. The runs must have distinct seeds and agree on `--fixed-data`
+    (`fixed_data_of`)."""
     if not run_dirs:
         raise ValueError("reproduce --from-runs needs at least one run folder")
     scores: dict[int, dict] = {}
     runs: dict[int, str] = {}
-    kinds: set[bool] = set()
+    data_seeds: dict[int, int | None] = {}
     for run_dir in run_dirs:
-        seed, fixed_data = run_seed(run_dir)
+        seed, data_seed = run_seed(run_dir)
         if seed in runs:
             raise ValueError(f"{run_dir} and {runs[seed]} both ran seed {seed}")
-        kinds.add(fixed_data)
         runs[seed], scores[seed] = str(run_dir), read_scores(run_dir)
-    if len(kinds) > 1:
-        raise ValueError("some runs fixed the data rows (--fixed-data) and some did not: "
-                         "their seeds do not vary the same things")
+        data_seeds[seed] = data_seed
+    fixed_data = fixed_data_of(data_seeds)
     order = sorted(scores)  # the tables list seeds in order, whatever order the runs came in
-    result = _summary({k: scores[k] for k in order}, {k: runs[k] for k in order}, kinds.pop(),
+    result = _summary({k: scores[k] for k in order}, {k: runs[k] for k in order}, fixed_data,
                       None)
     paths = write(result, out_dir)
     log(f"reproduce: {len(scores)} runs (seeds {', '.join(map(str, order))}) in "

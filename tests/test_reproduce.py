@@ -160,9 +160,15 @@ def test_reproduce_from_runs_that_already_finished(tmp_path, capsys):
     assert "| +0.030 ± 0.030 | 2 / 0 / 1 |" in table
     assert "3 runs (seeds 0, 1, 2)" in capsys.readouterr().out
 
-    fixed = _finished_run(tmp_path / "fixed", 5, SEEDS[0], data_seed=0)
-    assert reproduce.run_seed(fixed) == (5, True)
-    for bad, message in (([runs[0], fixed], "fixed the data rows"),
+    # `reproduce --fixed-data --seeds 0,1,2`: every run on data seed 0, the seed-0 run included
+    fixed = [_finished_run(tmp_path / f"fixed{seed}", seed, SEEDS[seed], data_seed=0)
+             for seed in (0, 1, 2)]
+    assert reproduce.run_seed(fixed[1]) == (1, 0)
+    assert pipeline.main(["reproduce", "--from-runs", *map(str, fixed),
+                          "--out", str(tmp_path / "fixed")]) == 0
+    assert json.loads((tmp_path / "fixed" / "reproduce.json").read_text())["fixed_data"] is True
+    capsys.readouterr()
+    for bad, message in (([runs[0], fixed[1]], "some runs drew their rows with their own seed"),
                          ([runs[0], runs[0]], "both ran seed 2"),
                          ([tmp_path / "nowhere"], "no run_info.json")):
         assert pipeline.main(["reproduce", "--from-runs", *map(str, bad),
